@@ -1,0 +1,78 @@
+"""The one settings model. Every knob is an environment variable ``CALLMETER_<NAME>`` or a CLI flag."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SAMPLE_CATALOG = Path(__file__).with_name("catalog.yaml")
+KAFKA_VERSION = "4.3.1"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CALLMETER_", extra="ignore")
+
+    data_dir: Path = Path(".callmeter")
+    catalog: Path = SAMPLE_CATALOG
+    # Bootstrap servers of an existing cluster; unset means the local broker started by `callmeter up`.
+    kafka: str | None = None
+    # chdb:///path (embedded, the default: <data_dir>/clickhouse) or http(s)://user@host:port/db.
+    clickhouse_url: str | None = None
+    clickhouse_password: SecretStr | None = None
+    schema_registry_url: str | None = None
+    schema_registry_basic_auth: SecretStr | None = None
+    # Lets several isolated pipelines (tests, staging) share one cluster.
+    topic_prefix: str = ""
+    partitions: int = 6
+    dedupe_retention_days: int = 40
+    parking_timeout_seconds: int = 3600
+    settlement_window_hours: int = 48
+    # --until-idle: how long nothing new must arrive before the worker exits.
+    idle_seconds: float = 2.0
+    kafka_version: str = KAFKA_VERSION
+    cache_dir: Path = Path.home() / ".cache" / "callmeter"
+    worker_web_port: int = 6066
+    sink_batch_rows: int = 20000
+    log_level: str = "warning"
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self)
+
+    @property
+    def app_id(self) -> str:
+        suffix = re.sub(r"[^A-Za-z0-9_-]", "-", self.topic_prefix).strip("-")
+        return f"callmeter-{suffix}" if suffix else "callmeter"
+
+    @property
+    def clickhouse_dsn(self) -> str:
+        if self.clickhouse_url:
+            return self.clickhouse_url
+        return f"chdb://{(self.data_dir / 'clickhouse').resolve()}"
+
+
+class Topics:
+    """Topic names under the configured prefix. Inputs share one partition count (co-partitioned)."""
+
+    def __init__(self, settings: Settings) -> None:
+        p = settings.topic
+        self.calls = p("calls")
+        self.provisioning = p("provisioning")
+        self.rated = p("calls.rated")
+        self.accepted = p("provisioning.accepted")
+        self.alerts = p("alerts")
+        self.deadletter = p("deadletter")
+
+    @property
+    def inputs(self) -> list[str]:
+        return [self.calls, self.provisioning]
+
+    @property
+    def all(self) -> list[str]:
+        return [self.calls, self.provisioning, self.rated, self.accepted, self.alerts, self.deadletter]

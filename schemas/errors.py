@@ -1,0 +1,15 @@
+"""Typed errors of the Avro serde."""
+
+from rating.errors import CallmeterError
+
+
+class SerdeError(CallmeterError):
+    """Bytes could not be decoded, or a record could not be encoded.
+
+    ``reason`` is the dead-letter reason code (UNDECODABLE, UNKNOWN_SCHEMA, INVALID_EVENT).
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message

@@ -1,0 +1,545 @@
+"""The local single-node Kafka broker (KRaft) behind ``callmeter up`` / ``callmeter down``, and topic setup.
+
+Jars come from Maven Central once (``deploy/kafka/pom.xml``) into ``<cache_dir>/kafka-<version>/libs``; the
+broker's state lives in ``<data_dir>/kafka``::
+
+    broker.json          pid, ports, cluster id of the last started broker
+    server.properties    generated on every start
+    server.out           the JVM's stdout/stderr (startup failures)
+    logs/server.log      the broker's log4j2 log
+    data/                Kafka log dirs (topics, offsets, transaction state) -- survives ``down``
+
+See docs/broker.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from pipeline.errors import BrokerError
+from pipeline.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DEPLOY_DIR = Path(__file__).resolve().parents[1] / "deploy" / "kafka"
+POM = DEPLOY_DIR / "pom.xml"
+LOG4J2_CONFIG = DEPLOY_DIR / "log4j2.properties"
+
+HOST = "127.0.0.1"
+MIN_JAVA = 17
+HEAP = "-Xmx768m"
+READY_TIMEOUT = 60.0
+STOP_TIMEOUT = 30.0
+FETCH_MARKER = ".fetched"
+
+_MAVEN_BOILERPLATE = (
+    "To see the full stack trace",
+    "Re-run Maven using",
+    "For more information about the errors",
+    "[Help ",
+    "After correcting the problems",
+)
+
+
+def _java() -> str:
+    java = shutil.which("java")
+    if java is None:
+        msg = "Java 17+ is required to run the local Kafka broker: 'java' not found on PATH"
+        raise BrokerError(msg)
+    try:
+        out = subprocess.run(  # noqa: S603 - fixed argv
+            [java, "-version"], capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        msg = f"Java 17+ is required to run the local Kafka broker: '{java} -version' failed: {exc}"
+        raise BrokerError(msg) from exc
+    m = re.search(r'version "(\d+)(?:\.(\d+))?', out.stderr + out.stdout)
+    if m:
+        major = int(m.group(1))
+        if major == 1 and m.group(2):  # "1.8.0_392"
+            major = int(m.group(2))
+        if major < MIN_JAVA:
+            msg = f"Java 17+ is required to run the local Kafka broker: found Java {major} at {java}"
+            raise BrokerError(msg)
+    return java
+
+
+def _mvn() -> str:
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        msg = "Maven is required once to download the Kafka jars: 'mvn' not found on PATH"
+        raise BrokerError(msg)
+    return mvn
+
+
+def _maven_error(output: str) -> str:
+    """The most telling ``[ERROR]`` line of Maven's output (the last one that is not boilerplate)."""
+    lines = [ln.strip() for ln in output.splitlines()]
+    errors = [ln.removeprefix("[ERROR]").strip() for ln in lines if ln.startswith("[ERROR]")]
+    errors = [e for e in errors if e and not e.startswith(_MAVEN_BOILERPLATE)]
+    if errors:
+        return errors[-1].removesuffix("-> [Help 1]").strip()
+    rest = [ln for ln in lines if ln]
+    return rest[-1] if rest else "no output"
+
+
+def _tail(path: Path, lines: int = 8, start: int = 0) -> list[str]:
+    try:
+        with path.open("rb") as f:
+            f.seek(start)
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return []
+    return [ln for ln in text.splitlines() if ln.strip()][-lines:]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # Java listeners set SO_REUSEADDR too, so a port in TIME_WAIT counts as free.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port(exclude: set[int]) -> int:
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((HOST, 0))
+            port = int(s.getsockname()[1])
+        if port not in exclude:
+            return port
+    msg = "could not find a free loopback port for the local Kafka broker"
+    raise BrokerError(msg)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no procfs: trust kill(0)
+    if stat.rsplit(")", 1)[-1].split()[0] == "Z":
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
+        return False
+    return True
+
+
+def _random_cluster_id() -> str:
+    """Same shape as ``kafka-storage random-uuid``: 16 random bytes, base64url, no padding."""
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
+
+
+def _quiet_client_config(bootstrap: str) -> dict[str, Any]:
+    return {
+        "bootstrap.servers": bootstrap,
+        "socket.connection.setup.timeout.ms": 2000,
+        "reconnect.backoff.ms": 100,
+        "reconnect.backoff.max.ms": 500,
+        "log_level": 0,
+        "error_cb": lambda _err: None,
+    }
+
+
+def _answers(bootstrap: str, timeout: float = 2.0) -> bool:
+    try:
+        md = AdminClient(_quiet_client_config(bootstrap)).list_topics(timeout=timeout)
+    except KafkaException:
+        return False
+    return bool(md.brokers)
+
+
+class LocalKafka:
+    """A single-node Kafka (broker + controller) on loopback, run as a detached ``java`` process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.version = settings.kafka_version
+        self.home = settings.cache_dir.expanduser().resolve() / f"kafka-{self.version}"
+        self.libs = self.home / "libs"
+        self.state_dir = settings.data_dir.expanduser().resolve() / "kafka"
+        self.storage_dir = self.state_dir / "data"
+        self.log_dir = self.state_dir / "logs"
+        self.state_file = self.state_dir / "broker.json"
+        self.properties_file = self.state_dir / "server.properties"
+        self.server_out = self.state_dir / "server.out"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    # -- jars ---------------------------------------------------------------------------------------
+
+    @property
+    def fetched(self) -> bool:
+        return (self.home / FETCH_MARKER).is_file()
+
+    def fetch(self) -> Path:
+        """Download the broker's jars with Maven unless already cached; returns the libs directory."""
+        if self.fetched:
+            return self.libs
+        self.home.mkdir(parents=True, exist_ok=True)
+        with self._flock(self.home / ".lock"):
+            if self.fetched:  # another process fetched while we waited
+                return self.libs
+            mvn = _mvn()
+            if not POM.is_file():
+                msg = f"cannot fetch Kafka: {POM} is missing (is callmeter installed from its repository?)"
+                raise BrokerError(msg)
+            staging = self.home / "libs.partial"
+            shutil.rmtree(staging, ignore_errors=True)
+            log.warning("fetching Kafka %s jars with Maven into %s (one time)", self.version, self.libs)
+            argv = [
+                mvn, "-q", "-B", "-f", str(POM), f"-Dkafka.version={self.version}",
+                "dependency:copy-dependencies", f"-DoutputDirectory={staging}", "-DincludeScope=runtime",
+            ]  # fmt: skip
+            started = time.monotonic()
+            try:
+                out = subprocess.run(  # noqa: S603 - fixed argv
+                    argv, capture_output=True, text=True, timeout=900, check=False
+                )
+            except subprocess.TimeoutExpired as exc:
+                msg = f"Maven did not finish fetching Kafka {self.version} within 15 minutes"
+                raise BrokerError(msg) from exc
+            if out.returncode != 0:
+                shutil.rmtree(staging, ignore_errors=True)
+                msg = f"Maven could not fetch Kafka {self.version}: {_maven_error(out.stdout + out.stderr)}"
+                raise BrokerError(msg)
+            if not any(staging.glob(f"kafka_*-{self.version}.jar")):
+                msg = f"Maven ran but no kafka_*-{self.version}.jar appeared in {staging}"
+                raise BrokerError(msg)
+            shutil.rmtree(self.libs, ignore_errors=True)
+            staging.rename(self.libs)
+            (self.home / FETCH_MARKER).write_text(
+                json.dumps({"version": self.version, "seconds": round(time.monotonic() - started, 1)})
+            )
+            log.warning("fetched Kafka %s in %.0f s", self.version, time.monotonic() - started)
+        return self.libs
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    def up(self, timeout: float = READY_TIMEOUT) -> str:
+        """Start the broker unless it already runs; returns its bootstrap address. Idempotent."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with self._flock(self.state_dir / ".lock"):
+            state = self._read_state()
+            if self._running(state):
+                bootstrap = self._bootstrap(state)
+                if not _answers(bootstrap):  # maybe still starting
+                    self._wait_ready(bootstrap, int(state["pid"]), timeout, log_offset=None)
+                return bootstrap
+            java = _java()
+            libs = self.fetch()
+            port, cport = self._pick_ports(state)
+            cluster_id = self._cluster_id(state)
+            self._write_properties(port, cport)
+            self._format(java, libs, cluster_id)
+            pid, offset = self._start(java, libs)
+            state = {
+                "pid": pid,
+                "port": port,
+                "controller_port": cport,
+                "cluster_id": cluster_id,
+                "version": self.version,
+                "bootstrap": f"{HOST}:{port}",
+                "started_at": time.time(),
+            }
+            self._write_state(state)
+            bootstrap = self._bootstrap(state)
+            self._wait_ready(bootstrap, pid, timeout, log_offset=offset)
+            return bootstrap
+
+    def down(self, timeout: float = STOP_TIMEOUT) -> bool:
+        """Stop the broker (SIGTERM, SIGKILL after ``timeout`` s); data stays. True if one was running."""
+        if not self.state_dir.is_dir():
+            return False
+        with self._flock(self.state_dir / ".lock"):
+            state = self._read_state()
+            was_running = self._running(state)
+            if was_running:
+                self._stop(int(state["pid"]), timeout)
+            if state and state.get("pid") is not None:
+                state["pid"] = None
+                self._write_state(state)
+            return was_running
+
+    def status(self) -> dict[str, Any]:
+        state = self._read_state()
+        running = self._running(state)
+        return {
+            "running": running,
+            "answering": running and _answers(self._bootstrap(state)),
+            "pid": state.get("pid") if running else None,
+            "bootstrap": self._bootstrap(state) if running else None,
+            "port": state.get("port"),
+            "controller_port": state.get("controller_port"),
+            "cluster_id": state.get("cluster_id"),
+            "version": state.get("version", self.version),
+            "jars_cached": self.fetched,
+            "data_dir": str(self.state_dir),
+            "log": str(self.log_dir / "server.log"),
+        }
+
+    # -- internals ----------------------------------------------------------------------------------
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _flock(path: Path) -> Iterator[None]:
+        with path.open("a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _read_state(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _write_state(self, state: dict[str, Any]) -> None:
+        tmp = self.state_file.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(state, indent=2) + "\n")
+        tmp.replace(self.state_file)
+
+    @staticmethod
+    def _bootstrap(state: dict[str, Any]) -> str:
+        return f"{HOST}:{state['port']}"
+
+    def _is_ours(self, pid: int) -> bool:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return True  # no procfs: trust the pid file
+        return b"kafka.Kafka" in cmdline and str(self.properties_file).encode() in cmdline
+
+    def _running(self, state: dict[str, Any]) -> bool:
+        pid = state.get("pid")
+        return isinstance(pid, int) and _pid_alive(pid) and self._is_ours(pid)
+
+    def _pick_ports(self, state: dict[str, Any]) -> tuple[int, int]:
+        old = state.get("port"), state.get("controller_port")
+        port = old[0] if isinstance(old[0], int) and _port_free(old[0]) else _free_port(set())
+        cport = old[1] if isinstance(old[1], int) and old[1] != port and _port_free(old[1]) else 0
+        return port, cport or _free_port({port})
+
+    def _cluster_id(self, state: dict[str, Any]) -> str:
+        meta = self.storage_dir / "meta.properties"
+        if meta.is_file():
+            m = re.search(r"^cluster\.id=(\S+)", meta.read_text(), re.MULTILINE)
+            if m:
+                return m.group(1)
+        cid = state.get("cluster_id")
+        return cid if isinstance(cid, str) and cid else _random_cluster_id()
+
+    def _write_properties(self, port: int, cport: int) -> None:
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.voters": f"1@{HOST}:{cport}",
+            "listeners": f"PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{cport}",
+            "advertised.listeners": f"PLAINTEXT://{HOST}:{port}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "log.dirs": str(self.storage_dir),
+            "num.partitions": "1",
+            "default.replication.factor": "1",
+            "min.insync.replicas": "1",
+            "offsets.topic.replication.factor": "1",
+            "offsets.topic.num.partitions": "10",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.num.partitions": "10",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "group.initial.rebalance.delay.ms": "0",
+            # Aborts transactions of producers that died mid-transaction (tests, killed workers) promptly.
+            "transaction.abort.timed.out.transaction.cleanup.interval.ms": "10000",
+            "transaction.max.timeout.ms": "900000",
+        }
+        text = "# Generated by pipeline/broker.py on every start; edits are overwritten.\n"
+        text += "".join(f"{k}={v}\n" for k, v in props.items())
+        self.properties_file.write_text(text)
+
+    def _java_argv(self, java: str, libs: Path, main: str, *args: str) -> list[str]:
+        argv = [java, HEAP, "-XX:+ExitOnOutOfMemoryError", "-Djava.awt.headless=true"]
+        if LOG4J2_CONFIG.is_file():
+            argv.append(f"-Dlog4j2.configurationFile={LOG4J2_CONFIG}")
+        argv += [f"-Dkafka.logs.dir={self.log_dir}", "-cp", f"{libs}/*", main, *args]
+        return argv
+
+    def _format(self, java: str, libs: Path, cluster_id: str) -> None:
+        if (self.storage_dir / "meta.properties").is_file():
+            return
+        self.storage_dir.mkdir(parents=True, exist_ok=True)
+        argv = self._java_argv(
+            java, libs, "kafka.tools.StorageTool",
+            "format", "-t", cluster_id, "-c", str(self.properties_file),
+        )  # fmt: skip
+        out = subprocess.run(  # noqa: S603 - fixed argv
+            argv, capture_output=True, text=True, timeout=120, check=False, cwd=self.state_dir
+        )
+        if out.returncode != 0:
+            lines = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.strip()]
+            msg = f"formatting Kafka storage in {self.storage_dir} failed: {lines[-1] if lines else '?'}"
+            raise BrokerError(msg)
+
+    def _start(self, java: str, libs: Path) -> tuple[int, int]:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        argv = self._java_argv(java, libs, "kafka.Kafka", str(self.properties_file))
+        with self.server_out.open("ab") as out:
+            out.write(f"=== {time.strftime('%Y-%m-%dT%H:%M:%S%z')} starting Kafka {self.version}\n".encode())
+            out.flush()
+            offset = out.tell()
+            self._proc = subprocess.Popen(  # noqa: S603 - fixed argv
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.state_dir,
+                start_new_session=True,
+            )
+        return self._proc.pid, offset
+
+    def _log_excerpt(self, log_offset: int | None) -> str:
+        lines = _tail(self.server_out, start=log_offset or 0)
+        if not lines:
+            lines = [ln for ln in _tail(self.log_dir / "server.log", lines=40) if " ERROR " in ln][-5:]
+        if not lines:
+            return f"(see {self.log_dir / 'server.log'})"
+        return "\n  " + "\n  ".join(lines) + f"\n(full log: {self.log_dir / 'server.log'})"
+
+    def _wait_ready(self, bootstrap: str, pid: int, timeout: float, log_offset: int | None) -> None:
+        deadline = time.monotonic() + timeout
+        admin = AdminClient(_quiet_client_config(bootstrap))
+        while True:
+            if not _pid_alive(pid) or (self._proc is not None and self._proc.poll() is not None):
+                msg = f"the local Kafka broker exited during startup:{self._log_excerpt(log_offset)}"
+                raise BrokerError(msg)
+            with contextlib.suppress(KafkaException):
+                if admin.list_topics(timeout=1.0).brokers:
+                    return
+            if time.monotonic() > deadline:
+                self._stop(pid, STOP_TIMEOUT)
+                msg = (
+                    f"the local Kafka broker did not answer on {bootstrap} within {timeout:.0f} s "
+                    f"and was stopped:{self._log_excerpt(log_offset)}"
+                )
+                raise BrokerError(msg)
+            time.sleep(0.2)
+
+    def _stop(self, pid: int, timeout: float) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        if not self._wait_exit(pid, timeout):
+            log.warning("Kafka broker %d ignored SIGTERM for %.0f s; killing it", pid, timeout)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            self._wait_exit(pid, 10)
+
+    def _wait_exit(self, pid: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.pid == pid:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._proc.wait(timeout=0.2)
+                    return True
+            elif not _pid_alive(pid):
+                return True
+            else:
+                time.sleep(0.2)
+        return not _pid_alive(pid)
+
+
+def bootstrap_servers(settings: Settings) -> str:
+    """``settings.kafka`` if set, else the address of the running local broker."""
+    if settings.kafka:
+        return settings.kafka
+    local = LocalKafka(settings)
+    state = local._read_state()
+    if not local._running(state):
+        msg = "no local broker running; run `callmeter up` or set CALLMETER_KAFKA"
+        raise BrokerError(msg)
+    return local._bootstrap(state)
+
+
+def _input_partitions(settings: Settings, counts: dict[str, int]) -> int | None:
+    existing = {t: counts[t] for t in settings.topics.inputs if t in counts}
+    if len(set(existing.values())) > 1:
+        detail = ", ".join(f"{t} has {n}" for t, n in existing.items())
+        msg = f"input topics must be co-partitioned (same partition count): {detail}"
+        raise BrokerError(msg)
+    return next(iter(existing.values()), None)
+
+
+def ensure_topics(settings: Settings, bootstrap: str) -> None:
+    """Create the pipeline's topics that are missing. Idempotent.
+
+    New topics get ``settings.partitions`` partitions, except that a missing input topic gets the partition
+    count of the existing other input topic (inputs must be co-partitioned); inputs that already disagree
+    raise :class:`BrokerError`. Replication factor is ``min(3, number of brokers)``.
+    """
+    if settings.partitions < 1:
+        msg = f"partitions must be at least 1, not {settings.partitions}"
+        raise BrokerError(msg)
+    conf: dict[str, Any] = {"bootstrap.servers": bootstrap, "error_cb": lambda _err: None, "log_level": 0}
+    admin = AdminClient(conf)
+    try:
+        md = admin.list_topics(timeout=15)
+    except KafkaException as exc:
+        msg = f"cannot reach Kafka at {bootstrap}: {exc.args[0] if exc.args else exc}"
+        raise BrokerError(msg) from exc
+    counts = {name: len(t.partitions) for name, t in md.topics.items() if t.error is None}
+    inputs = settings.topics.inputs
+    input_partitions = _input_partitions(settings, counts) or settings.partitions
+    replication = min(3, max(1, len(md.brokers)))
+    new = [
+        NewTopic(name, input_partitions if name in inputs else settings.partitions, replication)
+        for name in settings.topics.all
+        if name not in counts
+    ]
+    if new:
+        futures = admin.create_topics(new, operation_timeout=30, request_timeout=45)
+        for name, future in futures.items():
+            try:
+                future.result()
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args else None
+                if isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                    continue
+                msg = f"cannot create topic {name} on {bootstrap}: {err.str() if err else exc}"
+                raise BrokerError(msg) from exc
+        log.info("created topics %s", ", ".join(t.topic for t in new))
+    # Someone may have created an input concurrently with another count.
+    with contextlib.suppress(KafkaException):
+        md = admin.list_topics(timeout=15)
+        _input_partitions(settings, {n: len(t.partitions) for n, t in md.topics.items() if t.error is None})

@@ -13,3 +13,11 @@ class SerdeError(CallmeterError):
         super().__init__(message)
         self.reason = reason
         self.message = message
+
+
+class RegistryError(CallmeterError):
+    """The schema registry could not be reached or refused a request.
+
+    Deliberately not a :class:`SerdeError`: an outage says nothing about the record, so the record must
+    not be dead-lettered; the caller should retry or stop.
+    """

@@ -1,0 +1,43 @@
+# Everything a fresh machine needs is installed from here: the venv, the package, and (on first use)
+# Apache Kafka's jars from Maven Central. `make demo` and `make test` are the two entry points.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: setup kafka-jars demo test test-unit test-integration lint bench clean
+
+setup: $(STAMP) kafka-jars
+
+$(STAMP): pyproject.toml
+	@command -v java >/dev/null || { echo "Java 17+ is required (apt-get install openjdk-17-jre-headless)"; exit 1; }
+	@command -v mvn >/dev/null || { echo "Maven is required to fetch Kafka (apt-get install maven)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# Fetch Kafka once into the cache dir; later starts are offline.
+kafka-jars: $(STAMP)
+	$(BIN)/python -c "from pipeline.broker import LocalKafka; from pipeline.settings import Settings; LocalKafka(Settings()).fetch()"
+
+demo: setup
+	$(BIN)/callmeter demo
+
+test: setup
+	$(BIN)/pytest -q
+
+test-unit: setup
+	$(BIN)/pytest -q tests/unit
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy schemas pipeline rating sinks
+
+bench: setup
+	$(BIN)/python -m pipeline.bench
+
+clean:
+	-$(BIN)/callmeter down
+	rm -rf .callmeter out

@@ -1,0 +1,247 @@
+"""The `callmeter` command line (spec §10). Expected failures print one line on stderr and exit 1;
+usage errors exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from pipeline.errors import InputError
+from pipeline.settings import Settings
+from rating.catalog import Catalog, parse_catalog
+from rating.errors import CallmeterError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, not argparse's usage block: scripts read stderr.
+        self.exit(2, f"callmeter: error: {message} (see callmeter --help)\n")
+
+
+def load_catalog(path: Path) -> Catalog:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        msg = f"cannot read catalog {path}: {exc.strerror or exc}"
+        raise InputError(msg) from exc
+    return parse_catalog(text)
+
+
+def make_serde(settings: Settings) -> Any:
+    from schemas.serde import Serde
+
+    auth = settings.schema_registry_basic_auth.get_secret_value() if settings.schema_registry_basic_auth else None
+    return Serde(settings.schema_registry_url, auth)
+
+
+def kafka(settings: Settings, create_topics: bool = True) -> str:
+    from pipeline.broker import bootstrap_servers, ensure_topics
+
+    bootstrap = bootstrap_servers(settings)
+    if create_topics:
+        ensure_topics(settings, bootstrap)
+    return bootstrap
+
+
+# -- commands ------------------------------------------------------------------------------------------
+def cmd_up(settings: Settings, _args: argparse.Namespace) -> int:
+    from pipeline.broker import LocalKafka, ensure_topics
+
+    if settings.kafka:
+        bootstrap = settings.kafka
+    else:
+        bootstrap = LocalKafka(settings).up()
+    ensure_topics(settings, bootstrap)
+    print(f"kafka ready at {bootstrap}")
+    return 0
+
+
+def cmd_down(settings: Settings, _args: argparse.Namespace) -> int:
+    from pipeline.broker import LocalKafka
+
+    LocalKafka(settings).down()
+    print("kafka stopped")
+    return 0
+
+
+def cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
+    from pipeline.produce import produce_files
+
+    paths = [Path(p) for p in args.files]
+    for path in paths:
+        if not path.is_file():
+            msg = f"no such file: {path}"
+            raise InputError(msg)
+    sent = produce_files(settings, kafka(settings), make_serde(settings), paths)
+    print(" ".join(f"{topic}={n}" for topic, n in sorted(sent.items())) or "nothing to produce")
+    return 0
+
+
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from pipeline.worker import run_worker
+
+    catalog = load_catalog(settings.catalog)
+    stats = run_worker(settings, kafka(settings), catalog, make_serde(settings), until_idle=args.until_idle)
+    print(json.dumps(stats.to_dict(), sort_keys=True))
+    return 0
+
+
+def cmd_invoice(settings: Settings, args: argparse.Namespace) -> int:
+    from pipeline.invoicing import compute_invoices, write_invoices
+    from sinks.ledger import Ledger
+
+    catalog = load_catalog(settings.catalog)
+    ledger = Ledger.open(settings.clickhouse_dsn, _password(settings))
+    try:
+        invoices = compute_invoices(ledger, catalog, args.period, args.tenant)
+        paths = write_invoices(ledger, invoices, Path(args.out))
+    finally:
+        ledger.close()
+    for path in paths:
+        print(path)
+    return 0
+
+
+def cmd_balance(settings: Settings, args: argparse.Namespace) -> int:
+    import urllib.error
+    import urllib.request
+
+    url = f"http://127.0.0.1:{settings.worker_web_port}/balances/{args.tenant}"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 - fixed local http URL
+            print(resp.read().decode())
+    except urllib.error.HTTPError as exc:
+        msg = f"balance for {args.tenant}: HTTP {exc.code} {exc.read().decode(errors='replace').strip()}"
+        raise InputError(msg) from exc
+    except OSError as exc:
+        msg = f"no worker answering on port {settings.worker_web_port}: {exc}"
+        raise InputError(msg) from exc
+    return 0
+
+
+def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
+    from pipeline.simulate import SimulationConfig, generate, write_file
+
+    year, month = _month(args.month)
+    cfg = SimulationConfig(
+        tenants=args.tenants,
+        calls=args.calls,
+        year=year,
+        month=month,
+        duplicate_rate=args.duplicate_rate,
+        late_rate=args.late_rate,
+        invalid_rate=args.invalid_rate,
+        seed=args.seed,
+    )
+    if args.produce:
+        from pipeline.produce import EventPublisher
+        from schemas.json_events import parse_json_event
+
+        publisher = EventPublisher(settings, kafka(settings), make_serde(settings))
+        for event in generate(cfg):
+            publisher.publish(*parse_json_event(event))
+        publisher.close()
+        print(" ".join(f"{t}={n}" for t, n in sorted(publisher.sent.items())))
+        return 0
+    if not args.out:
+        msg = "simulate needs --out FILE or --produce"
+        raise InputError(msg)
+    counts = write_file(cfg, Path(args.out))
+    print(f"wrote {args.out}: " + " ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+    return 0
+
+
+def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
+    from pipeline.demo import run_demo
+
+    return run_demo(settings, load_catalog(settings.catalog), args)
+
+
+def _month(text: str) -> tuple[int, int]:
+    from rating.periods import parse_month
+
+    return parse_month(text)
+
+
+def _password(settings: Settings) -> str | None:
+    return settings.clickhouse_password.get_secret_value() if settings.clickhouse_password else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="callmeter", description="Usage metering for AI phone agents.")
+    parser.add_argument("--data-dir", type=Path, help="state, broker and embedded ClickHouse (./.callmeter)")
+    parser.add_argument("--catalog", type=Path, help="pricing catalog YAML (the shipped sample)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub.add_parser("up", help="start the local Kafka broker in the background (idempotent)")
+    sub.add_parser("down", help="stop the local Kafka broker; data stays")
+    p = sub.add_parser("produce", help="publish JSON-lines events")
+    p.add_argument("files", nargs="+")
+    p = sub.add_parser("worker", help="run the stream worker")
+    p.add_argument("--until-idle", action="store_true", help="exit once everything is consumed and written")
+    p = sub.add_parser("invoice", help="write invoices for periods starting in a month")
+    p.add_argument("--period", required=True, help="YYYY-MM")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--tenant")
+    p = sub.add_parser("balance", help="print a tenant's live balance (needs a running worker)")
+    p.add_argument("tenant")
+    p = sub.add_parser("simulate", help="synthetic gateway traffic")
+    p.add_argument("--tenants", type=int, default=5)
+    p.add_argument("--calls", type=int, default=2000)
+    p.add_argument("--month", default="2026-10", help="YYYY-MM of the simulated billing periods")
+    p.add_argument("--duplicate-rate", type=float, default=0.02)
+    p.add_argument("--late-rate", type=float, default=0.01)
+    p.add_argument("--invalid-rate", type=float, default=0.002)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out", help="write JSON lines here")
+    p.add_argument("--produce", action="store_true", help="publish directly instead of writing a file")
+    p = sub.add_parser("demo", help="the whole pipeline end to end with a summary")
+    p.add_argument("--calls", type=int, default=3000)
+    p.add_argument("--tenants", type=int, default=5)
+    return parser
+
+
+COMMANDS = {
+    "up": cmd_up,
+    "down": cmd_down,
+    "produce": cmd_produce,
+    "worker": cmd_worker,
+    "invoice": cmd_invoice,
+    "balance": cmd_balance,
+    "simulate": cmd_simulate,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides: dict[str, Any] = {}
+    if args.data_dir is not None:
+        overrides["data_dir"] = args.data_dir
+    if args.catalog is not None:
+        overrides["catalog"] = args.catalog
+    logging.basicConfig(
+        level=os.environ.get("CALLMETER_LOG_LEVEL", "WARNING").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    started = time.monotonic()
+    try:
+        settings = Settings(**overrides)
+        code = COMMANDS[args.command](settings, args)
+    except CallmeterError as exc:
+        print(f"callmeter: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    logging.getLogger(__name__).debug("%s took %.1fs", args.command, time.monotonic() - started)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

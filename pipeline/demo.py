@@ -1,0 +1,86 @@
+"""`callmeter demo`: local broker, a simulated month, the worker until idle, invoices, a summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from decimal import Decimal
+from pathlib import Path
+
+from pipeline.settings import Settings
+from rating.catalog import Catalog
+from rating.invoice import Invoice
+
+DEMO_MONTH = (2026, 10)
+
+
+def _seconds(invoice: Invoice) -> tuple[int, int]:
+    used = overage = 0
+    for line in invoice.lines:
+        if line.code == "included_seconds":
+            used += int(line.quantity)
+        elif line.code in ("overage_seconds", "blocked_overage_seconds"):
+            used += int(line.quantity)
+            overage += int(line.quantity)
+    return used, overage
+
+
+def summary_table(invoices: list[Invoice]) -> str:
+    header = f"{'tenant':<14}{'plan':<10}{'seconds':>10}{'overage s':>11}{'total':>12}"
+    rows = [header, "-" * len(header)]
+    grand = Decimal("0")
+    for inv in invoices:
+        used, overage = _seconds(inv)
+        rows.append(
+            f"{inv.tenant_id:<14}{inv.plan_id:<10}{used:>10}{overage:>11}{inv.currency + ' ' + str(inv.total):>12}"
+        )
+        grand += inv.total
+    rows.append("-" * len(header))
+    rows.append(f"{'all tenants':<45}{str(grand):>12}")
+    return "\n".join(rows)
+
+
+def run_demo(settings: Settings, catalog: Catalog, args: argparse.Namespace) -> int:
+    from pipeline.broker import LocalKafka, ensure_topics
+    from pipeline.cli import make_serde
+    from pipeline.invoicing import compute_invoices, write_invoices
+    from pipeline.produce import produce_files
+    from pipeline.simulate import SimulationConfig, write_file
+    from pipeline.worker import run_worker
+    from sinks.ledger import Ledger
+
+    t0 = time.monotonic()
+    bootstrap = settings.kafka or LocalKafka(settings).up()
+    ensure_topics(settings, bootstrap)
+    print(f"[1/5] kafka {settings.kafka_version} at {bootstrap} ({time.monotonic() - t0:.0f}s)")
+
+    year, month = DEMO_MONTH
+    events = settings.data_dir / "demo" / "events.jsonl"
+    cfg = SimulationConfig(tenants=args.tenants, calls=args.calls, year=year, month=month, seed=7)
+    counts = write_file(cfg, events)
+    serde = make_serde(settings)
+    sent = produce_files(settings, bootstrap, serde, [events])
+    print(f"[2/5] simulated {year}-{month:02d}: {sum(counts.values())} events "
+          f"({counts['call']} call records incl. retries, {counts['provisioning']} provisioning) -> {dict(sent)}")
+
+    stats = run_worker(settings, bootstrap, catalog, serde, until_idle=True)
+    print(f"[3/5] worker idle: rated {stats.rated}, duplicates dropped {sum(stats.duplicates.values())}, "
+          f"dead letters {sum(stats.dead_letters.values())}, parked then rated {stats.unparked}")
+
+    ledger = Ledger.open(settings.clickhouse_dsn)
+    try:
+        invoices = compute_invoices(ledger, catalog, f"{year}-{month:02d}")
+        out = settings.data_dir / "invoices" / f"{year}-{month:02d}"
+        write_invoices(ledger, invoices, out)
+        dead = ledger.dead_letter_counts()
+        rated_rows = ledger.count("rated_calls")
+    finally:
+        ledger.close()
+    print(f"[4/5] {len(invoices)} invoices written to {out}")
+    print(f"[5/5] summary ({time.monotonic() - t0:.0f}s)\n")
+    print(summary_table(invoices))
+    print(f"\nledger: {rated_rows} rated calls; dead letters by reason: {json.dumps(dead) if dead else 'none'}")
+    print(f"duplicates dropped this run: {dict(stats.duplicates) or 'none'}")
+    print(f"invoices: {Path(out).resolve()}")
+    return 0

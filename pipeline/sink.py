@@ -1,0 +1,214 @@
+"""The ledger sink: worker output topics -> ClickHouse, exactly once in effect.
+
+Commit protocol (what a crash at each step means):
+
+1. Poll a batch from ``calls.rated``, ``provisioning.accepted`` and ``deadletter`` with
+   ``isolation.level=read_committed``: only outputs of committed worker transactions are seen, so an
+   aborted attempt of the worker never reaches the ledger.
+2. Turn every record into ledger rows in memory (``Ledger.add``). Crash here: nothing written, nothing
+   committed; the batch is polled again after restart.
+3. ``Ledger.flush(token)`` inserts the rows, one insert per table, each with a deduplication token
+   derived from the batch's source offsets. Crash or error here: the Kafka offsets are not committed,
+   the batch is redelivered; rows already inserted are either refused by the token (same batch) or
+   collapse by key (ReplacingMergeTree, read through FINAL/argMax), so nothing counts twice.
+4. Commit the batch's offsets synchronously. Crash between 3 and 4: as in 3, the batch comes again and
+   is absorbed by the keys. A failed flush never reaches this step: the sink stops and the worker exits
+   non-zero, so a broken ledger never silently drops records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+
+from pipeline.records import CALL_FIELDS, PROVISIONING_FIELDS, payload_json
+from pipeline.settings import Settings
+from schemas.errors import SerdeError
+from schemas.serde import Serde
+from sinks.ledger import Ledger
+from sinks.errors import LedgerError
+
+log = logging.getLogger(__name__)
+
+
+def _header(msg: Message, name: str) -> str | None:
+    for key, value in msg.headers() or []:
+        if key == name and value is not None:
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return None
+
+
+class LedgerSink:
+    """Runs the protocol above in a thread of the worker process (chdb allows one process per path)."""
+
+    def __init__(self, settings: Settings, bootstrap: str, serde: Serde, ledger: Ledger) -> None:
+        self.settings = settings
+        self.topics = settings.topics
+        self.serde = serde
+        self.ledger = ledger
+        self.consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": f"{settings.app_id}-ledger",
+                "isolation.level": "read_committed",
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "enable.partition.eof": False,
+            }
+        )
+        self.error: BaseException | None = None
+        self.rows_written = 0
+        self.batches = 0
+        self.last_progress = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ledger-sink", daemon=True)
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.consumer.subscribe([self.topics.rated, self.topics.accepted, self.topics.deadletter])
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+    def caught_up(self) -> bool:
+        """True when every assigned partition has been consumed and written up to its high watermark."""
+        if self.ledger.pending() or self.error is not None:
+            return False
+        try:
+            assignment = self.consumer.assignment()
+            if not assignment:
+                return False
+            positions = self.consumer.position(assignment)
+            for tp in positions:
+                _low, high = self.consumer.get_watermark_offsets(tp, timeout=5, cached=False)
+                if high > 0 and tp.offset < high:
+                    return False
+            committed = self.consumer.committed(assignment, timeout=5)
+            by_tp = {(tp.topic, tp.partition): tp.offset for tp in positions}
+            return all(c.offset == by_tp[(c.topic, c.partition)] or by_tp[(c.topic, c.partition)] < 0
+                       for c in committed)
+        except Exception:  # a transient admin error just means "not yet"
+            log.debug("caught_up check failed", exc_info=True)
+            return False
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                messages = self.consumer.consume(num_messages=self.settings.sink_batch_rows, timeout=0.5)
+                if not messages:
+                    continue
+                self._write_batch(messages)
+        except BaseException as exc:  # surfaced to the worker, which exits non-zero
+            log.exception("ledger sink stopped")
+            self.error = exc
+        finally:
+            self.consumer.close()
+
+    def _write_batch(self, messages: list[Message]) -> None:
+        spans: dict[tuple[str, int], list[int]] = {}
+        for msg in messages:
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    continue
+                text = f"sink consume error: {err}"
+                raise LedgerError(text)
+            self._add_rows(msg)
+            span = spans.setdefault((msg.topic(), msg.partition()), [msg.offset(), msg.offset()])
+            span[1] = msg.offset()
+        token = hashlib.sha256(repr(sorted(spans.items())).encode()).hexdigest()[:32]
+        # Step 3: a failure raises here, before step 4, so the offsets stay uncommitted.
+        self.rows_written += self.ledger.flush(token)
+        # Step 4.
+        self.consumer.commit(
+            offsets=[TopicPartition(t, p, last + 1) for (t, p), (_first, last) in spans.items()],
+            asynchronous=False,
+        )
+        self.batches += 1
+        self.last_progress = time.monotonic()
+
+    def _add_rows(self, msg: Message) -> None:
+        topic = msg.topic()
+        value = msg.value() or b""
+        now = datetime.now(UTC)
+        if topic == self.topics.deadletter:
+            record = self._decode(value, "DeadLetter")
+            key = record.get("key")
+            self.ledger.add(
+                "dead_letters",
+                [
+                    record["source_topic"],
+                    record["source_partition"],
+                    record["source_offset"],
+                    record["reason"],
+                    record["message"],
+                    key.decode("utf-8", "replace") if isinstance(key, bytes) else key,
+                    bytes(record["value"]).hex(),
+                    record["failed_at"],
+                ],
+            )
+            return
+        if topic == self.topics.rated:
+            r = self._decode(value, "RatedCall")
+            self.ledger.add(
+                "rated_calls",
+                [
+                    r["tenant_id"], r["event_id"], r["call_id"], r.get("employee_id"), r["direction"],
+                    r["from_number"], r["to_number"], r["started_at"], r.get("answered_at"), r["ended_at"],
+                    r["disposition"], r["gateway_id"], r["period_start"], r["period_end"], r["plan_id"],
+                    r["raw_seconds"], r["billable_seconds"], r["catalog_revision"], int(bool(r["late"])),
+                    r["rated_at"], r["source_partition"], r["source_offset"],
+                ],
+            )
+            self.ledger.add(
+                "raw_events",
+                [
+                    "calls", r["tenant_id"], r["event_id"], "CallRecord", r["started_at"],
+                    payload_json(r, CALL_FIELDS), r["source_partition"], r["source_offset"], now,
+                ],
+            )
+            return
+        if topic == self.topics.accepted:
+            p = self._decode(value, "ProvisioningEvent")
+            src_partition = int(_header(msg, "source-partition") or msg.partition())
+            src_offset = int(_header(msg, "source-offset") or msg.offset())
+            self.ledger.add(
+                "provisioning_events",
+                [
+                    p["tenant_id"], p["event_id"], p["occurred_at"], p["action"], p.get("plan_id"),
+                    p.get("tax_region"), p.get("number"), p.get("number_type"), p.get("employee_id"),
+                    src_partition, src_offset,
+                ],
+            )
+            self.ledger.add(
+                "raw_events",
+                [
+                    "provisioning", p["tenant_id"], p["event_id"], "ProvisioningEvent", p["occurred_at"],
+                    payload_json(p, PROVISIONING_FIELDS), src_partition, src_offset, now,
+                ],
+            )
+            return
+        text = f"sink received a record from unexpected topic {topic}"
+        raise LedgerError(text)
+
+    def _decode(self, value: bytes, expected: str) -> dict[str, Any]:
+        try:
+            name, record = self.serde.decode(value)
+        except SerdeError as exc:
+            # Our own output topics: a record we cannot read is a bug or a foreign writer; stop loudly
+            # rather than skip money.
+            text = f"undecodable record on an output topic ({exc.reason}): {exc.message}"
+            raise LedgerError(text) from exc
+        if name != expected:
+            text = f"expected {expected} on output topic, got {name}"
+            raise LedgerError(text)
+        return record

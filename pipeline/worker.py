@@ -1,0 +1,415 @@
+"""The stream worker: deduplicate, keep tenant state, rate, emit — atomically with the input offsets.
+
+Commit protocol. Faust (``processing_guarantee="exactly_once"``) keeps one Kafka transaction open per
+assigned input partition P of ``calls``/``provisioning`` (the two are co-partitioned by tenant, so a
+tenant's calls and provisioning share P and its state lives in partition P of every table):
+
+1. The consumer (read_committed) hands the agent an event from P.
+2. Undecodable or invalid: a DeadLetter record (original bytes, source topic/partition/offset, reason,
+   message) is sent to ``deadletter`` partition P inside P's transaction. The idempotency key is not
+   consumed, so a corrected resend is still accepted.
+3. Dedupe: ``seen`` (RocksDB, changelogged) is looked up by ``(kind, tenant_id, event_id)``. A hit is
+   counted as a duplicate and writes nothing anywhere.
+4. State writes (``seen``, ``tenants``, ``parked``, ``balances``) append to partition P of their
+   changelog topics inside P's transaction.
+5. Outputs (rated call, accepted provisioning event, dead letter) go to partition P of their topics
+   inside P's transaction (``_send`` picks P's transactional producer explicitly).
+6. Every commit interval Faust adds P's consumed offsets to the transaction and commits it. Only now
+   do 2–5 become visible to read_committed readers — all of them or none.
+
+   A crash before 6 aborts the transaction (or the restarted worker fences it): changelog writes,
+   outputs and offsets roll back together and the events are processed again from the last commit.
+   RocksDB is only a cache of the changelogs and may still hold writes of the aborted transaction, so
+   the worker marks a clean shutdown and, after an unclean one, deletes its local state and rebuilds
+   it from the changelogs (read_committed) before consuming (``prepare_state_dir``). Without this a
+   call whose dedupe key survived in RocksDB but whose rated record was aborted would be lost.
+7. The ledger sink (pipeline/sink.py) reads the outputs read_committed and writes ClickHouse under its
+   own numbered protocol; together no crash point loses a call or counts one twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import signal
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import faust
+from confluent_kafka import TopicPartition
+from confluent_kafka.admin import AdminClient, OffsetSpec
+
+from pipeline.errors import PipelineError
+from pipeline.records import call_from_record, provisioning_from_record, rated_to_record
+from pipeline.settings import Settings
+from rating.calls import RatedCall, rate_call, validate_call
+from rating.catalog import Catalog
+from rating.models import ProvisioningEvent, Reason, Rejection
+from rating.subscription import TenantTimeline
+from schemas.errors import SerdeError
+from schemas.serde import Serde
+from sinks.ledger import Ledger
+
+log = logging.getLogger(__name__)
+
+_ROCKSDICT = {"driver": "rocksdict"}
+_CLEAN_MARKER = ".clean-shutdown"
+_ACTIONS_NEEDING = {
+    "SUBSCRIPTION_STARTED": ("plan_id", "tax_region"),
+    "PLAN_CHANGED": ("plan_id",),
+    "NUMBER_PROVISIONED": ("number", "number_type"),
+    "NUMBER_RELEASED": ("number",),
+    "EMPLOYEE_ACTIVATED": ("employee_id",),
+    "EMPLOYEE_DEACTIVATED": ("employee_id",),
+    "SUBSCRIPTION_CANCELLED": (),
+}
+
+
+@dataclass
+class Stats:
+    """Counters of this worker run (also the source of the Prometheus metrics)."""
+
+    consumed: Counter[str] = field(default_factory=Counter)
+    duplicates: Counter[str] = field(default_factory=Counter)
+    dead_letters: Counter[str] = field(default_factory=Counter)
+    rated: int = 0
+    parked: int = 0
+    unparked: int = 0
+    last_event_at: float = field(default_factory=time.monotonic)
+
+    def total(self) -> int:
+        return sum(self.consumed.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "consumed": dict(self.consumed),
+            "duplicates": dict(self.duplicates),
+            "dead_letters": dict(self.dead_letters),
+            "rated": self.rated,
+            "parked": self.parked,
+            "unparked": self.unparked,
+        }
+
+
+def check_provisioning(event: ProvisioningEvent, catalog: Catalog) -> Rejection | None:
+    """Field rules per action (spec §1) and catalog references, before the event touches state."""
+    for name in _ACTIONS_NEEDING.get(event.action, ()):
+        if getattr(event, name) in (None, ""):
+            return Rejection(Reason.INVALID_EVENT, f"{event.action} needs {name}")
+    if event.plan_id is not None and event.action in ("SUBSCRIPTION_STARTED", "PLAN_CHANGED"):
+        if not catalog.has_plan(event.plan_id):
+            return Rejection(Reason.UNKNOWN_PLAN, f"plan {event.plan_id!r} is not in catalog")
+    if event.action == "SUBSCRIPTION_STARTED" and event.tax_region not in catalog.tax_regions:
+        return Rejection(Reason.UNKNOWN_TAX_REGION, f"tax region {event.tax_region!r} is not in catalog")
+    return None
+
+
+def prepare_state_dir(state_dir: Path) -> bool:
+    """Keep local table state only after a clean shutdown; return True when it was wiped."""
+    marker = state_dir / _CLEAN_MARKER
+    if marker.exists():
+        marker.unlink()
+        return False
+    if state_dir.exists() and any(state_dir.iterdir()):
+        log.warning("previous worker stop was not clean: rebuilding local state from changelogs")
+        shutil.rmtree(state_dir)
+        state_dir.mkdir(parents=True)
+        return True
+    state_dir.mkdir(parents=True, exist_ok=True)
+    return False
+
+
+def mark_clean(state_dir: Path) -> None:
+    (state_dir / _CLEAN_MARKER).write_text(datetime.now(UTC).isoformat())
+
+
+def _ms(ts: datetime) -> int:
+    return int(ts.timestamp() * 1000)
+
+
+class Meter:
+    """Builds the Faust app: one agent over both input topics and four co-partitioned tables."""
+
+    def __init__(self, settings: Settings, bootstrap: str, catalog: Catalog, serde: Serde) -> None:
+        self.settings = settings
+        self.topics = settings.topics
+        self.catalog = catalog
+        self.serde = serde
+        self.stats = Stats()
+        self.state_dir = settings.data_dir / "worker"
+        n = settings.partitions
+        self.app = faust.App(
+            settings.app_id,
+            broker=f"kafka://{bootstrap}",
+            store="rocksdb://",
+            processing_guarantee="exactly_once",
+            datadir=str(self.state_dir),
+            topic_partitions=n,
+            topic_replication_factor=1,
+            consumer_auto_offset_reset="earliest",
+            table_standby_replicas=0,
+            web_enabled=False,
+            broker_commit_interval=1.0,
+            stream_wait_empty=False,
+            producer_linger_ms=5,
+        )
+        app = self.app
+        self.source = app.topic(
+            self.topics.calls,
+            self.topics.provisioning,
+            key_serializer="raw",
+            value_serializer="raw",
+            partitions=n,
+            internal=False,
+        )
+        self.seen = app.Table("seen", partitions=n, key_type=str, value_type=int, options=_ROCKSDICT)
+        self.tenants = app.Table("tenants", partitions=n, key_type=str, options=_ROCKSDICT)
+        self.parked = app.Table("parked", partitions=n, key_type=str, options=_ROCKSDICT)
+        self.balances = app.Table(
+            "balances", partitions=n, key_type=str, value_type=int, default=int, options=_ROCKSDICT
+        )
+        app.agent(self.source, name="meter")(self._agent)
+
+    # -- the agent ------------------------------------------------------------------------------------
+    async def _agent(self, stream: Any) -> None:
+        async for event in stream.events():
+            await self.handle(event)
+
+    async def handle(self, event: Any) -> None:
+        msg = event.message
+        topic, partition, offset = msg.topic, msg.partition, msg.offset
+        raw: bytes = event.value if isinstance(event.value, bytes) else bytes(event.value or b"")
+        key: bytes | None = msg.key
+        kind = "call" if topic == self.topics.calls else "provisioning"
+        self.stats.consumed[kind] += 1
+        self.stats.last_event_at = time.monotonic()
+        src = (topic, partition, offset, key, raw)
+        try:
+            name, record = self.serde.decode(raw)
+        except SerdeError as exc:
+            await self._dead(src, exc.reason, exc.message)
+            return
+        expected = "CallRecord" if kind == "call" else "ProvisioningEvent"
+        if name != expected:
+            await self._dead(src, Reason.INVALID_EVENT, f"{name} record on topic {topic}")
+            return
+        tenant, event_id = record.get("tenant_id"), record.get("event_id")
+        if not tenant or not event_id:
+            await self._dead(src, Reason.INVALID_EVENT, "tenant_id and event_id must be non-empty")
+            return
+        dedupe_key = f"{kind}|{tenant}|{event_id}"
+        if dedupe_key in self.seen:
+            self.stats.duplicates[kind] += 1
+            return
+        if kind == "call":
+            await self._on_call(src, record, dedupe_key)
+        else:
+            await self._on_provisioning(src, record, dedupe_key)
+
+    async def _on_call(self, src: tuple[Any, ...], record: dict[str, Any], dedupe_key: str) -> None:
+        call = call_from_record(record)
+        rejection = validate_call(call)
+        if rejection is not None:
+            await self._dead(src, rejection.reason, rejection.message)
+            return
+        stored = self.tenants.get(call.tenant_id)
+        timeline = TenantTimeline.from_dict(stored) if stored else None
+        if timeline is None or not timeline.subscribed:
+            # Calls and provisioning are not ordered across topics: hold the call until the tenant's
+            # SUBSCRIPTION_STARTED arrives (spec §5). Its key is consumed now so a retry stays a duplicate.
+            topic, partition, offset, key, raw = src
+            held = list(self.parked.get(call.tenant_id) or [])
+            held.append(
+                {"t": topic, "p": partition, "o": offset, "v": raw.hex(), "at": int(time.time() * 1000)}
+            )
+            self.parked[call.tenant_id] = held
+            self.seen[dedupe_key] = _ms(call.ended_at)
+            self.stats.parked += 1
+            return
+        result = rate_call(call, timeline, self.catalog)
+        if isinstance(result, Rejection):
+            await self._dead(src, result.reason, result.message)
+            return
+        self.seen[dedupe_key] = _ms(call.ended_at)
+        await self._emit_rated(src, result)
+
+    async def _emit_rated(self, src: tuple[Any, ...], rated: RatedCall) -> None:
+        topic, partition, offset, _key, _raw = src
+        record = rated_to_record(rated, source_topic=topic, source_partition=partition, source_offset=offset)
+        value = self.serde.encode("RatedCall", record, self.topics.rated)
+        balance_key = f"{rated.call.tenant_id}|{rated.period.start.isoformat()}"
+        self.balances[balance_key] += rated.billable_seconds
+        self.stats.rated += 1
+        await self._send(self.topics.rated, rated.call.tenant_id.encode(), value)
+
+    async def _on_provisioning(self, src: tuple[Any, ...], record: dict[str, Any], dedupe_key: str) -> None:
+        topic, partition, offset, key, raw = src
+        event = provisioning_from_record(record)
+        rejection = check_provisioning(event, self.catalog)
+        if rejection is not None:
+            await self._dead(src, rejection.reason, rejection.message)
+            return
+        stored = self.tenants.get(event.tenant_id)
+        timeline = TenantTimeline.from_dict(stored) if stored else TenantTimeline.from_events(event.tenant_id, [])
+        timeline = timeline.apply(event)
+        self.tenants[event.tenant_id] = timeline.to_dict()
+        self.seen[dedupe_key] = _ms(event.occurred_at)
+        headers = [
+            ("source-topic", topic.encode()),
+            ("source-partition", str(partition).encode()),
+            ("source-offset", str(offset).encode()),
+        ]
+        await self._send(self.topics.accepted, event.tenant_id.encode(), raw, headers)
+        if timeline.subscribed:
+            held = self.parked.get(event.tenant_id)
+            if held:
+                await self._release_parked(event.tenant_id, held, timeline)
+
+    async def _release_parked(self, tenant: str, held: list[dict[str, Any]], timeline: TenantTimeline) -> None:
+        for item in held:
+            raw = bytes.fromhex(item["v"])
+            src = (item["t"], item["p"], item["o"], tenant.encode(), raw)
+            _name, record = self.serde.decode(raw)  # it decoded when it was parked
+            result = rate_call(call_from_record(record), timeline, self.catalog)
+            self.stats.unparked += 1
+            if isinstance(result, Rejection):
+                await self._dead(src, result.reason, result.message)
+            else:
+                await self._emit_rated(src, result)
+        del self.parked[tenant]
+
+    async def _dead(self, src: tuple[Any, ...], reason: str, message: str) -> None:
+        topic, partition, offset, key, raw = src
+        self.stats.dead_letters[str(reason)] += 1
+        record = {
+            "source_topic": topic,
+            "source_partition": partition,
+            "source_offset": offset,
+            "key": key,
+            "value": raw,
+            "reason": str(reason),
+            "message": message,
+            "failed_at": datetime.now(UTC),
+        }
+        await self._send(self.topics.deadletter, key, self.serde.encode("DeadLetter", record, self.topics.deadletter))
+
+    async def _send(
+        self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]] | None = None
+    ) -> None:
+        """Send inside the transaction of the input partition being processed (protocol step 5).
+
+        Faust's own TransactionManager.send picks the transaction from the *destination* topic's group,
+        which only exists for topics this app consumes; output topics are not among them, so we name the
+        source partition's transactional producer ourselves (same id format Faust uses).
+        """
+        event = faust.current_event()
+        if event is None:
+            msg = "output sent outside of an event"
+            raise PipelineError(msg)
+        src_topic, partition = event.message.topic, event.message.partition
+        tid = f"{self.app.conf.id}-{self.app.assignor.group_for_topic(src_topic)}-{partition}"
+        await self.app.producer.send(topic, key, value, partition, None, headers, transactional_id=tid)
+
+
+class IdleWatch(threading.Thread):
+    """--until-idle: stop once inputs are committed to their end, the sink has caught up, and nothing
+    changed for ``idle_seconds``."""
+
+    def __init__(self, meter: Meter, sink: Any, bootstrap: str, on_idle: Any) -> None:
+        super().__init__(name="idle-watch", daemon=True)
+        self.meter = meter
+        self.sink = sink
+        self.on_idle = on_idle
+        self.admin = AdminClient({"bootstrap.servers": bootstrap})
+        self.settings = meter.settings
+        self._halt = threading.Event()
+
+    def halt(self) -> None:
+        self._halt.set()
+
+    def inputs_committed(self) -> bool:
+        from confluent_kafka import ConsumerGroupTopicPartitions
+
+        topics = self.settings.topics.inputs
+        meta = self.admin.list_topics(timeout=10)
+        tps = [TopicPartition(t, p) for t in topics for p in meta.topics[t].partitions]
+        ends = self.admin.list_offsets({tp: OffsetSpec.latest() for tp in tps}, request_timeout=10)
+        high = {(tp.topic, tp.partition): f.result().offset for tp, f in ends.items()}
+        group = self.admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(self.settings.app_id)])
+        committed = {(tp.topic, tp.partition): tp.offset for tp in next(iter(group.values())).result().topic_partitions}
+        return all(high[k] == 0 or committed.get(k, -1) >= high[k] for k in high)
+
+    def run(self) -> None:
+        quiet_since: float | None = None
+        last_seen = (-1, -1)
+        while not self._halt.wait(0.5):
+            try:
+                progress = (self.meter.stats.total(), self.sink.rows_written)
+                done = self.sink.error is None and self.inputs_committed() and self.sink.caught_up()
+            except Exception:
+                log.debug("idle check failed", exc_info=True)
+                done = False
+                progress = last_seen
+            if self.sink.error is not None:
+                self.on_idle()
+                return
+            if not done or progress != last_seen:
+                quiet_since = None
+                last_seen = progress
+                continue
+            quiet_since = quiet_since or time.monotonic()
+            if time.monotonic() - quiet_since >= self.settings.idle_seconds:
+                self.on_idle()
+                return
+
+
+def run_worker(settings: Settings, bootstrap: str, catalog: Catalog, serde: Serde, until_idle: bool) -> Stats:
+    """Run the worker in this process until SIGTERM/SIGINT, or until idle. Raises on a sink failure."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    prepare_state_dir(settings.data_dir / "worker")
+    ledger = Ledger.open(settings.clickhouse_dsn, _secret(settings))
+    meter = Meter(settings, bootstrap, catalog, serde)
+    from pipeline.sink import LedgerSink
+
+    sink = LedgerSink(settings, bootstrap, serde, ledger)
+    worker = faust.Worker(meter.app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False)
+    loop = worker.loop
+
+    def stop_soon() -> None:
+        loop.call_soon_threadsafe(worker._schedule_shutdown, signal.SIGTERM)
+
+    watch = IdleWatch(meter, sink, bootstrap, stop_soon) if until_idle else None
+    sink.start()
+    if watch is not None:
+        watch.start()
+    exit_code: object = 0
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        exit_code = exc.code
+    finally:
+        if watch is not None:
+            watch.halt()
+        sink.stop()
+        ledger.close()
+    if sink.error is not None:
+        msg = f"ledger sink failed: {sink.error}"
+        raise PipelineError(msg) from sink.error
+    if exit_code not in (0, None):
+        # Faust stopped on an error: the last transaction may be aborted, so the local state is not
+        # marked clean and the next start rebuilds it from the changelogs.
+        msg = f"stream worker stopped with an error (exit {exit_code}); see the log above"
+        raise PipelineError(msg)
+    mark_clean(settings.data_dir / "worker")
+    (settings.data_dir / "worker-stats.json").write_text(json.dumps(meter.stats.to_dict(), indent=2))
+    return meter.stats
+
+
+def _secret(settings: Settings) -> str | None:
+    return settings.clickhouse_password.get_secret_value() if settings.clickhouse_password else None

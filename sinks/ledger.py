@@ -1,0 +1,328 @@
+"""The ClickHouse ledger behind a small port: ``add()`` rows, ``flush()`` them, query what invoices need.
+
+How redelivery is kept from counting twice (the sink may write a batch again after a crash between the
+ClickHouse insert and its Kafka offset commit):
+
+1. Every table is a ReplacingMergeTree whose sorting key is the record's identity — ``(tenant_id,
+   event_id, catalog_revision)`` for rated calls, ``(topic, tenant_id, event_id)`` for raw events — so
+   copies of one record collapse to one row.
+2. Collapsing happens only at merge time, so every query that counts money reads through ``FINAL`` or
+   ``argMax(..., catalog_revision)`` grouped by the identity: a not-yet-merged copy is never summed.
+3. Inserts carry an ``insert_deduplication_token`` built from the source offsets of the batch, and the
+   tables raise ``non_replicated_deduplication_window``, so the common case (the same batch resent
+   whole) is refused at insert time and never even reaches a merge.
+
+The ledger is append-only (spec §9): a re-rating adds a row with a higher catalog revision; nothing
+is updated or deleted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import clickhouse_connect
+from clickhouse_connect.driver.client import Client
+
+from sinks.errors import LedgerError
+
+log = logging.getLogger(__name__)
+
+_TS = "DateTime64(3, 'UTC')"
+_REPLACING = "SETTINGS non_replicated_deduplication_window = 1000"
+
+RAW_EVENT_COLUMNS = (
+    "topic",
+    "tenant_id",
+    "event_id",
+    "event_type",
+    "event_time",
+    "payload",
+    "source_partition",
+    "source_offset",
+    "ingested_at",
+)
+RATED_CALL_COLUMNS = (
+    "tenant_id",
+    "event_id",
+    "call_id",
+    "employee_id",
+    "direction",
+    "from_number",
+    "to_number",
+    "started_at",
+    "answered_at",
+    "ended_at",
+    "disposition",
+    "gateway_id",
+    "period_start",
+    "period_end",
+    "plan_id",
+    "raw_seconds",
+    "billable_seconds",
+    "catalog_revision",
+    "late",
+    "rated_at",
+    "source_partition",
+    "source_offset",
+)
+PROVISIONING_COLUMNS = (
+    "tenant_id",
+    "event_id",
+    "occurred_at",
+    "action",
+    "plan_id",
+    "tax_region",
+    "number",
+    "number_type",
+    "employee_id",
+    "source_partition",
+    "source_offset",
+)
+DEAD_LETTER_COLUMNS = (
+    "source_topic",
+    "source_partition",
+    "source_offset",
+    "reason",
+    "message",
+    "key",
+    "value_hex",
+    "failed_at",
+)
+INVOICE_COLUMNS = (
+    "invoice_id",
+    "tenant_id",
+    "period_start",
+    "period_end",
+    "plan_id",
+    "catalog_revision",
+    "currency",
+    "subtotal",
+    "tax",
+    "total",
+    "body",
+    "generated_at",
+)
+INVOICE_LINE_COLUMNS = (
+    "invoice_id",
+    "line_no",
+    "code",
+    "description",
+    "number",
+    "quantity",
+    "unit_price",
+    "amount",
+    "generated_at",
+)
+
+COLUMNS: dict[str, tuple[str, ...]] = {
+    "raw_events": RAW_EVENT_COLUMNS,
+    "rated_calls": RATED_CALL_COLUMNS,
+    "provisioning_events": PROVISIONING_COLUMNS,
+    "dead_letters": DEAD_LETTER_COLUMNS,
+    "invoices": INVOICE_COLUMNS,
+    "invoice_lines": INVOICE_LINE_COLUMNS,
+}
+
+# Versioned DDL: append a new entry to change the schema; never edit an applied one.
+MIGRATIONS: list[tuple[int, str, list[str]]] = [
+    (
+        1,
+        "ledger tables",
+        [
+            f"""CREATE TABLE IF NOT EXISTS raw_events (
+                topic LowCardinality(String), tenant_id String, event_id String,
+                event_type LowCardinality(String), event_time {_TS}, payload String,
+                source_partition UInt32, source_offset UInt64, ingested_at {_TS}
+            ) ENGINE = ReplacingMergeTree ORDER BY (topic, tenant_id, event_id) {_REPLACING}""",
+            f"""CREATE TABLE IF NOT EXISTS rated_calls (
+                tenant_id String, event_id String, call_id String, employee_id Nullable(String),
+                direction LowCardinality(String), from_number String, to_number String,
+                started_at {_TS}, answered_at Nullable({_TS}), ended_at {_TS},
+                disposition LowCardinality(String), gateway_id LowCardinality(String),
+                period_start {_TS}, period_end {_TS}, plan_id LowCardinality(String),
+                raw_seconds Decimal(18, 3), billable_seconds UInt64, catalog_revision UInt32,
+                late UInt8, rated_at {_TS}, source_partition UInt32, source_offset UInt64
+            ) ENGINE = ReplacingMergeTree ORDER BY (tenant_id, event_id, catalog_revision) {_REPLACING}""",
+            f"""CREATE TABLE IF NOT EXISTS provisioning_events (
+                tenant_id String, event_id String, occurred_at {_TS}, action LowCardinality(String),
+                plan_id Nullable(String), tax_region Nullable(String), number Nullable(String),
+                number_type Nullable(String), employee_id Nullable(String),
+                source_partition UInt32, source_offset UInt64
+            ) ENGINE = ReplacingMergeTree ORDER BY (tenant_id, event_id) {_REPLACING}""",
+            f"""CREATE TABLE IF NOT EXISTS dead_letters (
+                source_topic LowCardinality(String), source_partition UInt32, source_offset UInt64,
+                reason LowCardinality(String), message String, key Nullable(String), value_hex String,
+                failed_at {_TS}
+            ) ENGINE = ReplacingMergeTree ORDER BY (source_topic, source_partition, source_offset)
+            {_REPLACING}""",
+            f"""CREATE TABLE IF NOT EXISTS invoices (
+                invoice_id String, tenant_id String, period_start Date, period_end Date,
+                plan_id String, catalog_revision UInt32, currency String, subtotal Decimal(18, 2),
+                tax Decimal(18, 2), total Decimal(18, 2), body String, generated_at {_TS}
+            ) ENGINE = ReplacingMergeTree(generated_at) ORDER BY (invoice_id)""",
+            f"""CREATE TABLE IF NOT EXISTS invoice_lines (
+                invoice_id String, line_no UInt16, code LowCardinality(String), description String,
+                number Nullable(String), quantity String, unit_price String, amount Decimal(18, 2),
+                generated_at {_TS}
+            ) ENGINE = ReplacingMergeTree(generated_at) ORDER BY (invoice_id, line_no)""",
+        ],
+    ),
+]
+
+
+def connect(dsn: str, password: str | None = None) -> Client:
+    """Open a clickhouse-connect client: ``chdb:///path`` embedded, ``http(s)://`` a server."""
+    try:
+        if dsn.startswith("chdb:"):
+            return clickhouse_connect.get_client(dsn=dsn)
+        kwargs: dict[str, Any] = {"dsn": dsn}
+        if password is not None:
+            kwargs["password"] = password
+        return clickhouse_connect.get_client(**kwargs)
+    except Exception as exc:  # the driver raises many kinds; the caller needs one
+        msg = f"cannot open the ClickHouse ledger at {dsn.split('@')[-1]}: {_one_line(exc)}"
+        raise LedgerError(msg) from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+class Ledger:
+    """Buffered writer and reader of the ledger tables."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self._buffers: dict[str, list[Sequence[Any]]] = {name: [] for name in COLUMNS}
+
+    @classmethod
+    def open(cls, dsn: str, password: str | None = None) -> Ledger:
+        ledger = cls(connect(dsn, password))
+        ledger.migrate()
+        return ledger
+
+    def close(self) -> None:
+        self.client.close()
+
+    # -- schema ---------------------------------------------------------------------------------------
+    def migrate(self) -> list[int]:
+        """Apply every migration not yet recorded; return the versions applied now."""
+        try:
+            self.client.command(
+                f"CREATE TABLE IF NOT EXISTS schema_migrations (version UInt32, name String, "
+                f"applied_at {_TS}) ENGINE = MergeTree ORDER BY version"
+            )
+            done = {row[0] for row in self.client.query("SELECT version FROM schema_migrations").result_rows}
+            applied = []
+            for version, name, statements in MIGRATIONS:
+                if version in done:
+                    continue
+                for statement in statements:
+                    self.client.command(statement)
+                self.client.insert(
+                    "schema_migrations",
+                    [[version, name, datetime.now(UTC)]],
+                    column_names=["version", "name", "applied_at"],
+                )
+                applied.append(version)
+            return applied
+        except LedgerError:
+            raise
+        except Exception as exc:
+            msg = f"ledger migration failed: {_one_line(exc)}"
+            raise LedgerError(msg) from exc
+
+    # -- the port -------------------------------------------------------------------------------------
+    def add(self, table: str, row: Sequence[Any]) -> None:
+        self._buffers[table].append(row)
+
+    def pending(self) -> int:
+        return sum(len(rows) for rows in self._buffers.values())
+
+    def flush(self, dedup_token: str | None = None) -> int:
+        """Insert every buffered row. Raises LedgerError and keeps the buffer when any insert fails,
+        so the caller must not commit its source offsets (the batch will be redelivered)."""
+        written = 0
+        for table, rows in self._buffers.items():
+            if not rows:
+                continue
+            settings = {"insert_deduplication_token": f"{dedup_token}:{table}"} if dedup_token else None
+            try:
+                self.client.insert(table, rows, column_names=list(COLUMNS[table]), settings=settings)
+            except Exception as exc:
+                msg = f"ledger insert into {table} failed ({len(rows)} rows): {_one_line(exc)}"
+                raise LedgerError(msg) from exc
+            written += len(rows)
+            rows.clear()
+        return written
+
+    def discard(self) -> None:
+        for rows in self._buffers.values():
+            rows.clear()
+
+    # -- queries --------------------------------------------------------------------------------------
+    def query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        try:
+            return [tuple(r) for r in self.client.query(sql, parameters=parameters).result_rows]
+        except Exception as exc:
+            msg = f"ledger query failed: {_one_line(exc)}"
+            raise LedgerError(msg) from exc
+
+    def usage_seconds(self, period_from: datetime, period_to: datetime) -> dict[tuple[str, datetime], int]:
+        """Billable seconds per (tenant, period start) for periods starting in [from, to), taking each
+        call's current rating (its row with the highest catalog revision)."""
+        rows = self.query(
+            """
+            SELECT tenant_id, period_start, sum(billable_seconds) FROM (
+                SELECT tenant_id, event_id,
+                       argMax(period_start, catalog_revision) AS period_start,
+                       argMax(billable_seconds, catalog_revision) AS billable_seconds
+                FROM rated_calls GROUP BY tenant_id, event_id
+            )
+            WHERE period_start >= {f:DateTime64(3, 'UTC')} AND period_start < {t:DateTime64(3, 'UTC')}
+            GROUP BY tenant_id, period_start
+            """,
+            {"f": period_from, "t": period_to},
+        )
+        return {(tenant, as_utc(start)): int(seconds) for tenant, start, seconds in rows}
+
+    def provisioning_rows(self, tenant_id: str | None = None) -> list[dict[str, Any]]:
+        where = "WHERE tenant_id = {t:String}" if tenant_id else ""
+        rows = self.query(
+            f"SELECT {', '.join(PROVISIONING_COLUMNS[:9])} FROM provisioning_events FINAL {where} "
+            "ORDER BY tenant_id, occurred_at, event_id",
+            {"t": tenant_id} if tenant_id else None,
+        )
+        out = []
+        for row in rows:
+            record = dict(zip(PROVISIONING_COLUMNS[:9], row, strict=True))
+            record["occurred_at"] = as_utc(record["occurred_at"])
+            out.append(record)
+        return out
+
+    def count(self, table: str, final: bool = True) -> int:
+        if table not in COLUMNS:
+            msg = f"unknown ledger table {table}"
+            raise LedgerError(msg)
+        rows = self.query(f"SELECT count() FROM {table}{' FINAL' if final else ''}")  # noqa: S608
+        return int(rows[0][0])
+
+    def dead_letter_counts(self) -> dict[str, int]:
+        rows = self.query("SELECT reason, count() FROM dead_letters FINAL GROUP BY reason ORDER BY reason")
+        return {reason: int(n) for reason, n in rows}
+
+    def write_rows(self, table: str, rows: Iterable[Sequence[Any]], dedup_token: str | None = None) -> None:
+        for row in rows:
+            self.add(table, row)
+        self.flush(dedup_token)
+
+
+def as_utc(value: datetime) -> datetime:
+    """chdb may hand back naive datetimes for UTC columns; everything here is UTC."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)

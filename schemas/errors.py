@@ -1,6 +1,14 @@
 """Typed errors of the Avro serde."""
 
+from typing import Final
+
 from rating.errors import CallmeterError
+
+# Dead-letter reason codes a SerdeError carries. Constants rather than literals at raise sites: ruff's EM
+# rules reject string literals in exception constructors, and a typo here would be a silent new code.
+UNDECODABLE: Final = "UNDECODABLE"
+UNKNOWN_SCHEMA: Final = "UNKNOWN_SCHEMA"
+INVALID_EVENT: Final = "INVALID_EVENT"
 
 
 class SerdeError(CallmeterError):

@@ -29,7 +29,7 @@ from fastavro.read import SchemaResolutionError
 from fastavro.schema import fingerprint as _fastavro_fingerprint
 from fastavro.schema import to_parsing_canonical_form
 
-from schemas.errors import RegistryError, SerdeError
+from schemas.errors import INVALID_EVENT, UNDECODABLE, UNKNOWN_SCHEMA, RegistryError, SerdeError
 
 SCHEMA_DIR = Path(__file__).resolve().parent
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
@@ -92,8 +92,8 @@ def _one_line(exc: BaseException) -> str:
 
 def _make_version(raw: dict[str, Any], version: int) -> SchemaVersion:
     parsed = parse_schema(raw)
-    if parsed.get("type") != "record":
-        msg = f"top-level schema must be a record, got {parsed.get('type')!r}"
+    if not isinstance(parsed, dict) or parsed.get("type") != "record":
+        msg = "top-level schema must be a record"
         raise ValueError(msg)
     return SchemaVersion(
         record_name=_short_name(parsed["name"]),
@@ -116,7 +116,8 @@ def load_schemas(directory: Path = SCHEMA_DIR) -> list[SchemaVersion]:
         version = _make_version(json.loads(path.read_text(encoding="utf-8")), int(match["version"]))
         # The file name is how people find a record's history; a mismatch would hide a version.
         if _snake(version.record_name) != match["stem"]:
-            msg = f"{path.name} holds record {version.record_name}, expected {_snake(version.record_name)}.v<N>"
+            expected = _snake(version.record_name)
+            msg = f"{path.name} holds record {version.record_name}; name the file {expected}.v<N>.avsc"
             raise ValueError(msg)
         if (version.record_name, version.version) in seen:
             msg = f"{path.name}: version {version.version} of {version.record_name} defined twice"
@@ -178,7 +179,7 @@ class Serde:
             return self._newest[record_name]
         except KeyError:
             msg = f"no schema for record {record_name!r}"
-            raise SerdeError("UNKNOWN_SCHEMA", msg) from None
+            raise SerdeError(UNKNOWN_SCHEMA, msg) from None
 
     def register_writer_schema(self, schema: dict[str, Any]) -> bytes:
         """Accept bytes written with ``schema`` (e.g. by a newer producer); returns its fingerprint.
@@ -221,7 +222,7 @@ class Serde:
         header = self._headers.get(record_name)
         if header is None:
             msg = f"no schema for record {record_name!r}"
-            raise SerdeError("UNKNOWN_SCHEMA", msg)
+            raise SerdeError(UNKNOWN_SCHEMA, msg)
         buf = io.BytesIO()
         buf.write(header)
         try:
@@ -230,7 +231,7 @@ class Serde:
             schemaless_writer(buf, self._newest[record_name].parsed, record, strict_allow_default=True)
         except _ENCODE_ERRORS as exc:
             msg = f"{record_name} cannot be encoded: {_one_line(exc)}"
-            raise SerdeError("INVALID_EVENT", msg) from exc
+            raise SerdeError(INVALID_EVENT, msg) from exc
         return buf.getvalue()
 
     def _encode_confluent(self, record_name: str, record: dict[str, Any], topic: str) -> bytes:
@@ -246,7 +247,7 @@ class Serde:
         extra = record.keys() - {f["name"] for f in version.parsed["fields"]}
         if extra:
             msg = f"{record_name} cannot be encoded: unknown fields {sorted(extra)}"
-            raise SerdeError("INVALID_EVENT", msg)
+            raise SerdeError(INVALID_EVENT, msg)
         try:
             data = serializer(record, SerializationContext(topic, MessageField.VALUE))
         except SchemaRegistryError as exc:
@@ -254,7 +255,7 @@ class Serde:
             raise RegistryError(msg) from exc
         except _ENCODE_ERRORS as exc:
             msg = f"{record_name} cannot be encoded: {_one_line(exc)}"
-            raise SerdeError("INVALID_EVENT", msg) from exc
+            raise SerdeError(INVALID_EVENT, msg) from exc
         except Exception as exc:  # transport errors come from httpx, whose types we do not import
             msg = f"schema registry unavailable: {_one_line(exc)}"
             raise RegistryError(msg) from exc
@@ -273,25 +274,25 @@ class Serde:
         """
         if not data:
             msg = "empty value"
-            raise SerdeError("UNDECODABLE", msg)
+            raise SerdeError(UNDECODABLE, msg)
         if data[:2] == SINGLE_OBJECT_MAGIC:
             if len(data) < _SINGLE_OBJECT_HEADER_LEN:
                 msg = f"single-object header truncated ({len(data)} bytes)"
-                raise SerdeError("UNDECODABLE", msg)
+                raise SerdeError(UNDECODABLE, msg)
             fp = bytes(data[2:_SINGLE_OBJECT_HEADER_LEN])
             codec = self._by_fingerprint.get(fp)
             if codec is None:
                 msg = f"no known writer schema has fingerprint {fingerprint_hex(fp)}"
-                raise SerdeError("UNKNOWN_SCHEMA", msg)
+                raise SerdeError(UNKNOWN_SCHEMA, msg)
             return codec.record_name, _read(codec, data, _SINGLE_OBJECT_HEADER_LEN)
         if data[0] == CONFLUENT_MAGIC:
             if len(data) < _CONFLUENT_HEADER_LEN:
                 msg = f"Confluent header truncated ({len(data)} bytes)"
-                raise SerdeError("UNDECODABLE", msg)
+                raise SerdeError(UNDECODABLE, msg)
             codec = self._codec_for_schema_id(int.from_bytes(data[1:_CONFLUENT_HEADER_LEN], "big"))
             return codec.record_name, _read(codec, data, _CONFLUENT_HEADER_LEN)
         msg = f"unknown framing: starts with {bytes(data[:2]).hex()}, expected c301 (Avro) or 00 (Confluent)"
-        raise SerdeError("UNDECODABLE", msg)
+        raise SerdeError(UNDECODABLE, msg)
 
     def decode_many(self, items: list[bytes]) -> list[tuple[str, dict[str, Any]] | SerdeError]:
         """``decode`` each item; a bad item yields its ``SerdeError`` in place instead of raising."""
@@ -309,13 +310,13 @@ class Serde:
             return codec
         if self._registry is None:
             msg = f"Confluent-framed value with schema id {schema_id}, but no schema registry is configured"
-            raise SerdeError("UNKNOWN_SCHEMA", msg)
+            raise SerdeError(UNKNOWN_SCHEMA, msg)
         try:
             schema = self._registry.get_schema(schema_id)
         except SchemaRegistryError as exc:
-            if exc.http_status_code == 404:  # noqa: PLR2004
+            if exc.http_status_code == 404:
                 msg = f"schema id {schema_id} is not in the registry"
-                raise SerdeError("UNKNOWN_SCHEMA", msg) from exc
+                raise SerdeError(UNKNOWN_SCHEMA, msg) from exc
             msg = f"schema registry failed for schema id {schema_id}: {_one_line(exc)}"
             raise RegistryError(msg) from exc
         except Exception as exc:  # transport errors come from httpx, whose types we do not import
@@ -328,16 +329,16 @@ class Serde:
     def _codec_from_registry(self, schema_id: int, schema: Schema) -> _Codec:
         if schema.schema_type not in (None, "AVRO"):
             msg = f"schema id {schema_id} is {schema.schema_type}, not Avro"
-            raise SerdeError("UNKNOWN_SCHEMA", msg)
+            raise SerdeError(UNKNOWN_SCHEMA, msg)
         try:
             raw = json.loads(schema.schema_str or "")
             version = _make_version(raw, 0)
         except Exception as exc:  # any parse failure means we cannot use this writer schema
             msg = f"schema id {schema_id} is not a usable Avro record schema: {_one_line(exc)}"
-            raise SerdeError("UNKNOWN_SCHEMA", msg) from exc
+            raise SerdeError(UNKNOWN_SCHEMA, msg) from exc
         if version.record_name not in self._newest:
             msg = f"schema id {schema_id} is record {version.record_name}, which callmeter does not read"
-            raise SerdeError("UNKNOWN_SCHEMA", msg)
+            raise SerdeError(UNKNOWN_SCHEMA, msg)
         return self._codec(version.parsed, version.fingerprint)
 
 
@@ -345,16 +346,16 @@ def _read(codec: _Codec, data: bytes, offset: int) -> dict[str, Any]:
     buf = io.BytesIO(data)
     buf.seek(offset)
     try:
-        record: dict[str, Any] = schemaless_reader(buf, codec.writer, codec.reader)
+        record = schemaless_reader(buf, codec.writer, codec.reader)
     except SchemaResolutionError as exc:
         msg = f"writer schema of {codec.record_name} cannot be read as the current one: {_one_line(exc)}"
-        raise SerdeError("UNKNOWN_SCHEMA", msg) from exc
+        raise SerdeError(UNKNOWN_SCHEMA, msg) from exc
     except Exception as exc:  # corrupt bytes surface as EOFError, IndexError, UnicodeDecodeError, ...
         msg = f"{codec.record_name} body does not decode: {_one_line(exc)}"
-        raise SerdeError("UNDECODABLE", msg) from exc
+        raise SerdeError(UNDECODABLE, msg) from exc
     # Leftover bytes mean the body was not written with this schema, even if a prefix happened to parse.
     left = len(data) - buf.tell()
     if left:
         msg = f"{left} trailing bytes after the {codec.record_name} body"
-        raise SerdeError("UNDECODABLE", msg)
-    return record
+        raise SerdeError(UNDECODABLE, msg)
+    return record  # type: ignore[return-value]  # a record schema always yields a dict

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from pydantic import ValidationError
+
 from pipeline.errors import InputError
 from pipeline.settings import Settings
 from rating.catalog import Catalog, parse_catalog
@@ -158,6 +160,21 @@ def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ledger(settings: Settings, _args: argparse.Namespace) -> int:
+    """Row counts (deduplicated) and dead letters by reason: a quick look for on-call and tests."""
+    from sinks.ledger import COLUMNS, Ledger
+
+    ledger = Ledger.open(settings.clickhouse_dsn, _password(settings))
+    try:
+        report: dict[str, Any] = {table: ledger.count(table) for table in COLUMNS}
+        report["dead_letters_by_reason"] = ledger.dead_letter_counts()
+        report["billable_seconds_by_tenant"] = ledger.billable_seconds_by_tenant()
+    finally:
+        ledger.close()
+    print(json.dumps(report, sort_keys=True))
+    return 0
+
+
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     from pipeline.demo import run_demo
 
@@ -201,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", help="write JSON lines here")
     p.add_argument("--produce", action="store_true", help="publish directly instead of writing a file")
+    sub.add_parser("ledger", help="ledger row counts and dead letters by reason, as JSON")
     p = sub.add_parser("demo", help="the whole pipeline end to end with a summary")
     p.add_argument("--calls", type=int, default=3000)
     p.add_argument("--tenants", type=int, default=5)
@@ -215,6 +233,7 @@ COMMANDS = {
     "invoice": cmd_invoice,
     "balance": cmd_balance,
     "simulate": cmd_simulate,
+    "ledger": cmd_ledger,
     "demo": cmd_demo,
 }
 
@@ -234,6 +253,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings(**overrides)
         code = COMMANDS[args.command](settings, args)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        print(f"callmeter: error: setting {first['loc'][0]}: {first['msg']}", file=sys.stderr)
+        return 2
     except CallmeterError as exc:
         print(f"callmeter: error: {exc}", file=sys.stderr)
         return 1

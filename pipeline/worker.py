@@ -81,6 +81,7 @@ class Stats:
     rated: int = 0
     parked: int = 0
     unparked: int = 0
+    keys_expired: int = 0
     last_event_at: float = field(default_factory=time.monotonic)
 
     def total(self) -> int:
@@ -94,6 +95,7 @@ class Stats:
             "rated": self.rated,
             "parked": self.parked,
             "unparked": self.unparked,
+            "keys_expired": self.keys_expired,
         }
 
 
@@ -175,6 +177,10 @@ class Meter:
             "balances", partitions=n, key_type=str, value_type=int, default=int, options=_ROCKSDICT
         )
         app.agent(self.source, name="meter")(self._agent)
+        # Dedupe retention (spec §2): per input partition, the newest event time seen and the event-time
+        # day of the last sweep. In memory only: after a restart each partition sweeps once more.
+        self._watermark_ms: dict[int, int] = {}
+        self._swept_day: dict[int, int] = {}
 
     # -- the agent ------------------------------------------------------------------------------------
     async def _agent(self, stream: Any) -> None:
@@ -204,6 +210,9 @@ class Meter:
             await self._dead(src, Reason.INVALID_EVENT, "tenant_id and event_id must be non-empty")
             return
         dedupe_key = f"{kind}|{tenant}|{event_id}"
+        event_time = record.get("ended_at") if kind == "call" else record.get("occurred_at")
+        if isinstance(event_time, datetime):
+            self._advance_watermark(partition, _ms(event_time))
         if dedupe_key in self.seen:
             self.stats.duplicates[kind] += 1
             return
@@ -211,6 +220,43 @@ class Meter:
             await self._on_call(src, record, dedupe_key)
         else:
             await self._on_provisioning(src, record, dedupe_key)
+
+    def _advance_watermark(self, partition: int, event_ms: int) -> None:
+        # Clamp to the wall clock: one record with a clock far in the future must not expire every key.
+        event_ms = min(event_ms, int(time.time() * 1000))
+        if event_ms <= self._watermark_ms.get(partition, -1):
+            return
+        self._watermark_ms[partition] = event_ms
+        day = event_ms // 86_400_000
+        if self._swept_day.get(partition) != day:
+            self._swept_day[partition] = day
+            self.sweep_seen(partition, event_ms - self.settings.dedupe_retention_days * 86_400_000)
+
+    def sweep_seen(self, partition: int, older_than_ms: int) -> int:
+        """Forget idempotency keys of this partition whose event time is before ``older_than_ms``.
+
+        Runs inside the current event's transaction (same partition), so the deletions reach the
+        changelog atomically with everything else; a retry older than the retention window is then
+        treated as a new event, which the retention (> one period + settlement window) makes moot.
+        """
+        store = self.seen.data
+        db_for = getattr(store, "_db_for_partition", None)
+        if db_for is None:
+            return 0
+        expired = []
+        for raw_key, raw_value in db_for(partition).items():
+            try:
+                key, value = json.loads(raw_key), json.loads(raw_value)
+            except (ValueError, TypeError):
+                continue  # Faust's own bookkeeping keys (persisted offsets)
+            if isinstance(value, int) and isinstance(key, str) and value < older_than_ms:
+                expired.append(key)
+        for key in expired:
+            del self.seen[key]
+        if expired:
+            log.info("dedupe retention: forgot %d keys of partition %d", len(expired), partition)
+        self.stats.keys_expired += len(expired)
+        return len(expired)
 
     async def _on_call(self, src: tuple[Any, ...], record: dict[str, Any], dedupe_key: str) -> None:
         call = call_from_record(record)

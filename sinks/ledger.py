@@ -315,6 +315,17 @@ class Ledger:
         rows = self.query("SELECT reason, count() FROM dead_letters FINAL GROUP BY reason ORDER BY reason")
         return {reason: int(n) for reason, n in rows}
 
+    def billable_seconds_by_tenant(self) -> dict[str, int]:
+        rows = self.query(
+            """
+            SELECT tenant_id, sum(b) FROM (
+                SELECT tenant_id, event_id, argMax(billable_seconds, catalog_revision) AS b
+                FROM rated_calls GROUP BY tenant_id, event_id
+            ) GROUP BY tenant_id ORDER BY tenant_id
+            """
+        )
+        return {tenant: int(seconds) for tenant, seconds in rows}
+
     def write_rows(self, table: str, rows: Iterable[Sequence[Any]], dedup_token: str | None = None) -> None:
         for row in rows:
             self.add(table, row)

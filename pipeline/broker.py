@@ -57,6 +57,7 @@ _MAVEN_BOILERPLATE = (
     "[Help ",
     "After correcting the problems",
 )
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def _java() -> str:
@@ -92,11 +93,12 @@ def _mvn() -> str:
 
 def _maven_error(output: str) -> str:
     """The most telling ``[ERROR]`` line of Maven's output (the last one that is not boilerplate)."""
-    lines = [ln.strip() for ln in output.splitlines()]
+    lines = [_ANSI.sub("", ln).strip() for ln in output.splitlines()]
     errors = [ln.removeprefix("[ERROR]").strip() for ln in lines if ln.startswith("[ERROR]")]
     errors = [e for e in errors if e and not e.startswith(_MAVEN_BOILERPLATE)]
     if errors:
-        return errors[-1].removesuffix("-> [Help 1]").strip()
+        error = errors[-1].removesuffix("-> [Help 1]").strip()
+        return re.sub(r"^Failed to execute goal on project \S+: ", "", error)
     rest = [ln for ln in lines if ln]
     return rest[-1] if rest else "no output"
 
@@ -216,7 +218,7 @@ class LocalKafka:
             shutil.rmtree(staging, ignore_errors=True)
             log.warning("fetching Kafka %s jars with Maven into %s (one time)", self.version, self.libs)
             argv = [
-                mvn, "-q", "-B", "-f", str(POM), f"-Dkafka.version={self.version}",
+                mvn, "-q", "-B", "-Dstyle.color=never", "-f", str(POM), f"-Dkafka.version={self.version}",
                 "dependency:copy-dependencies", f"-DoutputDirectory={staging}", "-DincludeScope=runtime",
             ]  # fmt: skip
             started = time.monotonic()

@@ -1,0 +1,60 @@
+"""Shared fixtures: one Kafka broker per test session, isolated topic prefixes per test."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from uuid import uuid4
+
+import pytest
+
+from pipeline.broker import LocalKafka
+from pipeline.settings import Settings
+
+
+@pytest.fixture(scope="session")
+def local_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka | None]:
+    """The session's own LocalKafka, or None when $CALLMETER_KAFKA points at an existing cluster.
+
+    Its data dir is a session temp dir; the jar cache stays the default (~/.cache/callmeter) so jars are
+    fetched once per machine. Stopped at session end.
+    """
+    if os.environ.get("CALLMETER_KAFKA"):
+        yield None
+        return
+    broker = LocalKafka(Settings(data_dir=tmp_path_factory.mktemp("kafka"), kafka=None))
+    try:
+        broker.up()
+        yield broker
+    finally:
+        broker.down()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(local_kafka: LocalKafka | None) -> str:
+    """Bootstrap servers for the tests: $CALLMETER_KAFKA if set, else the session's local broker."""
+    if local_kafka is None:
+        return os.environ["CALLMETER_KAFKA"]
+    status = local_kafka.status()
+    assert status["running"], status
+    return str(status["bootstrap"])
+
+
+@pytest.fixture
+def topic_prefix() -> str:
+    """A unique topic prefix so tests sharing the broker never see each other's topics or groups."""
+    return f"t{uuid4().hex[:8]}."
+
+
+@pytest.fixture
+def cm_env(kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> dict[str, str]:
+    """Environment for running the `callmeter` CLI in a subprocess against the test broker."""
+    env = dict(os.environ)
+    env.update(
+        CALLMETER_KAFKA=kafka_bootstrap,
+        CALLMETER_TOPIC_PREFIX=topic_prefix,
+        CALLMETER_DATA_DIR=str(tmp_path / "data"),
+        CALLMETER_PARTITIONS="3",
+    )
+    return env

@@ -19,3 +19,7 @@ class CatalogError(RatingError):
 
 class UnknownPlanError(CatalogError):
     """An event names a plan the catalog does not have."""
+
+
+class NoSubscriptionError(RatingError):
+    """No subscription covers the period an invoice or a call needs."""

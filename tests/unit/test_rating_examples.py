@@ -34,7 +34,8 @@ def load_events(path: Path) -> tuple[list[CallEvent], list[ProvisioningEvent]]:
         data: dict[str, Any] = json.loads(line)
         kind = data.pop("type")
         if kind == "call":
-            calls.append(CallEvent(**{k: _ts(v) if k in _CALL_TIMES else v for k, v in data.items()}))
+            fields: dict[str, Any] = {k: _ts(v) if k in _CALL_TIMES else v for k, v in data.items()}
+            calls.append(CallEvent(**fields))
         elif kind == "provisioning":
             provisioning.append(ProvisioningEvent(**{**data, "occurred_at": _ts(data["occurred_at"])}))
         else:

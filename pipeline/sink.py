@@ -67,6 +67,10 @@ class LedgerSink:
         self.batches = 0
         self.last_progress = time.monotonic()
         self._stop = threading.Event()
+        self._busy = False
+        # librdkafka handles are thread-safe, but position() racing consume() can read a position of
+        # a batch not yet written; the lock and _busy make "caught up" mean "written".
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="ledger-sink", daemon=True)
 
     # -- lifecycle ------------------------------------------------------------------------------------
@@ -78,35 +82,32 @@ class LedgerSink:
         self._stop.set()
         self._thread.join(timeout=60)
 
-    def caught_up(self) -> bool:
-        """True when every assigned partition has been consumed and written up to its high watermark."""
-        if self.ledger.pending() or self.error is not None:
-            return False
-        try:
+    def positions(self) -> dict[tuple[str, int], int] | None:
+        """Positions of every assigned partition, or None while a batch is being written (or before
+        the first assignment). A position moves past the transaction marker after the last record,
+        so "position == high watermark" means everything committed upstream has been written."""
+        if self._busy or self.ledger.pending() or self.error is not None:
+            return None
+        with self._lock:
             assignment = self.consumer.assignment()
-            if not assignment:
-                return False
-            positions = self.consumer.position(assignment)
-            for tp in positions:
-                _low, high = self.consumer.get_watermark_offsets(tp, timeout=5, cached=False)
-                if high > 0 and tp.offset < high:
-                    return False
-            committed = self.consumer.committed(assignment, timeout=5)
-            by_tp = {(tp.topic, tp.partition): tp.offset for tp in positions}
-            return all(c.offset == by_tp[(c.topic, c.partition)] or by_tp[(c.topic, c.partition)] < 0
-                       for c in committed)
-        except Exception:  # a transient admin error just means "not yet"
-            log.debug("caught_up check failed", exc_info=True)
-            return False
+            if not assignment or self._busy:
+                return None
+            return {(tp.topic, tp.partition): tp.offset for tp in self.consumer.position(assignment)}
 
     # -- the loop -------------------------------------------------------------------------------------
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                messages = self.consumer.consume(num_messages=self.settings.sink_batch_rows, timeout=0.5)
+                with self._lock:
+                    messages = self.consumer.consume(num_messages=self.settings.sink_batch_rows, timeout=0.2)
+                    self._busy = bool(messages)
                 if not messages:
+                    time.sleep(0.05)
                     continue
-                self._write_batch(messages)
+                try:
+                    self._write_batch(messages)
+                finally:
+                    self._busy = False
         except BaseException as exc:  # surfaced to the worker, which exits non-zero
             log.exception("ledger sink stopped")
             self.error = exc

@@ -29,8 +29,10 @@ tenant's calls and provisioning share P and its state lives in partition P of ev
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import sys
 import shutil
 import signal
 import threading
@@ -42,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import faust
+import faust.tables.recovery as faust_recovery
 from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
@@ -131,6 +134,24 @@ def mark_clean(state_dir: Path) -> None:
     (state_dir / _CLEAN_MARKER).write_text(datetime.now(UTC).isoformat())
 
 
+class _QuickRecoveryPoll:
+    """Faust's changelog recovery waits on its queue with a hard-coded 5 s timeout and, under
+    exactly_once, needs two empty waits before it notices that the only thing left before the high
+    watermark is a transaction marker — a ~10-15 s stall on every start. Ending recovery still requires
+    the consumer position to have reached the high watermark (``detect_aborted_tx``), so a shorter
+    wait cannot end recovery early; it only stops waiting on an idle queue for so long."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(asyncio, name)
+
+    @staticmethod
+    async def wait_for(aw: Any, timeout: float | None = None) -> Any:
+        return await asyncio.wait_for(aw, timeout=min(timeout, 0.5) if timeout else timeout)
+
+
+faust_recovery.asyncio = _QuickRecoveryPoll()  # type: ignore[attr-defined]
+
+
 def _ms(ts: datetime) -> int:
     return int(ts.timestamp() * 1000)
 
@@ -177,6 +198,8 @@ class Meter:
             "balances", partitions=n, key_type=str, value_type=int, default=int, options=_ROCKSDICT
         )
         app.agent(self.source, name="meter")(self._agent)
+        # Set once recovery is done and the agent consumes (see _Worker).
+        self.ready = threading.Event()
         # Dedupe retention (spec §2): per input partition, the newest event time seen and the event-time
         # day of the last sweep. In memory only: after a restart each partition sweeps once more.
         self._watermark_ms: dict[int, int] = {}
@@ -363,6 +386,16 @@ class Meter:
         await self.app.producer.send(topic, key, value, partition, None, headers, transactional_id=tid)
 
 
+class _Worker(faust.Worker):
+    """Faust's worker, telling the meter when start-up (recovery included) has finished."""
+
+    meter: Meter
+
+    async def on_startup_finished(self) -> None:
+        await super().on_startup_finished()
+        self.meter.ready.set()
+
+
 class IdleWatch(threading.Thread):
     """--until-idle: stop once inputs are committed to their end, the sink has caught up, and nothing
     changed for ``idle_seconds``."""
@@ -379,25 +412,42 @@ class IdleWatch(threading.Thread):
     def halt(self) -> None:
         self._halt.set()
 
-    def inputs_committed(self) -> bool:
+    def caught_up(self) -> bool:
+        """Inputs committed by the worker up to their ends, and outputs written by the sink up to theirs:
+        one metadata, one list-offsets and one group-offsets request per check."""
         from confluent_kafka import ConsumerGroupTopicPartitions
 
-        topics = self.settings.topics.inputs
+        positions = self.sink.positions()
+        if positions is None or not self.meter.ready.is_set():
+            return False
+        topics = self.settings.topics
         meta = self.admin.list_topics(timeout=10)
-        tps = [TopicPartition(t, p) for t in topics for p in meta.topics[t].partitions]
+        tps = [
+            TopicPartition(t, p)
+            for t in (*topics.inputs, topics.rated, topics.accepted, topics.deadletter)
+            for p in meta.topics[t].partitions
+        ]
         ends = self.admin.list_offsets({tp: OffsetSpec.latest() for tp in tps}, request_timeout=10)
         high = {(tp.topic, tp.partition): f.result().offset for tp, f in ends.items()}
         group = self.admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(self.settings.app_id)])
-        committed = {(tp.topic, tp.partition): tp.offset for tp in next(iter(group.values())).result().topic_partitions}
-        return all(high[k] == 0 or committed.get(k, -1) >= high[k] for k in high)
+        committed = {
+            (tp.topic, tp.partition): tp.offset for tp in next(iter(group.values())).result().topic_partitions
+        }
+        for key, end in high.items():
+            if end == 0:
+                continue
+            done_to = committed.get(key, -1) if key[0] in topics.inputs else positions.get(key, -1)
+            if done_to < end:
+                return False
+        return True
 
     def run(self) -> None:
         quiet_since: float | None = None
         last_seen = (-1, -1)
-        while not self._halt.wait(0.5):
+        while not self._halt.wait(0.25):
             try:
                 progress = (self.meter.stats.total(), self.sink.rows_written)
-                done = self.sink.error is None and self.inputs_committed() and self.sink.caught_up()
+                done = self.sink.error is None and self.caught_up()
             except Exception:
                 log.debug("idle check failed", exc_info=True)
                 done = False
@@ -406,6 +456,7 @@ class IdleWatch(threading.Thread):
                 self.on_idle()
                 return
             if not done or progress != last_seen:
+                log.debug("not idle yet: done=%s progress=%s", done, progress)
                 quiet_since = None
                 last_seen = progress
                 continue
@@ -424,7 +475,11 @@ def run_worker(settings: Settings, bootstrap: str, catalog: Catalog, serde: Serd
     from pipeline.sink import LedgerSink
 
     sink = LedgerSink(settings, bootstrap, serde, ledger)
-    worker = faust.Worker(meter.app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False)
+    # stdout is the command's result (JSON stats); Faust's console output goes to stderr.
+    worker = _Worker(
+        meter.app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False, stdout=sys.stderr
+    )
+    worker.meter = meter
     loop = worker.loop
 
     def stop_soon() -> None:

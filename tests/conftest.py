@@ -56,5 +56,9 @@ def cm_env(kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> dict[str,
         CALLMETER_TOPIC_PREFIX=topic_prefix,
         CALLMETER_DATA_DIR=str(tmp_path / "data"),
         CALLMETER_PARTITIONS="3",
+        # The fixtures are dated 2026 while dedupe retention is measured against the wall clock (capped
+        # event time): keep every key so resending an old file stays a duplicate whenever the suite
+        # runs. test_retention_e2e.py sets the real default back on purpose.
+        CALLMETER_DEDUPE_RETENTION_DAYS="36500",
     )
     return env

@@ -32,7 +32,7 @@ def test_keys_older_than_the_retention_window_are_forgotten(cm_env: dict[str, st
     sub = {"type": "provisioning", "event_id": "s", "tenant_id": "ret", "occurred_at": _iso(now - timedelta(days=100)),
            "action": "SUBSCRIPTION_STARTED", "plan_id": "starter", "tax_region": "NONE", "number": None,
            "number_type": None, "employee_id": None}
-    old, recent = _call("old", now - timedelta(days=50)), _call("recent", now - timedelta(days=10))
+    old, recent = _call("old", now - timedelta(days=55)), _call("recent", now - timedelta(days=10))
     first = tmp_path / "first.jsonl"
     # A retry of "old" within the window is a duplicate; once "recent" moves the partition's event time
     # past old + 40 days, "old" is forgotten and its next copy is new again.

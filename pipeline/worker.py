@@ -204,6 +204,8 @@ class Meter:
         # day of the last sweep. In memory only: after a restart each partition sweeps once more.
         self._watermark_ms: dict[int, int] = {}
         self._swept_day: dict[int, int] = {}
+        # Parking timeout: wall-clock minute of the last sweep of parked calls per partition.
+        self._parking_swept: dict[int, int] = {}
 
     # -- the agent ------------------------------------------------------------------------------------
     async def _agent(self, stream: Any) -> None:
@@ -236,6 +238,7 @@ class Meter:
         event_time = record.get("ended_at") if kind == "call" else record.get("occurred_at")
         if isinstance(event_time, datetime):
             self._advance_watermark(partition, _ms(event_time))
+        await self._maybe_expire_parked(partition)
         if dedupe_key in self.seen:
             self.stats.duplicates[kind] += 1
             return
@@ -280,6 +283,48 @@ class Meter:
             log.info("dedupe retention: forgot %d keys of partition %d", len(expired), partition)
         self.stats.keys_expired += len(expired)
         return len(expired)
+
+    async def _maybe_expire_parked(self, partition: int) -> None:
+        minute = int(time.time() // 60)
+        if self._parking_swept.get(partition) == minute:
+            return
+        self._parking_swept[partition] = minute
+        await self.expire_parked(partition, int(time.time() * 1000) - self.settings.parking_timeout_seconds * 1000)
+
+    async def expire_parked(self, partition: int, parked_before_ms: int) -> int:
+        """Dead-letter (NO_SUBSCRIPTION) the parked calls of this partition parked before the cutoff.
+
+        Runs inside the current event's transaction, which is this partition's: the dead letters and
+        the removal from ``parked`` commit together. Nothing is dropped silently (spec §5)."""
+        db_for = getattr(self.parked.data, "_db_for_partition", None)
+        if db_for is None:
+            return 0
+        expired = 0
+        for raw_key, raw_value in list(db_for(partition).items()):
+            try:
+                tenant, held = json.loads(raw_key), json.loads(raw_value)
+            except (ValueError, TypeError):
+                continue
+            if not isinstance(tenant, str) or not isinstance(held, list):
+                continue
+            keep = [item for item in held if item["at"] >= parked_before_ms]
+            for item in held:
+                if item["at"] < parked_before_ms:
+                    src = (item["t"], item["p"], item["o"], tenant.encode(), bytes.fromhex(item["v"]))
+                    message = (f"no SUBSCRIPTION_STARTED for tenant {tenant!r} within the parking timeout "
+                               f"({self.settings.parking_timeout_seconds} s)")
+                    await self._dead(src, Reason.NO_SUBSCRIPTION, message)
+                    # Not accepted after all: release its idempotency key so a resend after the
+                    # subscription exists is rated.
+                    _name, record = self.serde.decode(src[4])
+                    self.seen.pop(f"call|{tenant}|{record['event_id']}", None)
+                    expired += 1
+            if len(keep) != len(held):
+                if keep:
+                    self.parked[tenant] = keep
+                else:
+                    del self.parked[tenant]
+        return expired
 
     async def _on_call(self, src: tuple[Any, ...], record: dict[str, Any], dedupe_key: str) -> None:
         call = call_from_record(record)

@@ -28,7 +28,7 @@ ENDED_BEFORE_ANSWERED = {
     "ended_at": "2026-11-02T10:00:10Z", "disposition": "ANSWERED", "gateway_id": "gw-1",
 }
 GOOD_CALL = dict(ENDED_BEFORE_ANSWERED, event_id="x2", ended_at="2026-11-02T10:01:30Z")
-GARBAGE = b"\xc3\x01not-an-avro-record"
+GARBAGE = b"{this is not avro"
 
 
 def _read_all(bootstrap: str, topic: str) -> list[tuple[int, int, bytes]]:

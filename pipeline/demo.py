@@ -33,11 +33,12 @@ def summary_table(invoices: list[Invoice]) -> str:
     for inv in invoices:
         used, overage = _seconds(inv)
         rows.append(
-            f"{inv.tenant_id:<14}{inv.plan_id:<10}{used:>10}{overage:>11}{inv.currency + ' ' + str(inv.total):>12}"
+            f"{inv.tenant_id:<14}{inv.plan_id:<10}{used:>10}{overage:>11}"
+            f"{inv.currency + ' ' + str(inv.total):>12}"
         )
         grand += inv.total
     rows.append("-" * len(header))
-    rows.append(f"{'all tenants':<45}{str(grand):>12}")
+    rows.append(f"{'all tenants':<45}{grand!s:>12}")
     return "\n".join(rows)
 
 
@@ -61,12 +62,17 @@ def run_demo(settings: Settings, catalog: Catalog, args: argparse.Namespace) -> 
     counts = write_file(cfg, events)
     serde = make_serde(settings)
     sent = produce_files(settings, bootstrap, serde, [events])
-    print(f"[2/5] simulated {year}-{month:02d}: {sum(counts.values())} events "
-          f"({counts['call']} call records incl. retries, {counts['provisioning']} provisioning) -> {dict(sent)}")
+    print(
+        f"[2/5] simulated {year}-{month:02d}: {sum(counts.values())} events "
+        f"({counts['call']} call records incl. retries, {counts['provisioning']} provisioning) "
+        f"-> {dict(sent)}"
+    )
 
     stats = run_worker(settings, bootstrap, catalog, serde, until_idle=True)
-    print(f"[3/5] worker idle: rated {stats.rated}, duplicates dropped {sum(stats.duplicates.values())}, "
-          f"dead letters {sum(stats.dead_letters.values())}, parked then rated {stats.unparked}")
+    print(
+        f"[3/5] worker idle: rated {stats.rated}, duplicates dropped {sum(stats.duplicates.values())}, "
+        f"dead letters {sum(stats.dead_letters.values())}, parked then rated {stats.unparked}"
+    )
 
     ledger = Ledger.open(settings.clickhouse_dsn)
     try:
@@ -80,7 +86,9 @@ def run_demo(settings: Settings, catalog: Catalog, args: argparse.Namespace) -> 
     print(f"[4/5] {len(invoices)} invoices written to {out}")
     print(f"[5/5] summary ({time.monotonic() - t0:.0f}s)\n")
     print(summary_table(invoices))
-    print(f"\nledger: {rated_rows} rated calls; dead letters by reason: {json.dumps(dead) if dead else 'none'}")
+    print(
+        f"\nledger: {rated_rows} rated calls; dead letters by reason: {json.dumps(dead) if dead else 'none'}"
+    )
     print(f"duplicates dropped this run: {dict(stats.duplicates) or 'none'}")
     print(f"invoices: {Path(out).resolve()}")
     return 0

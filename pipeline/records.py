@@ -17,11 +17,13 @@ _PROVISIONING_FIELDS = tuple(f.name for f in fields(ProvisioningEvent))
 
 def call_from_record(record: dict[str, Any]) -> CallEvent:
     # Newer writer schemas may carry more fields; the domain takes the ones it knows.
-    return CallEvent(**{name: record.get(name) for name in _CALL_FIELDS})
+    values: dict[str, Any] = {name: record.get(name) for name in _CALL_FIELDS}
+    return CallEvent(**values)
 
 
 def provisioning_from_record(record: dict[str, Any]) -> ProvisioningEvent:
-    return ProvisioningEvent(**{name: record.get(name) for name in _PROVISIONING_FIELDS})
+    values: dict[str, Any] = {name: record.get(name) for name in _PROVISIONING_FIELDS}
+    return ProvisioningEvent(**values)
 
 
 def call_to_record(call: CallEvent) -> dict[str, Any]:

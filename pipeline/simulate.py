@@ -82,23 +82,48 @@ def _tenants(cfg: SimulationConfig, rng: random.Random) -> list[_Tenant]:
         subscribed = start + timedelta(hours=9)
         plan = cfg.plans[i % len(cfg.plans)]
         events = [
-            _provisioning(tenant, f"{tenant}-sub", subscribed, "SUBSCRIPTION_STARTED",
-                          plan_id=plan, tax_region=regions[i % len(regions)])
+            _provisioning(
+                tenant,
+                f"{tenant}-sub",
+                subscribed,
+                "SUBSCRIPTION_STARTED",
+                plan_id=plan,
+                tax_region=regions[i % len(regions)],
+            )
         ]
         numbers = []
         for n in range(1 + i % 3):
             number = f"+1555{i:03d}{n:04d}"
             numbers.append(number)
             # The last number arrives in the middle of the simulated period: pro-rated.
-            at = subscribed + timedelta(hours=1 + n) if n < i % 3 else period.start + timedelta(days=9, hours=3)
-            events.append(_provisioning(tenant, f"{tenant}-num-{n}", at, "NUMBER_PROVISIONED",
-                                        number=number, number_type="TOLL_FREE" if n == 1 else "LOCAL"))
+            at = (
+                subscribed + timedelta(hours=1 + n)
+                if n < i % 3
+                else period.start + timedelta(days=9, hours=3)
+            )
+            events.append(
+                _provisioning(
+                    tenant,
+                    f"{tenant}-num-{n}",
+                    at,
+                    "NUMBER_PROVISIONED",
+                    number=number,
+                    number_type="TOLL_FREE" if n == 1 else "LOCAL",
+                )
+            )
         employees = []
         for e in range(1 + i % 4):
             employee = f"{tenant}-emp-{e}"
             employees.append(employee)
-            events.append(_provisioning(tenant, f"{tenant}-emp-{e}-on", subscribed + timedelta(days=e),
-                                        "EMPLOYEE_ACTIVATED", employee_id=employee))
+            events.append(
+                _provisioning(
+                    tenant,
+                    f"{tenant}-emp-{e}-on",
+                    subscribed + timedelta(days=e),
+                    "EMPLOYEE_ACTIVATED",
+                    employee_id=employee,
+                )
+            )
         out.append(_Tenant(tenant, plan, anchor, period, events, numbers, employees))
     return out
 
@@ -110,8 +135,9 @@ def _call(tenant: _Tenant, seq: int, rng: random.Random) -> dict[str, Any]:
     if answered:
         setup_ms = rng.randint(500, 8000)
         length_s = min(rng.lognormvariate(math.log(90), 0.9), 3 * 3600)
-        answered_at: datetime | None = started + timedelta(milliseconds=setup_ms)
-        ended = answered_at + timedelta(milliseconds=round(length_s * 1000))
+        connected = started + timedelta(milliseconds=setup_ms)
+        answered_at: datetime | None = connected
+        ended = connected + timedelta(milliseconds=round(length_s * 1000))
         disposition = "ANSWERED"
     else:
         answered_at = None

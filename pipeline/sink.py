@@ -31,14 +31,16 @@ from pipeline.records import CALL_FIELDS, PROVISIONING_FIELDS, payload_json
 from pipeline.settings import Settings
 from schemas.errors import SerdeError
 from schemas.serde import Serde
-from sinks.ledger import Ledger
 from sinks.errors import LedgerError
+from sinks.ledger import Ledger
 
 log = logging.getLogger(__name__)
 
 
 def _header(msg: Message, name: str) -> str | None:
-    for key, value in msg.headers() or []:
+    raw = msg.headers() or []
+    pairs = list(raw.items()) if isinstance(raw, dict) else list(raw)
+    for key, value in pairs:
         if key == name and value is not None:
             return value.decode() if isinstance(value, bytes) else str(value)
     return None
@@ -124,8 +126,9 @@ class LedgerSink:
                 text = f"sink consume error: {err}"
                 raise LedgerError(text)
             self._add_rows(msg)
-            span = spans.setdefault((msg.topic(), msg.partition()), [msg.offset(), msg.offset()])
-            span[1] = msg.offset()
+            topic, partition, offset = str(msg.topic()), int(msg.partition() or 0), int(msg.offset() or 0)
+            span = spans.setdefault((topic, partition), [offset, offset])
+            span[1] = offset
         token = hashlib.sha256(repr(sorted(spans.items())).encode()).hexdigest()[:32]
         # Step 3: a failure raises here, before step 4, so the offsets stay uncommitted.
         self.rows_written += self.ledger.flush(token)
@@ -163,38 +166,77 @@ class LedgerSink:
             self.ledger.add(
                 "rated_calls",
                 [
-                    r["tenant_id"], r["event_id"], r["call_id"], r.get("employee_id"), r["direction"],
-                    r["from_number"], r["to_number"], r["started_at"], r.get("answered_at"), r["ended_at"],
-                    r["disposition"], r["gateway_id"], r["period_start"], r["period_end"], r["plan_id"],
-                    r["raw_seconds"], r["billable_seconds"], r["catalog_revision"], int(bool(r["late"])),
-                    r["rated_at"], r["source_partition"], r["source_offset"],
+                    r["tenant_id"],
+                    r["event_id"],
+                    r["call_id"],
+                    r.get("employee_id"),
+                    r["direction"],
+                    r["from_number"],
+                    r["to_number"],
+                    r["started_at"],
+                    r.get("answered_at"),
+                    r["ended_at"],
+                    r["disposition"],
+                    r["gateway_id"],
+                    r["period_start"],
+                    r["period_end"],
+                    r["plan_id"],
+                    r["raw_seconds"],
+                    r["billable_seconds"],
+                    r["catalog_revision"],
+                    int(bool(r["late"])),
+                    r["rated_at"],
+                    r["source_partition"],
+                    r["source_offset"],
                 ],
             )
             self.ledger.add(
                 "raw_events",
                 [
-                    "calls", r["tenant_id"], r["event_id"], "CallRecord", r["started_at"],
-                    payload_json(r, CALL_FIELDS), r["source_partition"], r["source_offset"], now,
+                    "calls",
+                    r["tenant_id"],
+                    r["event_id"],
+                    "CallRecord",
+                    r["started_at"],
+                    payload_json(r, CALL_FIELDS),
+                    r["source_partition"],
+                    r["source_offset"],
+                    now,
                 ],
             )
             return
         if topic == self.topics.accepted:
             p = self._decode(value, "ProvisioningEvent")
-            src_partition = int(_header(msg, "source-partition") or msg.partition())
-            src_offset = int(_header(msg, "source-offset") or msg.offset())
+            src_partition = int(_header(msg, "source-partition") or msg.partition() or 0)
+            src_offset = int(_header(msg, "source-offset") or msg.offset() or 0)
             self.ledger.add(
                 "provisioning_events",
                 [
-                    p["tenant_id"], p["event_id"], p["occurred_at"], p["action"], p.get("plan_id"),
-                    p.get("tax_region"), p.get("number"), p.get("number_type"), p.get("employee_id"),
-                    src_partition, src_offset,
+                    p["tenant_id"],
+                    p["event_id"],
+                    p["occurred_at"],
+                    p["action"],
+                    p.get("plan_id"),
+                    p.get("tax_region"),
+                    p.get("number"),
+                    p.get("number_type"),
+                    p.get("employee_id"),
+                    src_partition,
+                    src_offset,
                 ],
             )
             self.ledger.add(
                 "raw_events",
                 [
-                    "provisioning", p["tenant_id"], p["event_id"], "ProvisioningEvent", p["occurred_at"],
-                    payload_json(p, PROVISIONING_FIELDS), src_partition, src_offset, now,
+                    "provisioning",
+                    p["tenant_id"],
+                    p["event_id"],
+                    "ProvisioningEvent",
+                    p["occurred_at"],
+                    payload_json(p, PROVISIONING_FIELDS),
+                    src_partition,
+                    src_offset,
+                    now,
                 ],
             )
             return

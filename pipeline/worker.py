@@ -15,7 +15,7 @@ tenant's calls and provisioning share P and its state lives in partition P of ev
 5. Outputs (rated call, accepted provisioning event, dead letter) go to partition P of their topics
    inside P's transaction (``_send`` picks P's transactional producer explicitly).
 6. Every commit interval Faust adds P's consumed offsets to the transaction and commits it. Only now
-   do 2–5 become visible to read_committed readers — all of them or none.
+   do 2-5 become visible to read_committed readers: all of them or none.
 
    A crash before 6 aborts the transaction (or the restarted worker fences it): changelog writes,
    outputs and offsets roll back together and the events are processed again from the last commit.
@@ -32,9 +32,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sys
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections import Counter
@@ -107,9 +107,9 @@ def check_provisioning(event: ProvisioningEvent, catalog: Catalog) -> Rejection 
     for name in _ACTIONS_NEEDING.get(event.action, ()):
         if getattr(event, name) in (None, ""):
             return Rejection(Reason.INVALID_EVENT, f"{event.action} needs {name}")
-    if event.plan_id is not None and event.action in ("SUBSCRIPTION_STARTED", "PLAN_CHANGED"):
-        if not catalog.has_plan(event.plan_id):
-            return Rejection(Reason.UNKNOWN_PLAN, f"plan {event.plan_id!r} is not in catalog")
+    plan_action = event.action in ("SUBSCRIPTION_STARTED", "PLAN_CHANGED")
+    if plan_action and event.plan_id is not None and not catalog.has_plan(event.plan_id):
+        return Rejection(Reason.UNKNOWN_PLAN, f"plan {event.plan_id!r} is not in catalog")
     if event.action == "SUBSCRIPTION_STARTED" and event.tax_region not in catalog.tax_regions:
         return Rejection(Reason.UNKNOWN_TAX_REGION, f"tax region {event.tax_region!r} is not in catalog")
     return None
@@ -149,7 +149,7 @@ class _QuickRecoveryPoll:
         return await asyncio.wait_for(aw, timeout=min(timeout, 0.5) if timeout else timeout)
 
 
-faust_recovery.asyncio = _QuickRecoveryPoll()  # type: ignore[attr-defined]
+faust_recovery.asyncio = _QuickRecoveryPoll()  # type: ignore[assignment]
 
 
 def _ms(ts: datetime) -> int:
@@ -289,7 +289,9 @@ class Meter:
         if self._parking_swept.get(partition) == minute:
             return
         self._parking_swept[partition] = minute
-        await self.expire_parked(partition, int(time.time() * 1000) - self.settings.parking_timeout_seconds * 1000)
+        await self.expire_parked(
+            partition, int(time.time() * 1000) - self.settings.parking_timeout_seconds * 1000
+        )
 
     async def expire_parked(self, partition: int, parked_before_ms: int) -> int:
         """Dead-letter (NO_SUBSCRIPTION) the parked calls of this partition parked before the cutoff.
@@ -311,8 +313,10 @@ class Meter:
             for item in held:
                 if item["at"] < parked_before_ms:
                     src = (item["t"], item["p"], item["o"], tenant.encode(), bytes.fromhex(item["v"]))
-                    message = (f"no SUBSCRIPTION_STARTED for tenant {tenant!r} within the parking timeout "
-                               f"({self.settings.parking_timeout_seconds} s)")
+                    message = (
+                        f"no SUBSCRIPTION_STARTED for tenant {tenant!r} within the parking timeout "
+                        f"({self.settings.parking_timeout_seconds} s)"
+                    )
                     await self._dead(src, Reason.NO_SUBSCRIPTION, message)
                     # Not accepted after all: release its idempotency key so a resend after the
                     # subscription exists is rated.
@@ -337,7 +341,7 @@ class Meter:
         if timeline is None or not timeline.subscribed:
             # Calls and provisioning are not ordered across topics: hold the call until the tenant's
             # SUBSCRIPTION_STARTED arrives (spec §5). Its key is consumed now so a retry stays a duplicate.
-            topic, partition, offset, key, raw = src
+            topic, partition, offset, _key, raw = src
             held = list(self.parked.get(call.tenant_id) or [])
             held.append(
                 {"t": topic, "p": partition, "o": offset, "v": raw.hex(), "at": int(time.time() * 1000)}
@@ -363,14 +367,16 @@ class Meter:
         await self._send(self.topics.rated, rated.call.tenant_id.encode(), value)
 
     async def _on_provisioning(self, src: tuple[Any, ...], record: dict[str, Any], dedupe_key: str) -> None:
-        topic, partition, offset, key, raw = src
+        topic, partition, offset, _key, raw = src
         event = provisioning_from_record(record)
         rejection = check_provisioning(event, self.catalog)
         if rejection is not None:
             await self._dead(src, rejection.reason, rejection.message)
             return
         stored = self.tenants.get(event.tenant_id)
-        timeline = TenantTimeline.from_dict(stored) if stored else TenantTimeline.from_events(event.tenant_id, [])
+        timeline = (
+            TenantTimeline.from_dict(stored) if stored else TenantTimeline.from_events(event.tenant_id, [])
+        )
         timeline = timeline.apply(event)
         self.tenants[event.tenant_id] = timeline.to_dict()
         self.seen[dedupe_key] = _ms(event.occurred_at)
@@ -385,7 +391,9 @@ class Meter:
             if held:
                 await self._release_parked(event.tenant_id, held, timeline)
 
-    async def _release_parked(self, tenant: str, held: list[dict[str, Any]], timeline: TenantTimeline) -> None:
+    async def _release_parked(
+        self, tenant: str, held: list[dict[str, Any]], timeline: TenantTimeline
+    ) -> None:
         for item in held:
             raw = bytes.fromhex(item["v"])
             src = (item["t"], item["p"], item["o"], tenant.encode(), raw)
@@ -411,7 +419,9 @@ class Meter:
             "message": message,
             "failed_at": datetime.now(UTC),
         }
-        await self._send(self.topics.deadletter, key, self.serde.encode("DeadLetter", record, self.topics.deadletter))
+        await self._send(
+            self.topics.deadletter, key, self.serde.encode("DeadLetter", record, self.topics.deadletter)
+        )
 
     async def _send(
         self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]] | None = None

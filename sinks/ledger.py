@@ -293,7 +293,8 @@ class Ledger:
     def provisioning_rows(self, tenant_id: str | None = None) -> list[dict[str, Any]]:
         where = "WHERE tenant_id = {t:String}" if tenant_id else ""
         rows = self.query(
-            f"SELECT {', '.join(PROVISIONING_COLUMNS[:9])} FROM provisioning_events FINAL {where} "
+            # Only constant column names and a fixed WHERE are interpolated; the tenant is a parameter.
+            f"SELECT {', '.join(PROVISIONING_COLUMNS[:9])} FROM provisioning_events FINAL {where} "  # noqa: S608
             "ORDER BY tenant_id, occurred_at, event_id",
             {"t": tenant_id} if tenant_id else None,
         )

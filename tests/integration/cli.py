@@ -11,7 +11,9 @@ from typing import Any
 EXAMPLES = Path(__file__).resolve().parents[1] / "fixtures" / "examples"
 
 
-def callmeter(env: dict[str, str], *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
+def callmeter(
+    env: dict[str, str], *args: str, timeout: float = 300, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", *args],
         env=env,

@@ -16,24 +16,46 @@ from tests.integration.cli import callmeter, ledger_report, worker_stats
 pytestmark = pytest.mark.integration
 
 GOOD_SUB = {
-    "type": "provisioning", "event_id": "s1", "tenant_id": "zeta", "occurred_at": "2026-11-01T00:00:00Z",
-    "action": "SUBSCRIPTION_STARTED", "plan_id": "starter", "tax_region": "GB", "number": None,
-    "number_type": None, "employee_id": None,
+    "type": "provisioning",
+    "event_id": "s1",
+    "tenant_id": "zeta",
+    "occurred_at": "2026-11-01T00:00:00Z",
+    "action": "SUBSCRIPTION_STARTED",
+    "plan_id": "starter",
+    "tax_region": "GB",
+    "number": None,
+    "number_type": None,
+    "employee_id": None,
 }
 BAD_PLAN = dict(GOOD_SUB, event_id="s2", tenant_id="omega", plan_id="platinum")
 ENDED_BEFORE_ANSWERED = {
-    "type": "call", "event_id": "x1", "tenant_id": "zeta", "call_id": "c-x1", "employee_id": None,
-    "direction": "INBOUND", "from_number": "+15550000001", "to_number": "+15551110001",
-    "started_at": "2026-11-02T10:00:00Z", "answered_at": "2026-11-02T10:00:30Z",
-    "ended_at": "2026-11-02T10:00:10Z", "disposition": "ANSWERED", "gateway_id": "gw-1",
+    "type": "call",
+    "event_id": "x1",
+    "tenant_id": "zeta",
+    "call_id": "c-x1",
+    "employee_id": None,
+    "direction": "INBOUND",
+    "from_number": "+15550000001",
+    "to_number": "+15551110001",
+    "started_at": "2026-11-02T10:00:00Z",
+    "answered_at": "2026-11-02T10:00:30Z",
+    "ended_at": "2026-11-02T10:00:10Z",
+    "disposition": "ANSWERED",
+    "gateway_id": "gw-1",
 }
 GOOD_CALL = dict(ENDED_BEFORE_ANSWERED, event_id="x2", ended_at="2026-11-02T10:01:30Z")
 GARBAGE = b"{this is not avro"
 
 
 def _read_all(bootstrap: str, topic: str) -> list[tuple[int, int, bytes]]:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{topic}-reader",
-                         "auto.offset.reset": "earliest", "isolation.level": "read_committed"})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"{topic}-reader",
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+        }
+    )
     consumer.subscribe([topic])
     out = []
     idle = 0
@@ -50,7 +72,9 @@ def _read_all(bootstrap: str, topic: str) -> list[tuple[int, int, bytes]]:
 
 def test_bad_records_reach_the_dead_letter_topic_with_reason(cm_env: dict[str, str], tmp_path: Path) -> None:
     events = tmp_path / "events.jsonl"
-    events.write_text("\n".join(json.dumps(e) for e in (GOOD_SUB, BAD_PLAN, ENDED_BEFORE_ANSWERED, GOOD_CALL)) + "\n")
+    events.write_text(
+        "\n".join(json.dumps(e) for e in (GOOD_SUB, BAD_PLAN, ENDED_BEFORE_ANSWERED, GOOD_CALL)) + "\n"
+    )
     callmeter(cm_env, "produce", str(events))
     settings = Settings(topic_prefix=cm_env["CALLMETER_TOPIC_PREFIX"], partitions=3)
     producer = Producer({"bootstrap.servers": cm_env["CALLMETER_KAFKA"]})
@@ -62,7 +86,9 @@ def test_bad_records_reach_the_dead_letter_topic_with_reason(cm_env: dict[str, s
     assert stats["rated"] == 1
 
     serde = Serde()
-    letters = [serde.decode(v)[1] for _p, _o, v in _read_all(cm_env["CALLMETER_KAFKA"], settings.topics.deadletter)]
+    letters = [
+        serde.decode(v)[1] for _p, _o, v in _read_all(cm_env["CALLMETER_KAFKA"], settings.topics.deadletter)
+    ]
     by_reason = {r["reason"]: r for r in letters}
     assert sorted(by_reason) == ["ENDED_BEFORE_ANSWERED", "UNDECODABLE", "UNKNOWN_PLAN"]
     garbage = by_reason["UNDECODABLE"]
@@ -77,14 +103,22 @@ def test_bad_records_reach_the_dead_letter_topic_with_reason(cm_env: dict[str, s
     assert "platinum" in by_reason["UNKNOWN_PLAN"]["message"]
 
     report = ledger_report(cm_env)
-    assert report["dead_letters_by_reason"] == {"ENDED_BEFORE_ANSWERED": 1, "UNDECODABLE": 1, "UNKNOWN_PLAN": 1}
+    assert report["dead_letters_by_reason"] == {
+        "ENDED_BEFORE_ANSWERED": 1,
+        "UNDECODABLE": 1,
+        "UNKNOWN_PLAN": 1,
+    }
     assert report["rated_calls"] == 1
     assert report["billable_seconds_by_tenant"] == {"zeta": 60}
 
 
-def test_produce_rejects_a_bad_file_with_one_line_and_publishes_nothing(cm_env: dict[str, str], tmp_path: Path) -> None:
+def test_produce_rejects_a_bad_file_with_one_line_and_publishes_nothing(
+    cm_env: dict[str, str], tmp_path: Path
+) -> None:
     events = tmp_path / "bad.jsonl"
-    events.write_text(json.dumps(GOOD_SUB) + "\n" + json.dumps(dict(GOOD_CALL, started_at="yesterday")) + "\n")
+    events.write_text(
+        json.dumps(GOOD_SUB) + "\n" + json.dumps(dict(GOOD_CALL, started_at="yesterday")) + "\n"
+    )
     proc = callmeter(cm_env, "produce", str(events), check=False)
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1
@@ -93,13 +127,24 @@ def test_produce_rejects_a_bad_file_with_one_line_and_publishes_nothing(cm_env: 
     assert _read_all(cm_env["CALLMETER_KAFKA"], settings.topics.provisioning) == []
 
 
-def test_bad_flags_and_missing_files_exit_non_zero_with_one_line(cm_env: dict[str, str], tmp_path: Path) -> None:
+def test_bad_flags_and_missing_files_exit_non_zero_with_one_line(
+    cm_env: dict[str, str], tmp_path: Path
+) -> None:
     proc = callmeter(cm_env, "invoice", "--period", "2026-13", "--out", str(tmp_path), check=False)
     assert proc.returncode != 0 and proc.stderr.count("\n") == 1, proc.stderr
     proc = callmeter(cm_env, "produce", str(tmp_path / "missing.jsonl"), check=False)
     assert proc.returncode == 1 and "missing.jsonl" in proc.stderr and proc.stderr.count("\n") == 1
     proc = callmeter(cm_env, "worker", "--bogus", check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
-    proc = callmeter(cm_env, "--catalog", str(tmp_path / "nope.yaml"), "invoice", "--period", "2026-11",
-                     "--out", str(tmp_path), check=False)
+    proc = callmeter(
+        cm_env,
+        "--catalog",
+        str(tmp_path / "nope.yaml"),
+        "invoice",
+        "--period",
+        "2026-11",
+        "--out",
+        str(tmp_path),
+        check=False,
+    )
     assert proc.returncode == 1 and "nope.yaml" in proc.stderr and proc.stderr.count("\n") == 1

@@ -19,7 +19,9 @@ from typing import Any
 import pytest
 from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from pipeline.cli import load_catalog
 from pipeline.records import call_from_record, provisioning_from_record
@@ -57,12 +59,19 @@ def _rated_high_watermark(env: dict[str, str]) -> int:
     return sum(f.result().offset for f in result.values())
 
 
-def test_sigkill_mid_stream_then_restart_counts_every_call_once(cm_env: dict[str, str], tmp_path: Path) -> None:
+def test_sigkill_mid_stream_then_restart_counts_every_call_once(
+    cm_env: dict[str, str], tmp_path: Path
+) -> None:
     events = tmp_path / "events.jsonl"
     write_file(SimulationConfig(tenants=4, calls=6000, duplicate_rate=0.05, late_rate=0.02, seed=11), events)
     callmeter(cm_env, "produce", str(events))
-    worker = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker"], env=cm_env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "worker"],
+        env=cm_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         # Kill it once output is flowing but (with 6000 calls) well before the end.
@@ -77,8 +86,11 @@ def test_sigkill_mid_stream_then_restart_counts_every_call_once(cm_env: dict[str
     expected = reference_invoices(events, 2026, 10)
     assert pipeline_invoices(cm_env, tmp_path / "out", "2026-10") == expected
     report = ledger_report(cm_env)
-    unique_calls = {json.loads(line)["event_id"] for line in events.read_text().splitlines()
-                    if json.loads(line)["type"] == "call"}
+    unique_calls = {
+        json.loads(line)["event_id"]
+        for line in events.read_text().splitlines()
+        if json.loads(line)["type"] == "call"
+    }
     assert report["rated_calls"] + sum(report["dead_letters_by_reason"].values()) == len(unique_calls)
 
 
@@ -90,15 +102,28 @@ def test_sigkill_mid_stream_then_restart_counts_every_call_once(cm_env: dict[str
     late_rate=st.sampled_from([0.0, 0.05]),
 )
 def test_pipeline_invoices_equal_the_reference_computation(
-    cm_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory, seed: int, tenants: int,
-    duplicate_rate: float, late_rate: float,
+    cm_env: dict[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
+    seed: int,
+    tenants: int,
+    duplicate_rate: float,
+    late_rate: float,
 ) -> None:
     tmp = tmp_path_factory.mktemp("prop")
-    env = dict(cm_env, CALLMETER_TOPIC_PREFIX=f"{cm_env['CALLMETER_TOPIC_PREFIX']}{seed}.",
-               CALLMETER_DATA_DIR=str(tmp / "data"))
+    env = dict(
+        cm_env,
+        CALLMETER_TOPIC_PREFIX=f"{cm_env['CALLMETER_TOPIC_PREFIX']}{seed}.",
+        CALLMETER_DATA_DIR=str(tmp / "data"),
+    )
     events = tmp / "events.jsonl"
-    cfg = SimulationConfig(tenants=tenants, calls=300, duplicate_rate=duplicate_rate, late_rate=late_rate,
-                           invalid_rate=0.01, seed=seed)
+    cfg = SimulationConfig(
+        tenants=tenants,
+        calls=300,
+        duplicate_rate=duplicate_rate,
+        late_rate=late_rate,
+        invalid_rate=0.01,
+        seed=seed,
+    )
     write_file(cfg, events)
     callmeter(env, "produce", str(events))
     worker_stats(env)

@@ -26,7 +26,9 @@ def _assert_expected(out: Path) -> None:
         assert all(line["description"] for line in got[invoice_id]["lines"])
 
 
-def test_examples_produce_expected_invoices_and_resending_changes_nothing(cm_env: dict[str, str], tmp_path: Path) -> None:
+def test_examples_produce_expected_invoices_and_resending_changes_nothing(
+    cm_env: dict[str, str], tmp_path: Path
+) -> None:
     events = str(EXAMPLES / "events.jsonl")
     callmeter(cm_env, "produce", events)
     stats = worker_stats(cm_env)

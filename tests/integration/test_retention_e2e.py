@@ -19,19 +19,37 @@ def _iso(ts: datetime) -> str:
 
 def _call(event_id: str, started: datetime) -> dict[str, object]:
     return {
-        "type": "call", "event_id": event_id, "tenant_id": "ret", "call_id": event_id, "employee_id": None,
-        "direction": "INBOUND", "from_number": "+15550000001", "to_number": "+15551110001",
-        "started_at": _iso(started), "answered_at": _iso(started), "ended_at": _iso(started + timedelta(seconds=30)),
-        "disposition": "ANSWERED", "gateway_id": "gw-1",
+        "type": "call",
+        "event_id": event_id,
+        "tenant_id": "ret",
+        "call_id": event_id,
+        "employee_id": None,
+        "direction": "INBOUND",
+        "from_number": "+15550000001",
+        "to_number": "+15551110001",
+        "started_at": _iso(started),
+        "answered_at": _iso(started),
+        "ended_at": _iso(started + timedelta(seconds=30)),
+        "disposition": "ANSWERED",
+        "gateway_id": "gw-1",
     }
 
 
 def test_keys_older_than_the_retention_window_are_forgotten(cm_env: dict[str, str], tmp_path: Path) -> None:
     env = dict(cm_env, CALLMETER_DEDUPE_RETENTION_DAYS="40")
     now = datetime.now(UTC).replace(microsecond=0)
-    sub = {"type": "provisioning", "event_id": "s", "tenant_id": "ret", "occurred_at": _iso(now - timedelta(days=100)),
-           "action": "SUBSCRIPTION_STARTED", "plan_id": "starter", "tax_region": "NONE", "number": None,
-           "number_type": None, "employee_id": None}
+    sub = {
+        "type": "provisioning",
+        "event_id": "s",
+        "tenant_id": "ret",
+        "occurred_at": _iso(now - timedelta(days=100)),
+        "action": "SUBSCRIPTION_STARTED",
+        "plan_id": "starter",
+        "tax_region": "NONE",
+        "number": None,
+        "number_type": None,
+        "employee_id": None,
+    }
     old, recent = _call("old", now - timedelta(days=55)), _call("recent", now - timedelta(days=10))
     first = tmp_path / "first.jsonl"
     # A retry of "old" within the window is a duplicate; once "recent" moves the partition's event time

@@ -4,6 +4,7 @@ usage errors exit 2."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -112,21 +113,55 @@ def cmd_invoice(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker_url(settings: Settings, args: argparse.Namespace) -> str:
+    return str(getattr(args, "url", None) or f"http://127.0.0.1:{settings.worker_web_port}").rstrip("/")
+
+
 def cmd_balance(settings: Settings, args: argparse.Namespace) -> int:
     import urllib.error
+    import urllib.parse
     import urllib.request
 
-    url = f"http://127.0.0.1:{settings.worker_web_port}/balances/{args.tenant}"
+    url = f"{_worker_url(settings, args)}/balances/{urllib.parse.quote(args.tenant, safe='')}"
+    if args.at:
+        url += f"?at={urllib.parse.quote(args.at)}"
     try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            print(resp.read().decode())
+        with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 - operator-given worker URL
+            print(json.dumps(json.loads(resp.read()), indent=2))
     except urllib.error.HTTPError as exc:
-        msg = f"balance for {args.tenant}: HTTP {exc.code} {exc.read().decode(errors='replace').strip()}"
+        body = exc.read().decode(errors="replace").strip()
+        with contextlib.suppress(ValueError):
+            body = json.loads(body).get("error", body)
+        msg = f"balance of {args.tenant}: {body} (HTTP {exc.code})"
         raise InputError(msg) from exc
     except OSError as exc:
-        msg = f"no worker answering on port {settings.worker_web_port}: {exc}"
+        msg = f"no worker answering at {_worker_url(settings, args)}: {exc}"
         raise InputError(msg) from exc
     return 0
+
+
+def cmd_alerts(settings: Settings, args: argparse.Namespace) -> int:
+    from pipeline.alerts import follow_alerts
+
+    follow_alerts(settings, kafka(settings, create_topics=False), make_serde(settings), follow=args.follow)
+    return 0
+
+
+def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    from pipeline.status import kafka_lag, render, worker_status
+
+    url = _worker_url(settings, args)
+    text, health = render(
+        settings,
+        kafka_lag(settings, kafka(settings, create_topics=False)),
+        worker_status(url),
+        url,
+        max_lag=args.max_lag,
+        max_duplicate_ratio=args.max_duplicate_ratio,
+        max_ledger_age_seconds=args.max_ledger_age,
+    )
+    print(text)
+    return 0 if not health.problems else 1
 
 
 def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
@@ -209,6 +244,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tenant")
     p = sub.add_parser("balance", help="print a tenant's live balance (needs a running worker)")
     p.add_argument("tenant")
+    p.add_argument("--at", help="RFC 3339 time: the balance of the period containing it (default now)")
+    p.add_argument(
+        "--url", help="any worker's base URL (default http://127.0.0.1:$CALLMETER_WORKER_WEB_PORT)"
+    )
+    p = sub.add_parser("alerts", help="print usage and quota alerts readably")
+    p.add_argument("--follow", action="store_true", help="keep printing new alerts")
+    p = sub.add_parser("status", help="on-call summary; exit 1 when unhealthy")
+    p.add_argument("--url", help="a worker's base URL")
+    p.add_argument("--max-lag", type=int, default=10000)
+    p.add_argument("--max-duplicate-ratio", type=float, default=0.0001)
+    p.add_argument("--max-ledger-age", type=float, default=300.0, help="seconds")
     p = sub.add_parser("simulate", help="synthetic gateway traffic")
     p.add_argument("--tenants", type=int, default=5)
     p.add_argument("--calls", type=int, default=2000)
@@ -233,6 +279,8 @@ COMMANDS = {
     "worker": cmd_worker,
     "invoice": cmd_invoice,
     "balance": cmd_balance,
+    "alerts": cmd_alerts,
+    "status": cmd_status,
     "simulate": cmd_simulate,
     "ledger": cmd_ledger,
     "demo": cmd_demo,
@@ -263,6 +311,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `callmeter alerts | head`: the reader left; not an error of ours.
+        sys.stderr.close()
+        return 0
     logging.getLogger(__name__).debug("%s took %.1fs", args.command, time.monotonic() - started)
     return code
 

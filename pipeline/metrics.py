@@ -6,7 +6,10 @@ tenant_id (per-tenant views come from the balance API and from ClickHouse, not f
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+# *_created series double the exposition for no dashboard or alert use.
+disable_created_metrics()
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
+from pipeline import metrics
 from pipeline.records import CALL_FIELDS, PROVISIONING_FIELDS, payload_json
 from pipeline.settings import Settings
 from schemas.errors import SerdeError
@@ -131,7 +132,7 @@ class LedgerSink:
             span[1] = offset
         token = hashlib.sha256(repr(sorted(spans.items())).encode()).hexdigest()[:32]
         # Step 3: a failure raises here, before step 4, so the offsets stay uncommitted.
-        self.rows_written += self.ledger.flush(token)
+        self.rows_written += self._flush(token)
         # Step 4.
         self.consumer.commit(
             offsets=[TopicPartition(t, p, last + 1) for (t, p), (_first, last) in spans.items()],
@@ -139,6 +140,30 @@ class LedgerSink:
         )
         self.batches += 1
         self.last_progress = time.monotonic()
+
+    def _flush(self, token: str) -> int:
+        """Insert with bounded retries (a ClickHouse server may blip); the same token makes a retry of a
+        partly applied flush harmless. After the last attempt the error stops the sink."""
+        pending = self.ledger.pending_by_table()
+        attempts = 3
+        for attempt in range(1, attempts + 1):
+            started = time.perf_counter()
+            try:
+                written = self.ledger.flush(token)
+            except LedgerError:
+                metrics.LEDGER_INSERT_ERRORS.inc()
+                if attempt == attempts:
+                    raise
+                metrics.LEDGER_INSERT_RETRIES.inc()
+                time.sleep(0.5 * attempt)
+                continue
+            metrics.LEDGER_INSERT_SECONDS.observe(time.perf_counter() - started)
+            metrics.LEDGER_BATCH_ROWS.observe(written)
+            metrics.LEDGER_LAST_WRITE.set(time.time())
+            for table, rows in pending.items():
+                metrics.LEDGER_ROWS.labels(table=table).inc(rows)
+            return written
+        return 0
 
     def _add_rows(self, msg: Message) -> None:
         topic = msg.topic()

@@ -48,9 +48,11 @@ import faust.tables.recovery as faust_recovery
 from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
+from pipeline import metrics
 from pipeline.errors import PipelineError
 from pipeline.records import call_from_record, provisioning_from_record, rated_to_record
 from pipeline.settings import Settings
+from rating.balance import crossed_thresholds
 from rating.calls import RatedCall, rate_call, validate_call
 from rating.catalog import Catalog
 from rating.models import ProvisioningEvent, Reason, Rejection
@@ -85,6 +87,26 @@ class Stats:
     parked: int = 0
     unparked: int = 0
     keys_expired: int = 0
+    # Per wall-clock minute: [events consumed, duplicates, dead letters], for "the last minutes".
+    minutes: dict[int, list[int]] = field(default_factory=dict)
+
+    def tick(self, consumed: int = 0, duplicates: int = 0, dead: int = 0) -> None:
+        minute = int(time.time() // 60)
+        bucket = self.minutes.setdefault(minute, [0, 0, 0])
+        bucket[0] += consumed
+        bucket[1] += duplicates
+        bucket[2] += dead
+        for old in [m for m in self.minutes if m < minute - 60]:
+            del self.minutes[old]
+
+    def window(self, minutes: int) -> dict[str, int]:
+        since = int(time.time() // 60) - minutes + 1
+        totals = [0, 0, 0]
+        for minute, bucket in self.minutes.items():
+            if minute >= since:
+                totals = [a + b for a, b in zip(totals, bucket, strict=True)]
+        return {"minutes": minutes, "consumed": totals[0], "duplicates": totals[1], "dead_letters": totals[2]}
+
     last_event_at: float = field(default_factory=time.monotonic)
 
     def total(self) -> int:
@@ -177,7 +199,10 @@ class Meter:
             topic_replication_factor=1,
             consumer_auto_offset_reset="earliest",
             table_standby_replicas=0,
-            web_enabled=False,
+            web_enabled=True,
+            web_bind="127.0.0.1",
+            web_port=settings.worker_web_port,
+            canonical_url=f"http://127.0.0.1:{settings.worker_web_port}",
             broker_commit_interval=1.0,
             stream_wait_empty=False,
             producer_linger_ms=5,
@@ -197,7 +222,13 @@ class Meter:
         self.balances = app.Table(
             "balances", partitions=n, key_type=str, value_type=int, default=int, options=_ROCKSDICT
         )
+        # QUOTA_EXCEEDED alerts already sent, by "tenant|period start|kind" (usage thresholds need no
+        # memory: a threshold is crossed by exactly one balance update).
+        self.alerted = app.Table("alerted", partitions=n, key_type=str, value_type=int, options=_ROCKSDICT)
         app.agent(self.source, name="meter")(self._agent)
+        from pipeline import web
+
+        web.install(self)
         # Set once recovery is done and the agent consumes (see _Worker).
         self.ready = threading.Event()
         # Dedupe retention (spec §2): per input partition, the newest event time seen and the event-time
@@ -206,6 +237,9 @@ class Meter:
         self._swept_day: dict[int, int] = {}
         # Parking timeout: wall-clock minute of the last sweep of parked calls per partition.
         self._parking_swept: dict[int, int] = {}
+        # Record timestamp (seconds) of the last record processed per partition, for event-time lag.
+        self._last_record_ts: dict[int, float] = {}
+        self.lag: dict[tuple[str, int], int] = {}
 
     # -- the agent ------------------------------------------------------------------------------------
     async def _agent(self, stream: Any) -> None:
@@ -220,6 +254,10 @@ class Meter:
         kind = "call" if topic == self.topics.calls else "provisioning"
         self.stats.consumed[kind] += 1
         self.stats.last_event_at = time.monotonic()
+        self._last_record_ts[partition] = msg.timestamp
+        metrics.EVENTS_CONSUMED.labels(topic=topic).inc()
+        self.stats.tick(consumed=1)
+        metrics.LAST_EVENT_TIMESTAMP.set(time.time())
         src = (topic, partition, offset, key, raw)
         try:
             name, record = self.serde.decode(raw)
@@ -241,6 +279,8 @@ class Meter:
         await self._maybe_expire_parked(partition)
         if dedupe_key in self.seen:
             self.stats.duplicates[kind] += 1
+            metrics.DUPLICATES.labels(topic=topic).inc()
+            self.stats.tick(duplicates=1)
             return
         if kind == "call":
             await self._on_call(src, record, dedupe_key)
@@ -318,6 +358,7 @@ class Meter:
                         f"({self.settings.parking_timeout_seconds} s)"
                     )
                     await self._dead(src, Reason.NO_SUBSCRIPTION, message)
+                    metrics.PARKED_CALLS.dec()
                     # Not accepted after all: release its idempotency key so a resend after the
                     # subscription exists is rated.
                     _name, record = self.serde.decode(src[4])
@@ -349,6 +390,7 @@ class Meter:
             self.parked[call.tenant_id] = held
             self.seen[dedupe_key] = _ms(call.ended_at)
             self.stats.parked += 1
+            metrics.PARKED_CALLS.inc()
             return
         result = rate_call(call, timeline, self.catalog)
         if isinstance(result, Rejection):
@@ -361,10 +403,102 @@ class Meter:
         topic, partition, offset, _key, _raw = src
         record = rated_to_record(rated, source_topic=topic, source_partition=partition, source_offset=offset)
         value = self.serde.encode("RatedCall", record, self.topics.rated)
-        balance_key = f"{rated.call.tenant_id}|{rated.period.start.isoformat()}"
-        self.balances[balance_key] += rated.billable_seconds
+        tenant = rated.call.tenant_id
+        balance_key = self.balance_key(tenant, rated.period.start)
+        before = int(self.balances[balance_key])
+        after = before + rated.billable_seconds
+        self.balances[balance_key] = after
         self.stats.rated += 1
-        await self._send(self.topics.rated, rated.call.tenant_id.encode(), value)
+        metrics.RATED_CALLS.inc()
+        metrics.BILLABLE_SECONDS.inc(rated.billable_seconds)
+        await self._send(self.topics.rated, tenant.encode(), value)
+        metrics.RATED_RECORDS_PRODUCED.inc()
+        included = self.catalog.plan_for(rated.plan_id, rated.period.start).included_seconds
+        for percent in crossed_thresholds(included, before, after):
+            await self._alert(
+                tenant,
+                rated.period.start,
+                "USAGE_THRESHOLD",
+                percent,
+                after,
+                included,
+                f"{tenant} used {after} of {included} included seconds ({percent} % threshold) "
+                f"in the period starting {rated.period.start.date()}",
+            )
+
+    def status(self) -> dict[str, Any]:
+        return _meter_status(self)
+
+    def refresh_gauges(self) -> None:
+        """Lag gauges come from IdleWatch-style admin queries, refreshed by the lag thread."""
+
+    @staticmethod
+    def balance_key(tenant: str, period_start: datetime) -> str:
+        return f"{tenant}|{period_start.isoformat()}"
+
+    async def _alert(
+        self,
+        tenant: str,
+        period_start: datetime,
+        kind: str,
+        threshold: int | None,
+        used: int,
+        included: int,
+        message: str,
+    ) -> None:
+        """Sent in the current partition's transaction with the state change that caused it, so a
+        restart, a rebalance or a duplicate record can never send it twice (spec §8)."""
+        suffix = threshold if threshold is not None else "quota"
+        record = {
+            "alert_id": f"{tenant}-{period_start.strftime('%Y%m%d')}-{kind}-{suffix}",
+            "tenant_id": tenant,
+            "kind": kind,
+            "period_start": period_start,
+            "threshold_percent": threshold,
+            "used_seconds": used,
+            "included_seconds": included,
+            "message": message,
+            "emitted_at": datetime.now(UTC),
+        }
+        await self._send(
+            self.topics.alerts, tenant.encode(), self.serde.encode("Alert", record, self.topics.alerts)
+        )
+        metrics.ALERTS_EMITTED.labels(
+            kind=kind, threshold=str(threshold) if threshold is not None else ""
+        ).inc()
+
+    async def _check_quotas(self, timeline: TenantTimeline, event: ProvisioningEvent) -> None:
+        if event.action not in ("NUMBER_PROVISIONED", "EMPLOYEE_ACTIVATED") or not timeline.subscribed:
+            return
+        period = timeline.period_at(event.occurred_at)
+        plan_id = timeline.plan_for_period(period)
+        if plan_id is None:
+            return
+        plan = self.catalog.plan_for(plan_id, period.start)
+        if event.action == "NUMBER_PROVISIONED":
+            what, active, limit = (
+                "numbers",
+                len(timeline.active_numbers_at(event.occurred_at)),
+                plan.numbers.max,
+            )
+        else:
+            what, active, limit = (
+                "employees",
+                len(timeline.active_employees_at(event.occurred_at)),
+                plan.employees.max_active,
+            )
+        marker = f"{event.tenant_id}|{period.start.isoformat()}|{what}"
+        if active > limit and marker not in self.alerted:
+            self.alerted[marker] = active
+            await self._alert(
+                event.tenant_id,
+                period.start,
+                "QUOTA_EXCEEDED",
+                None,
+                active,
+                limit,
+                f"{event.tenant_id} has {active} active {what}; plan {plan_id} allows {limit}",
+            )
 
     async def _on_provisioning(self, src: tuple[Any, ...], record: dict[str, Any], dedupe_key: str) -> None:
         topic, partition, offset, _key, raw = src
@@ -386,6 +520,7 @@ class Meter:
             ("source-offset", str(offset).encode()),
         ]
         await self._send(self.topics.accepted, event.tenant_id.encode(), raw, headers)
+        await self._check_quotas(timeline, event)
         if timeline.subscribed:
             held = self.parked.get(event.tenant_id)
             if held:
@@ -400,6 +535,7 @@ class Meter:
             _name, record = self.serde.decode(raw)  # it decoded when it was parked
             result = rate_call(call_from_record(record), timeline, self.catalog)
             self.stats.unparked += 1
+            metrics.PARKED_CALLS.dec()
             if isinstance(result, Rejection):
                 await self._dead(src, result.reason, result.message)
             else:
@@ -409,6 +545,8 @@ class Meter:
     async def _dead(self, src: tuple[Any, ...], reason: str, message: str) -> None:
         topic, partition, offset, key, raw = src
         self.stats.dead_letters[str(reason)] += 1
+        metrics.DEAD_LETTERS.labels(reason=str(reason)).inc()
+        self.stats.tick(dead=1)
         record = {
             "source_topic": topic,
             "source_partition": partition,
@@ -439,6 +577,78 @@ class Meter:
         src_topic, partition = event.message.topic, event.message.partition
         tid = f"{self.app.conf.id}-{self.app.assignor.group_for_topic(src_topic)}-{partition}"
         await self.app.producer.send(topic, key, value, partition, None, headers, transactional_id=tid)
+
+
+class LagMonitor(threading.Thread):
+    """Consumer lag per input partition (high watermark minus committed offset) and event-time lag
+    (age of the oldest uncommitted input record, read from Kafka), refreshed every few seconds."""
+
+    def __init__(self, meter: Meter, bootstrap: str, every_seconds: float = 3.0) -> None:
+        super().__init__(name="lag-monitor", daemon=True)
+        from confluent_kafka import Consumer
+
+        self.meter = meter
+        self.every_seconds = every_seconds
+        self.admin = AdminClient({"bootstrap.servers": bootstrap})
+        self.peek = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": f"{meter.settings.app_id}-lag-peek",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+            }
+        )
+        self._halt = threading.Event()
+
+    def halt(self) -> None:
+        self._halt.set()
+
+    def measure(self) -> None:
+        from confluent_kafka import ConsumerGroupTopicPartitions
+
+        settings = self.meter.settings
+        meta = self.admin.list_topics(timeout=10)
+        tps = [TopicPartition(t, p) for t in settings.topics.inputs for p in meta.topics[t].partitions]
+        ends = self.admin.list_offsets({tp: OffsetSpec.latest() for tp in tps}, request_timeout=10)
+        high = {(tp.topic, tp.partition): f.result().offset for tp, f in ends.items()}
+        group = self.admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(settings.app_id)])
+        committed = {
+            (tp.topic, tp.partition): max(tp.offset, 0)
+            for tp in next(iter(group.values())).result().topic_partitions
+        }
+        oldest_age = 0.0
+        for key, end in high.items():
+            done_to = committed.get(key, 0)
+            lag = max(end - done_to, 0)
+            self.meter.lag[key] = lag
+            metrics.CONSUMER_LAG.labels(topic=key[0], partition=str(key[1])).set(lag)
+            if lag:
+                self.peek.assign([TopicPartition(key[0], key[1], done_to)])
+                msg = self.peek.poll(2.0)
+                if msg is not None and msg.error() is None:
+                    _kind, ts_ms = msg.timestamp()
+                    oldest_age = max(oldest_age, time.time() - ts_ms / 1000)
+        metrics.EVENT_TIME_LAG.set(round(oldest_age, 3))
+
+    def run(self) -> None:
+        while not self._halt.wait(self.every_seconds):
+            try:
+                self.measure()
+            except Exception:  # metrics must never take the worker down
+                log.debug("lag measurement failed", exc_info=True)
+        self.peek.close()
+
+
+def _meter_status(meter: Meter) -> dict[str, Any]:
+    return {
+        "stats": meter.stats.to_dict(),
+        "lag": [{"topic": t, "partition": p, "messages": n} for (t, p), n in sorted(meter.lag.items())],
+        "event_time_lag_seconds": metrics.EVENT_TIME_LAG._value.get(),
+        "ledger_last_write_unix": metrics.LEDGER_LAST_WRITE._value.get(),
+        "ready": meter.ready.is_set(),
+        "last_5_minutes": meter.stats.window(5),
+        "parked_calls": metrics.PARKED_CALLS._value.get(),
+    }
 
 
 class _Worker(faust.Worker):
@@ -541,6 +751,8 @@ def run_worker(settings: Settings, bootstrap: str, catalog: Catalog, serde: Serd
         loop.call_soon_threadsafe(worker._schedule_shutdown, signal.SIGTERM)
 
     watch = IdleWatch(meter, sink, bootstrap, stop_soon) if until_idle else None
+    lag = LagMonitor(meter, bootstrap)
+    lag.start()
     sink.start()
     if watch is not None:
         watch.start()
@@ -552,6 +764,7 @@ def run_worker(settings: Settings, bootstrap: str, catalog: Catalog, serde: Serd
     finally:
         if watch is not None:
             watch.halt()
+        lag.halt()
         sink.stop()
         ledger.close()
     if sink.error is not None:

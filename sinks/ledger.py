@@ -240,6 +240,9 @@ class Ledger:
     def add(self, table: str, row: Sequence[Any]) -> None:
         self._buffers[table].append(row)
 
+    def pending_by_table(self) -> dict[str, int]:
+        return {table: len(rows) for table, rows in self._buffers.items() if rows}
+
     def pending(self) -> int:
         return sum(len(rows) for rows in self._buffers.values())
 

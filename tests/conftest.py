@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from uuid import uuid4
@@ -41,6 +42,13 @@ def kafka_bootstrap(local_kafka: LocalKafka | None) -> str:
     return str(status["bootstrap"])
 
 
+def free_port() -> int:
+    """A loopback port nobody listens on right now (for a worker's web server)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @pytest.fixture
 def topic_prefix() -> str:
     """A unique topic prefix so tests sharing the broker never see each other's topics or groups."""
@@ -60,5 +68,6 @@ def cm_env(kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> dict[str,
         # event time): keep every key so resending an old file stays a duplicate whenever the suite
         # runs. test_retention_e2e.py sets the real default back on purpose.
         CALLMETER_DEDUPE_RETENTION_DAYS="36500",
+        CALLMETER_WORKER_WEB_PORT=str(free_port()),
     )
     return env

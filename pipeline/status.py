@@ -1,0 +1,121 @@
+"""`callmeter status`: the on-call summary, readable at a glance, non-zero when unhealthy.
+
+Lag comes straight from Kafka (so it works while the worker is down); duplicate rate, dead letters,
+event-time lag and ledger freshness come from the worker's ``/status``. Thresholds mirror the
+Prometheus alerts in ``deploy/prometheus/alert_rules.yml``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+from confluent_kafka.admin import AdminClient, OffsetSpec
+
+from pipeline.settings import Settings
+
+
+@dataclass
+class Health:
+    problems: list[str] = field(default_factory=list)
+
+    def check(self, ok: bool, problem: str) -> None:
+        if not ok:
+            self.problems.append(problem)
+
+
+def kafka_lag(settings: Settings, bootstrap: str) -> dict[tuple[str, int], int]:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    meta = admin.list_topics(timeout=10)
+    tps = [
+        TopicPartition(t, p)
+        for t in settings.topics.inputs
+        if t in meta.topics
+        for p in meta.topics[t].partitions
+    ]
+    if not tps:
+        return {}
+    ends = admin.list_offsets({tp: OffsetSpec.latest() for tp in tps}, request_timeout=10)
+    high = {(tp.topic, tp.partition): f.result().offset for tp, f in ends.items()}
+    group = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(settings.app_id)])
+    committed = {
+        (tp.topic, tp.partition): max(tp.offset, 0)
+        for tp in next(iter(group.values())).result().topic_partitions
+    }
+    return {key: max(end - committed.get(key, 0), 0) for key, end in sorted(high.items())}
+
+
+def worker_status(url: str) -> dict[str, Any] | None:
+    try:
+        with urllib.request.urlopen(f"{url}/status", timeout=5) as resp:  # noqa: S310 - operator-given URL
+            body: dict[str, Any] = json.loads(resp.read())
+            return body
+    except (OSError, urllib.error.URLError, ValueError):
+        return None
+
+
+def render(
+    settings: Settings,
+    lag: dict[tuple[str, int], int],
+    status: dict[str, Any] | None,
+    url: str,
+    max_lag: int,
+    max_duplicate_ratio: float,
+    max_ledger_age_seconds: float,
+) -> tuple[str, Health]:
+    health = Health()
+    lines = [f"callmeter status  (topics {settings.topic('*')}, worker {url})", ""]
+    lines.append("consumer lag (messages)")
+    by_topic: dict[str, list[str]] = {}
+    for (topic, partition), n in lag.items():
+        by_topic.setdefault(topic, []).append(f"p{partition}={n}")
+    for topic, cells in by_topic.items():
+        lines.append(
+            f"  {topic:<28} {'  '.join(cells)}   total {sum(lag[(topic, p)] for (t, p) in lag if t == topic)}"
+        )
+    total_lag = sum(lag.values())
+    health.check(total_lag <= max_lag, f"consumer lag {total_lag} > {max_lag}")
+    if status is None:
+        lines.append("")
+        lines.append("worker: NOT REACHABLE")
+        health.problems.append(f"no worker answering at {url}")
+    else:
+        window = status.get("last_5_minutes", {})
+        consumed, dups, dead = (
+            window.get("consumed", 0),
+            window.get("duplicates", 0),
+            window.get("dead_letters", 0),
+        )
+        ratio = dups / consumed if consumed else 0.0
+        stats = status.get("stats", {})
+        dead_total = stats.get("dead_letters", {})
+        dup_total = sum(stats.get("duplicates", {}).values())
+        lines += [
+            "",
+            f"worker: {'ready' if status.get('ready') else 'starting'}; "
+            f"event-time lag {status.get('event_time_lag_seconds', 0):.1f} s; "
+            f"parked calls {int(status.get('parked_calls') or 0)}",
+            f"last 5 min: {consumed} events, {dups} duplicates ({ratio:.4%}), {dead} dead letters",
+            f"since start: rated {stats.get('rated', 0)}, duplicates {dup_total}, "
+            f"dead letters by reason {json.dumps(dead_total) if dead_total else 'none'}",
+        ]
+        health.check(ratio <= max_duplicate_ratio, f"duplicate rate {ratio:.4%} > {max_duplicate_ratio:.4%}")
+        health.check(dead == 0, f"{dead} dead letters in the last 5 minutes")
+        last_write = status.get("ledger_last_write_unix") or 0
+        if last_write:
+            age = time.time() - float(last_write)
+            lines.append(f"ledger: last write {age:.0f} s ago")
+            health.check(
+                age <= max_ledger_age_seconds or total_lag == 0,
+                f"ledger not written for {age:.0f} s while input is waiting",
+            )
+        else:
+            lines.append("ledger: no write yet by this worker")
+    lines.append("")
+    lines.append("HEALTHY" if not health.problems else "UNHEALTHY: " + "; ".join(health.problems))
+    return "\n".join(lines), health

@@ -1,0 +1,127 @@
+"""Live balance of a tenant's current period (spec §8) and usage alerts (75/90/100 % of included).
+
+Pure: the worker passes the timeline, the period's billable seconds so far and the time; the charges
+are the invoice's own subtotal so far (``build_invoice``), so the balance can never disagree with the
+invoice the same usage would produce.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from rating.catalog import Catalog
+from rating.invoice import build_invoice, money_text
+from rating.periods import Period
+from rating.subscription import TenantTimeline
+
+USAGE_THRESHOLDS_PERCENT = (75, 90, 100)
+
+
+@dataclass(frozen=True)
+class Balance:
+    tenant_id: str
+    period: Period
+    plan_id: str
+    included_seconds: int
+    used_seconds: int
+    overage_mode: str
+    charges_so_far: Decimal
+    currency: str
+    projected_exhaustion_date: date | None
+
+    @property
+    def remaining_seconds(self) -> int:
+        return max(self.included_seconds - self.used_seconds, 0)
+
+    @property
+    def overage_seconds(self) -> int:
+        return max(self.used_seconds - self.included_seconds, 0)
+
+    @property
+    def allowed(self) -> bool:
+        # Only a block plan with nothing left refuses calls (spec §8).
+        return not (self.overage_mode == "block" and self.remaining_seconds == 0)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {
+            "tenant_id": self.tenant_id,
+            "period_start": self.period.start.date().isoformat(),
+            "period_end": self.period.end.date().isoformat(),
+            "plan_id": self.plan_id,
+            "included_seconds": self.included_seconds,
+            "used_seconds": self.used_seconds,
+            "remaining_seconds": self.remaining_seconds,
+            "overage_seconds": self.overage_seconds,
+            "overage_mode": self.overage_mode,
+            "allowed": self.allowed,
+            "charges_so_far": money_text(self.charges_so_far),
+            "currency": self.currency,
+            "projected_exhaustion_date": (
+                self.projected_exhaustion_date.isoformat() if self.projected_exhaustion_date else None
+            ),
+        }
+
+
+def project_exhaustion(
+    period: Period, included_seconds: int, used_seconds: int, now: datetime
+) -> date | None:
+    """At the period's average daily rate so far, the UTC date the allowance runs out, if that falls
+    inside the period and it has not run out already; else None."""
+    if used_seconds <= 0 or used_seconds >= included_seconds or now <= period.start:
+        return None
+    elapsed = min(now, period.end) - period.start
+    rate_per_second = Decimal(used_seconds) / Decimal(elapsed.total_seconds())
+    remaining = Decimal(included_seconds - used_seconds)
+    runs_out = now + timedelta(seconds=float(remaining / rate_per_second))
+    return runs_out.date() if runs_out < period.end else None
+
+
+def balance(
+    timeline: TenantTimeline, catalog: Catalog, used_seconds: int, now: datetime, period: Period | None = None
+) -> Balance | None:
+    """The balance of the period containing ``now`` (or ``period``); None when no plan covers it."""
+    if not timeline.subscribed:
+        return None
+    period = period or timeline.period_at(now)
+    plan_id = timeline.plan_for_period(period)
+    if plan_id is None:
+        return None
+    plan = catalog.plan_for(plan_id, period.start)
+    invoice = build_invoice(
+        tenant_id=timeline.tenant_id,
+        period=period,
+        timeline=timeline,
+        catalog=catalog,
+        billable_seconds_total=used_seconds,
+    )
+    return Balance(
+        tenant_id=timeline.tenant_id,
+        period=period,
+        plan_id=plan_id,
+        included_seconds=plan.included_seconds,
+        used_seconds=used_seconds,
+        overage_mode=plan.overage,
+        charges_so_far=invoice.subtotal,
+        currency=catalog.currency,
+        projected_exhaustion_date=project_exhaustion(period, plan.included_seconds, used_seconds, now),
+    )
+
+
+def crossed_thresholds(included_seconds: int, before_seconds: int, after_seconds: int) -> list[int]:
+    """Usage thresholds (percent of included) crossed by moving from ``before`` to ``after`` seconds.
+
+    A threshold is crossed when usage reaches it: ``before < t% <= after``. Order of calls does not
+    matter for *which* thresholds a period crosses in total, only for which call crosses them.
+    """
+    if included_seconds <= 0 or after_seconds <= before_seconds:
+        return []
+    crossed = []
+    for percent in USAGE_THRESHOLDS_PERCENT:
+        # Integer arithmetic: reaching 75 % of 18000 s means used * 100 >= 75 * 18000.
+        limit = percent * included_seconds
+        if before_seconds * 100 < limit <= after_seconds * 100:
+            crossed.append(percent)
+    return crossed

@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup kafka-jars demo test test-unit test-integration lint bench clean
+.PHONY: setup kafka-jars promtool demo test test-unit lint bench clean
 
 setup: $(STAMP) kafka-jars
 
@@ -21,13 +21,18 @@ $(STAMP): pyproject.toml
 kafka-jars: $(STAMP)
 	$(BIN)/python -c "from pipeline.broker import LocalKafka; from pipeline.settings import Settings; LocalKafka(Settings()).fetch()"
 
+# promtool checks and unit-tests deploy/prometheus/ (tests/unit/test_observability_config.py); Debian's
+# prometheus package provides it. Installing needs root when it is missing (CI and dev machines are).
+promtool:
+	sh deploy/install-promtool.sh
+
 demo: setup
 	$(BIN)/callmeter demo
 
-test: setup
+test: setup promtool
 	$(BIN)/pytest -q
 
-test-unit: setup
+test-unit: setup promtool
 	$(BIN)/pytest -q tests/unit
 
 lint: setup

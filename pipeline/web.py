@@ -35,7 +35,7 @@ def _parse_at(text: str | None) -> datetime | None:
 
 
 def balance_body(meter: Meter, tenant_id: str, at: datetime | None) -> tuple[int, dict[str, Any]]:
-    stored = meter.tenants.get(tenant_id)
+    stored = meter.read_owned(meter.tenants, tenant_id)
     if not stored:
         return 404, {"error": "unknown tenant", "tenant_id": tenant_id}
     timeline = TenantTimeline.from_dict(stored)
@@ -43,7 +43,7 @@ def balance_body(meter: Meter, tenant_id: str, at: datetime | None) -> tuple[int
     if not timeline.subscribed:
         return 404, {"error": "tenant has no subscription", "tenant_id": tenant_id}
     period = timeline.period_at(now)
-    used = int(meter.balances.get(meter.balance_key(tenant_id, period.start)) or 0)
+    used = int(meter.read_owned(meter.balances, meter.balance_key(tenant_id, period.start), tenant_id) or 0)
     result = balance(timeline, meter.catalog, used, now, period)
     if result is None:
         return 404, {"error": "no plan covers the current period", "tenant_id": tenant_id}

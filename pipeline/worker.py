@@ -426,6 +426,21 @@ class Meter:
                 f"in the period starting {rated.period.start.date()}",
             )
 
+    def partition_of(self, tenant_id: str) -> int:
+        """The input partition of a tenant: the producers' murmur2 of the tenant bytes."""
+        return int(self.app.producer.key_partition(self.topics.calls, tenant_id.encode()).partition)
+
+    def read_owned(self, table: Any, key: str, tenant_id: str | None = None) -> Any:
+        """Read a key from the RocksDB of the tenant's own partition.
+
+        Outside an event, Faust's store looks keys up through a key->partition cache over whatever
+        partition databases it has open, which after a rebalance can miss a key that is on disk; the
+        tenant's partition is known, so read that database directly (opened on demand)."""
+        partition = self.partition_of(tenant_id or key)
+        db = table.data._db_for_partition(partition)
+        raw = db.get(json.dumps(key).encode())
+        return None if raw is None else json.loads(raw)
+
     def status(self) -> dict[str, Any]:
         return _meter_status(self)
 
@@ -646,6 +661,9 @@ def _meter_status(meter: Meter) -> dict[str, Any]:
         "event_time_lag_seconds": metrics.EVENT_TIME_LAG._value.get(),
         "ledger_last_write_unix": metrics.LEDGER_LAST_WRITE._value.get(),
         "ready": meter.ready.is_set(),
+        "assigned_calls_partitions": sorted(
+            tp.partition for tp in meter.app.assignor.assigned_actives() if tp.topic == meter.topics.calls
+        ),
         "last_5_minutes": meter.stats.window(5),
         "parked_calls": metrics.PARKED_CALLS._value.get(),
     }

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -44,3 +48,75 @@ def comparable(invoice: dict[str, Any]) -> dict[str, Any]:
 
 def read_invoices(directory: Path) -> dict[str, dict[str, Any]]:
     return {p.stem: json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))}
+
+
+class BackgroundWorker:
+    """`callmeter worker` running in the background, with its HTTP port; stopped with SIGTERM."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.url = f"http://127.0.0.1:{env['CALLMETER_WORKER_WEB_PORT']}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = Path()
+
+    def __enter__(self) -> BackgroundWorker:
+        # A file, not a pipe: nobody reads a pipe while the worker runs, and a full one would block it.
+        data_dir = Path(self.env["CALLMETER_DATA_DIR"])
+        self.log = data_dir.with_name(f"{data_dir.name}-worker-{self.env['CALLMETER_WORKER_WEB_PORT']}.log")
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.cli", "worker"],
+                env=self.env,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                start_new_session=True,
+            )
+        self.wait_for(lambda s: bool(s.get("ready")), what="worker ready")
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def get(self, path: str) -> tuple[int, Any]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=10) as resp:
+                body = resp.read()
+                return resp.status, json.loads(body) if path != "/metrics" else body.decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def status(self) -> dict[str, Any]:
+        try:
+            return self.get("/status")[1]
+        except OSError:
+            return {}
+
+    def wait_for(self, predicate: Any, what: str, timeout: float = 120) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                err = self.log.read_text(errors="replace")[-3000:]
+                raise AssertionError(f"worker exited {self.proc.returncode} waiting for {what}:\n{err}")
+            status = self.status()
+            if status and predicate(status):
+                return status
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {what}; last status {self.status()}")
+
+
+def metric_values(text: str, name: str) -> dict[str, float]:
+    """Samples of one metric from a Prometheus exposition: label string -> value."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            labels, _, value = line.rpartition(" ")
+            out[labels[len(name) :]] = float(value)
+    return out

@@ -1,0 +1,212 @@
+"""Issue 3: live balances from the worker's HTTP API and usage alerts exactly once."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import pytest
+from confluent_kafka import Consumer
+
+from pipeline.settings import Settings
+from schemas.serde import Serde
+from tests.conftest import free_port
+from tests.integration.cli import BackgroundWorker, callmeter, worker_stats
+
+pytestmark = pytest.mark.integration
+
+T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
+
+
+def _iso(ts: datetime) -> str:
+    return ts.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def subscription(tenant: str, plan: str, event_id: str = "sub") -> dict[str, Any]:
+    return {
+        "type": "provisioning",
+        "event_id": f"{tenant}-{event_id}",
+        "tenant_id": tenant,
+        "occurred_at": "2026-11-01T00:00:00Z",
+        "action": "SUBSCRIPTION_STARTED",
+        "plan_id": plan,
+        "tax_region": "NONE",
+        "number": None,
+        "number_type": None,
+        "employee_id": None,
+    }
+
+
+def call(tenant: str, event_id: str, seconds: int, start: datetime = T0) -> dict[str, Any]:
+    return {
+        "type": "call",
+        "event_id": event_id,
+        "tenant_id": tenant,
+        "call_id": event_id,
+        "employee_id": None,
+        "direction": "INBOUND",
+        "from_number": "+15550000001",
+        "to_number": "+15551110001",
+        "started_at": _iso(start),
+        "answered_at": _iso(start),
+        "ended_at": _iso(start + timedelta(seconds=seconds)),
+        "disposition": "ANSWERED",
+        "gateway_id": "gw-1",
+    }
+
+
+def write(path: Path, events: list[dict[str, Any]]) -> str:
+    path.write_text("".join(json.dumps(e) + "\n" for e in events))
+    return str(path)
+
+
+def read_alerts(env: dict[str, str]) -> list[dict[str, Any]]:
+    settings = Settings(topic_prefix=env["CALLMETER_TOPIC_PREFIX"], partitions=3)
+    consumer = Consumer(
+        {
+            "bootstrap.servers": env["CALLMETER_KAFKA"],
+            "group.id": f"alerts-test-{uuid4().hex}",
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+        }
+    )
+    consumer.subscribe([settings.topics.alerts])
+    serde, out, idle = Serde(), [], 0
+    while idle < 6:
+        msg = consumer.poll(0.5)
+        if msg is None:
+            idle += 1
+        elif msg.error() is None:
+            out.append(serde.decode(msg.value())[1])
+    consumer.close()
+    return out
+
+
+def test_threshold_alerts_exactly_once_across_duplicates_and_restart(
+    cm_env: dict[str, str], tmp_path: Path
+) -> None:
+    # starter: 18000 s included. 13500 s = 75 %, +2700 = 16200 s = 90 %, +1800 = 18000 s = 100 %.
+    crossing = call("tau", "c3", 1800, T0 + timedelta(days=2))
+    events = [
+        subscription("tau", "starter"),
+        call("tau", "c1", 13500),
+        call("tau", "c2", 2700, T0 + timedelta(days=1)),
+        crossing,
+        call("tau", "c4", 60, T0 + timedelta(days=3)),
+    ]
+    callmeter(cm_env, "produce", write(tmp_path / "a.jsonl", events))
+    worker_stats(cm_env)
+    alerts = read_alerts(cm_env)
+    assert [
+        (a["kind"], a["threshold_percent"], a["used_seconds"], a["included_seconds"]) for a in alerts
+    ] == [
+        ("USAGE_THRESHOLD", 75, 13500, 18000),
+        ("USAGE_THRESHOLD", 90, 16200, 18000),
+        ("USAGE_THRESHOLD", 100, 18000, 18000),
+    ]
+    assert {a["alert_id"] for a in alerts} == {f"tau-20261101-USAGE_THRESHOLD-{p}" for p in (75, 90, 100)}
+    # A gateway retry of the crossing call, and a restart of the worker: still exactly three.
+    callmeter(cm_env, "produce", write(tmp_path / "b.jsonl", [crossing]))
+    stats = worker_stats(cm_env)
+    assert stats["duplicates"] == {"call": 1}
+    assert len(read_alerts(cm_env)) == 3
+    printed = callmeter(cm_env, "alerts").stdout.splitlines()
+    assert len(printed) == 3 and "100 % of included seconds used (18000/18000)" in printed[2]
+
+
+def test_block_plan_disallows_exactly_when_the_allowance_is_used(
+    cm_env: dict[str, str], tmp_path: Path
+) -> None:
+    # hardstop: 120 s included, overage: block.
+    at = "?at=2026-11-20T00:00:00Z"
+    callmeter(cm_env, "produce", write(tmp_path / "s.jsonl", [subscription("dot", "hardstop")]))
+    with BackgroundWorker(cm_env) as worker:
+        worker.wait_for(lambda s: s["stats"]["consumed"].get("provisioning") == 1, "subscription")
+        status, body = worker.get(f"/balances/dot{at}")
+        assert status == 200
+        assert (body["used_seconds"], body["remaining_seconds"], body["allowed"]) == (0, 120, True)
+        expected = [
+            (60, 60, True, "19.00"),
+            (119, 1, True, "19.00"),
+            (120, 0, False, "19.00"),
+            (150, 0, False, "19.00"),
+        ]
+        for i, (seconds, (used, remaining, allowed, charges)) in enumerate(
+            zip([60, 59, 1, 30], expected, strict=True)
+        ):
+            callmeter(
+                cm_env,
+                "produce",
+                write(tmp_path / f"c{i}.jsonl", [call("dot", f"d{i}", seconds, T0 + timedelta(hours=i))]),
+            )
+            worker.wait_for(lambda s, n=i + 1: s["stats"]["rated"] == n, f"call {i} rated")
+            status, body = worker.get(f"/balances/dot{at}")
+            assert (
+                body["used_seconds"],
+                body["remaining_seconds"],
+                body["allowed"],
+                body["charges_so_far"],
+            ) == (used, remaining, allowed, charges)
+            assert body["overage_mode"] == "block"
+            assert body["overage_seconds"] == max(used - 120, 0)
+        status, body = worker.get("/balances/nobody")
+        assert status == 404 and body == {"error": "unknown tenant", "tenant_id": "nobody"}
+        out = callmeter(dict(cm_env), "balance", "dot", "--at", "2026-11-20T00:00:00Z").stdout
+        assert json.loads(out)["allowed"] is False
+        proc = callmeter(cm_env, "balance", "nobody", check=False)
+        assert proc.returncode == 1 and "unknown tenant" in proc.stderr
+
+
+def test_projected_exhaustion_date(cm_env: dict[str, str], tmp_path: Path) -> None:
+    # starter, 18000 s included; 6000 s used in the first 4 days (1500 s/day): 12000 s left = 8 more days.
+    callmeter(
+        cm_env,
+        "produce",
+        write(
+            tmp_path / "e.jsonl",
+            [subscription("rho", "starter"), call("rho", "r1", 6000, datetime(2026, 11, 1, 12, tzinfo=UTC))],
+        ),
+    )
+    with BackgroundWorker(cm_env) as worker:
+        worker.wait_for(lambda s: s["stats"]["rated"] == 1, "rated")
+        _status, body = worker.get("/balances/rho?at=2026-11-05T00:00:00Z")
+        assert body["projected_exhaustion_date"] == "2026-11-13"
+        _status, body = worker.get("/balances/rho?at=2026-11-29T00:00:00Z")
+        assert body["projected_exhaustion_date"] is None  # at that pace it lasts past the period end
+
+
+def test_two_workers_answer_every_tenant_from_either_port(cm_env: dict[str, str], tmp_path: Path) -> None:
+    env_a = dict(cm_env, CALLMETER_PARTITIONS="6", CALLMETER_DATA_DIR=str(tmp_path / "a"))
+    env_b = dict(env_a, CALLMETER_DATA_DIR=str(tmp_path / "b"), CALLMETER_WORKER_WEB_PORT=str(free_port()))
+    tenants = [f"tn{i}" for i in range(12)]
+    events = [subscription(t, "starter") for t in tenants]
+    events += [call(t, f"{t}-c", 100 * (i + 1)) for i, t in enumerate(tenants)]
+    callmeter(env_a, "produce", write(tmp_path / "m.jsonl", events))
+    with BackgroundWorker(env_a) as a, BackgroundWorker(env_b) as b:
+
+        def settled() -> bool:
+            try:
+                return all(
+                    w.get(f"/balances/{t}?at=2026-11-20T00:00:00Z")[1].get("used_seconds") == 100 * (i + 1)
+                    for w in (a, b)
+                    for i, t in enumerate(tenants)
+                )
+            except (OSError, ValueError):
+                return False
+
+        a.wait_for(lambda _s: settled(), "both workers answering for every tenant", timeout=180)
+        for i, t in enumerate(tenants):
+            for w in (a, b):
+                status, body = w.get(f"/balances/{t}?at=2026-11-20T00:00:00Z")
+                assert status == 200
+                assert (body["tenant_id"], body["used_seconds"], body["remaining_seconds"]) == (
+                    t,
+                    100 * (i + 1),
+                    18000 - 100 * (i + 1),
+                )
+        owned = [set(w.status()["assigned_calls_partitions"]) for w in (a, b)]
+        # Both own some partitions, so half the answers above were forwarded to the other worker.
+        assert owned[0] and owned[1] and owned[0] | owned[1] == set(range(6)) and not owned[0] & owned[1]

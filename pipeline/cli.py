@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from pipeline.errors import InputError
 from pipeline.settings import Settings
-from rating.catalog import Catalog, parse_catalog
+from rating.catalog import Catalog
 from rating.errors import CallmeterError
 
 
@@ -29,12 +29,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def load_catalog(path: Path) -> Catalog:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        msg = f"cannot read catalog {path}: {exc.strerror or exc}"
-        raise InputError(msg) from exc
-    return parse_catalog(text)
+    from pipeline.catalogs import read_catalog
+
+    return read_catalog(path)[0]
 
 
 def make_serde(settings: Settings) -> Any:
@@ -89,28 +86,54 @@ def cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from pipeline.catalogs import read_catalog
     from pipeline.worker import run_worker
 
-    catalog = load_catalog(settings.catalog)
-    stats = run_worker(settings, kafka(settings), catalog, make_serde(settings), until_idle=args.until_idle)
+    catalog, text = read_catalog(settings.catalog)
+    stats = run_worker(
+        settings,
+        kafka(settings),
+        catalog,
+        make_serde(settings),
+        until_idle=args.until_idle,
+        catalog_text=text,
+    )
     print(json.dumps(stats.to_dict(), sort_keys=True))
     return 0
 
 
 def cmd_invoice(settings: Settings, args: argparse.Namespace) -> int:
-    from pipeline.invoicing import compute_invoices, write_invoices
+    from datetime import timedelta
+
+    from pipeline.catalogs import read_catalog, register_catalog
+    from pipeline.invoicing import run_invoices, write_outputs
     from sinks.ledger import Ledger
 
-    catalog = load_catalog(settings.catalog)
+    catalog, text = read_catalog(settings.catalog)
     ledger = Ledger.open(settings.clickhouse_dsn, _password(settings))
     try:
-        invoices = compute_invoices(ledger, catalog, args.period, args.tenant)
-        paths = write_invoices(ledger, invoices, Path(args.out))
+        register_catalog(ledger, catalog, text)
+        outputs = run_invoices(
+            ledger,
+            catalog,
+            args.period,
+            args.tenant,
+            finalize=args.finalize,
+            settlement_window=timedelta(hours=settings.settlement_window_hours),
+        )
+        paths = write_outputs(ledger, outputs, Path(args.out))
     finally:
         ledger.close()
-    for path in paths:
-        print(path)
+    for path, output in zip(paths, outputs, strict=True):
+        adjusted = f" ({len(output.adjustments)} adjustment(s))" if output.adjustments else ""
+        print(f"{path}  {output.status}{adjusted}")
     return 0
+
+
+def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
+    from pipeline.replay import run_replay
+
+    return run_replay(settings, args)
 
 
 def _worker_url(settings: Settings, args: argparse.Namespace) -> str:
@@ -205,6 +228,10 @@ def cmd_ledger(settings: Settings, _args: argparse.Namespace) -> int:
         report: dict[str, Any] = {table: ledger.count(table) for table in COLUMNS}
         report["dead_letters_by_reason"] = ledger.dead_letter_counts()
         report["billable_seconds_by_tenant"] = ledger.billable_seconds_by_tenant()
+        report["late_rated_calls"] = ledger.query("SELECT count() FROM rated_calls FINAL WHERE late = 1")[0][
+            0
+        ]
+        report["final_invoices"] = len(ledger.invoice_rows(status="final"))
     finally:
         ledger.close()
     print(json.dumps(report, sort_keys=True))
@@ -242,6 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--period", required=True, help="YYYY-MM")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--tenant")
+    p.add_argument("--finalize", action="store_true", help="make these invoices final (never rewritten)")
+    p = sub.add_parser("replay", help="re-rate calls that started in a time range with the current catalog")
+    p.add_argument("--from", dest="ts_from", required=True, help="RFC 3339, inclusive")
+    p.add_argument("--to", dest="ts_to", required=True, help="RFC 3339, exclusive")
+    p.add_argument("--tenant")
+    p.add_argument("--dry-run", action="store_true", help="show the money difference, write nothing")
+    p.add_argument("--source", choices=["auto", "kafka", "ledger"], default="auto")
+    p.add_argument("--batch-size", type=int, default=5000, help="calls per ledger write")
     p = sub.add_parser("balance", help="print a tenant's live balance (needs a running worker)")
     p.add_argument("tenant")
     p.add_argument("--at", help="RFC 3339 time: the balance of the period containing it (default now)")
@@ -283,6 +318,7 @@ COMMANDS = {
     "status": cmd_status,
     "simulate": cmd_simulate,
     "ledger": cmd_ledger,
+    "replay": cmd_replay,
     "demo": cmd_demo,
 }
 

@@ -43,9 +43,11 @@ def summary_table(invoices: list[Invoice]) -> str:
 
 
 def run_demo(settings: Settings, catalog: Catalog, args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
     from pipeline.broker import LocalKafka, ensure_topics
     from pipeline.cli import make_serde
-    from pipeline.invoicing import compute_invoices, write_invoices
+    from pipeline.invoicing import run_invoices, write_outputs
     from pipeline.produce import produce_files
     from pipeline.simulate import SimulationConfig, write_file
     from pipeline.worker import run_worker
@@ -68,7 +70,11 @@ def run_demo(settings: Settings, catalog: Catalog, args: argparse.Namespace) -> 
         f"-> {dict(sent)}"
     )
 
-    stats = run_worker(settings, bootstrap, catalog, serde, until_idle=True)
+    from pipeline.catalogs import read_catalog
+
+    stats = run_worker(
+        settings, bootstrap, catalog, serde, until_idle=True, catalog_text=read_catalog(settings.catalog)[1]
+    )
     print(
         f"[3/5] worker idle: rated {stats.rated}, duplicates dropped {sum(stats.duplicates.values())}, "
         f"dead letters {sum(stats.dead_letters.values())}, parked then rated {stats.unparked}"
@@ -76,9 +82,15 @@ def run_demo(settings: Settings, catalog: Catalog, args: argparse.Namespace) -> 
 
     ledger = Ledger.open(settings.clickhouse_dsn)
     try:
-        invoices = compute_invoices(ledger, catalog, f"{year}-{month:02d}")
+        outputs = run_invoices(
+            ledger,
+            catalog,
+            f"{year}-{month:02d}",
+            settlement_window=timedelta(hours=settings.settlement_window_hours),
+        )
+        invoices = [o.invoice for o in outputs]
         out = settings.data_dir / "invoices" / f"{year}-{month:02d}"
-        write_invoices(ledger, invoices, out)
+        write_outputs(ledger, outputs, out)
         dead = ledger.dead_letter_counts()
         rated_rows = ledger.count("rated_calls")
     finally:

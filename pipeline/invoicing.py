@@ -3,23 +3,42 @@
 It reads only deduplicated facts (provisioning through FINAL, each call's current rating through
 argMax by catalog revision) and leaves every pricing rule to ``rating/`` — the same functions the
 reference batch computation in tests uses, so the pipeline and the reference cannot drift apart.
+
+Final invoices (issue 4, docs/decisions.md "Final invoices and adjustments"):
+- ``--finalize``, or the settlement window after the period end having passed, makes an invoice final.
+  A final invoice is never recomputed or rewritten: re-running the job writes its stored text again.
+- When a replay (a higher catalog revision) or a late call changes what a final invoice F should have
+  said, the difference (recomputed subtotal - F's subtotal - what final invoices already carried) is an
+  ``adjustment`` line on the tenant's invoice being computed for a later period, naming F and why.
 """
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
-from datetime import UTC, date, datetime
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from pipeline.catalogs import catalog_at_revision
 from rating.batch import invoices_from_usage
 from rating.catalog import Catalog
-from rating.invoice import Invoice
+from rating.invoice import Invoice, InvoiceLine, build_invoice, money_text
 from rating.models import ProvisioningEvent
-from rating.periods import parse_month
+from rating.periods import Period, parse_month
 from rating.subscription import TenantTimeline
-from sinks.ledger import Ledger
+from sinks.ledger import Ledger, as_utc
+
+
+@dataclass(frozen=True)
+class InvoiceOutput:
+    invoice: Invoice
+    text: str  # the JSON written to <invoice_id>.json
+    status: str  # draft | final
+    stored: bool  # True: a final invoice re-emitted from storage, not recomputed
+    adjustments: tuple[tuple[str, Decimal, str], ...] = ()  # (corrects invoice id, amount, reason)
 
 
 def month_window(year: int, month: int) -> tuple[datetime, datetime]:
@@ -38,6 +57,7 @@ def timelines_from_ledger(ledger: Ledger, tenant: str | None = None) -> dict[str
 def compute_invoices(
     ledger: Ledger, catalog: Catalog, period: str, tenant: str | None = None
 ) -> list[Invoice]:
+    """Drafts as the rules say today (no finalization, no adjustments): the reference view."""
     year, month = parse_month(period)
     timelines = timelines_from_ledger(ledger, tenant)
     start, end = month_window(year, month)
@@ -48,31 +68,128 @@ def compute_invoices(
     return invoices_from_usage(timelines, usage, catalog, year, month)
 
 
+def _period_of(row: dict[str, Any]) -> Period:
+    start, end = row["period_start"], row["period_end"]
+    return Period(
+        datetime(start.year, start.month, start.day, tzinfo=UTC),
+        datetime(end.year, end.month, end.day, tzinfo=UTC),
+    )
+
+
+def _adjustments(
+    ledger: Ledger, catalog: Catalog, timeline: TenantTimeline, draft: Invoice, finals: list[dict[str, Any]]
+) -> list[tuple[str, Decimal, str]]:
+    out = []
+    for final in finals:
+        period = _period_of(final)
+        if period.start >= draft.period.start:
+            continue
+        seconds, revision, late = ledger.period_rating_facts(final["tenant_id"], period.start)
+        rated_with = catalog_at_revision(ledger, max(revision, int(final["catalog_revision"])), catalog)
+        now = build_invoice(
+            tenant_id=final["tenant_id"],
+            period=period,
+            timeline=timeline,
+            catalog=rated_with,
+            billable_seconds_total=seconds,
+        )
+        carried = ledger.carried_adjustments(final["invoice_id"], excluding_carrier=draft.invoice_id)
+        delta = now.subtotal - Decimal(final["subtotal"]) - carried
+        if delta == 0:
+            continue
+        why = []
+        if revision > int(final["catalog_revision"]):
+            why.append(f"re-rated with catalog revision {revision}")
+        if late:
+            why.append(f"{late} late call{'s' if late != 1 else ''}")
+        out.append((final["invoice_id"], delta, ", ".join(why) or "recomputed"))
+    return out
+
+
+def run_invoices(
+    ledger: Ledger,
+    catalog: Catalog,
+    period: str,
+    tenant: str | None = None,
+    *,
+    finalize: bool = False,
+    settlement_window: timedelta = timedelta(hours=48),
+    now: datetime | None = None,
+) -> list[InvoiceOutput]:
+    now = now or datetime.now(UTC)
+    stored = {row["invoice_id"]: row for row in ledger.invoice_rows(tenant)}
+    finals_by_tenant: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in stored.values():
+        if row["status"] == "final":
+            finals_by_tenant[row["tenant_id"]].append(row)
+    timelines = timelines_from_ledger(ledger, tenant)
+    outputs = []
+    for draft in compute_invoices(ledger, catalog, period, tenant):
+        previous = stored.get(draft.invoice_id)
+        if previous is not None and previous["status"] == "final":
+            outputs.append(InvoiceOutput(draft, str(previous["body"]), "final", stored=True))
+            continue
+        timeline = timelines[draft.tenant_id]
+        adjustments = _adjustments(ledger, catalog, timeline, draft, finals_by_tenant[draft.tenant_id])
+        invoice = draft
+        if adjustments:
+            lines = [
+                InvoiceLine(
+                    code="adjustment",
+                    description=f"Correction of invoice {corrects}: {why}",
+                    quantity="1",
+                    unit_price=money_text(amount),
+                    amount=amount,
+                    corrects_invoice=corrects,
+                )
+                for corrects, amount, why in adjustments
+            ]
+            invoice = build_invoice(
+                tenant_id=draft.tenant_id,
+                period=draft.period,
+                timeline=timeline,
+                catalog=catalog,
+                billable_seconds_total=_seconds(draft),
+                extra_lines=lines,
+            )
+        final = finalize or now >= invoice.period.end + settlement_window
+        outputs.append(
+            InvoiceOutput(
+                invoice, invoice_json(invoice, now), "final" if final else "draft", False, tuple(adjustments)
+            )
+        )
+    return outputs
+
+
+def _seconds(invoice: Invoice) -> int:
+    used = 0
+    for line in invoice.lines:
+        if line.code in ("included_seconds", "overage_seconds", "blocked_overage_seconds"):
+            used += int(line.quantity)
+    return used
+
+
 def invoice_json(invoice: Invoice, generated_at: datetime) -> str:
     body = invoice.to_json_dict(generated_at.isoformat(timespec="seconds").replace("+00:00", "Z"))
     return json.dumps(body, indent=2) + "\n"
 
 
-def write_invoices(
-    ledger: Ledger, invoices: list[Invoice], out_dir: Path, generated_at: datetime | None = None
-) -> list[Path]:
-    """Write ``<invoice_id>.json`` files and store invoices with their lines in the ledger.
-
-    Storage is keyed by invoice_id (ReplacingMergeTree by generated_at), so a re-run replaces the
-    previous draft in every query that reads FINAL; the files are rewritten byte-identically except
-    ``generated_at``.
-    """
-    generated_at = generated_at or datetime.now(UTC)
+def write_outputs(ledger: Ledger, outputs: list[InvoiceOutput], out_dir: Path) -> list[Path]:
+    """Write ``<invoice_id>.json`` files; store new drafts and new finals with their lines and
+    adjustments. A stored final invoice is written out again byte for byte and never stored again."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    generated_at = datetime.now(UTC)
     paths = []
-    for invoice in invoices:
-        text = invoice_json(invoice, generated_at)
+    for output in outputs:
+        invoice = output.invoice
         path = out_dir / f"{invoice.invoice_id}.json"
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(text)
+        tmp.write_text(output.text)
         tmp.replace(path)
         paths.append(path)
-        body: dict[str, Any] = json.loads(text)
+        if output.stored:
+            continue
+        body: dict[str, Any] = json.loads(output.text)
         ledger.add(
             "invoices",
             [
@@ -86,8 +203,9 @@ def write_invoices(
                 invoice.subtotal,
                 invoice.tax,
                 invoice.total,
-                text,
+                output.text,
                 generated_at,
+                output.status,
             ],
         )
         for line_no, line in enumerate(body["lines"]):
@@ -105,5 +223,32 @@ def write_invoices(
                     generated_at,
                 ],
             )
+        for corrects, amount, why in output.adjustments:
+            ledger.add(
+                "adjustments",
+                [
+                    invoice.invoice_id,
+                    corrects,
+                    invoice.tenant_id,
+                    amount,
+                    why,
+                    invoice.catalog_revision,
+                    output.status,
+                    generated_at,
+                ],
+            )
     ledger.flush()
     return paths
+
+
+def write_invoices(
+    ledger: Ledger, invoices: list[Invoice], out_dir: Path, generated_at: datetime | None = None
+) -> list[Path]:
+    """Drafts straight from ``compute_invoices`` (the demo's path)."""
+    when = generated_at or datetime.now(UTC)
+    return write_outputs(
+        ledger, [InvoiceOutput(inv, invoice_json(inv, when), "draft", False) for inv in invoices], out_dir
+    )
+
+
+__all__ = ["InvoiceOutput", "as_utc", "compute_invoices", "run_invoices", "write_invoices", "write_outputs"]

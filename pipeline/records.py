@@ -69,3 +69,31 @@ def payload_json(record: dict[str, Any], names: tuple[str, ...]) -> str:
 
 CALL_FIELDS = _CALL_FIELDS
 PROVISIONING_FIELDS = _PROVISIONING_FIELDS
+
+
+def rated_call_row(r: dict[str, Any], *, late: bool) -> list[Any]:
+    """One ``rated_calls`` ledger row (sinks/ledger.py RATED_CALL_COLUMNS) from a RatedCall record."""
+    return [
+        r["tenant_id"],
+        r["event_id"],
+        r["call_id"],
+        r.get("employee_id"),
+        r["direction"],
+        r["from_number"],
+        r["to_number"],
+        r["started_at"],
+        r.get("answered_at"),
+        r["ended_at"],
+        r["disposition"],
+        r["gateway_id"],
+        r["period_start"],
+        r["period_end"],
+        r["plan_id"],
+        r["raw_seconds"],
+        r["billable_seconds"],
+        r["catalog_revision"],
+        int(late),
+        r["rated_at"],
+        r["source_partition"],
+        r["source_offset"],
+    ]

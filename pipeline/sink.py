@@ -28,7 +28,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
 from pipeline import metrics
-from pipeline.records import CALL_FIELDS, PROVISIONING_FIELDS, payload_json
+from pipeline.records import CALL_FIELDS, PROVISIONING_FIELDS, payload_json, rated_call_row
 from pipeline.settings import Settings
 from schemas.errors import SerdeError
 from schemas.serde import Serde
@@ -66,6 +66,9 @@ class LedgerSink:
             }
         )
         self.error: BaseException | None = None
+        # Periods with a final invoice: a call rated into one is late (issue 4). Refreshed every 10 s.
+        self._finalized: set[tuple[str, datetime]] = set()
+        self._finalized_at = 0.0
         self.rows_written = 0
         self.batches = 0
         self.last_progress = time.monotonic()
@@ -188,33 +191,10 @@ class LedgerSink:
             return
         if topic == self.topics.rated:
             r = self._decode(value, "RatedCall")
-            self.ledger.add(
-                "rated_calls",
-                [
-                    r["tenant_id"],
-                    r["event_id"],
-                    r["call_id"],
-                    r.get("employee_id"),
-                    r["direction"],
-                    r["from_number"],
-                    r["to_number"],
-                    r["started_at"],
-                    r.get("answered_at"),
-                    r["ended_at"],
-                    r["disposition"],
-                    r["gateway_id"],
-                    r["period_start"],
-                    r["period_end"],
-                    r["plan_id"],
-                    r["raw_seconds"],
-                    r["billable_seconds"],
-                    r["catalog_revision"],
-                    int(bool(r["late"])),
-                    r["rated_at"],
-                    r["source_partition"],
-                    r["source_offset"],
-                ],
-            )
+            late = bool(r["late"]) or self._is_final(r["tenant_id"], r["period_start"])
+            if late:
+                metrics.LATE_EVENTS.inc()
+            self.ledger.add("rated_calls", rated_call_row(r, late=late))
             self.ledger.add(
                 "raw_events",
                 [
@@ -267,6 +247,12 @@ class LedgerSink:
             return
         text = f"sink received a record from unexpected topic {topic}"
         raise LedgerError(text)
+
+    def _is_final(self, tenant_id: str, period_start: datetime) -> bool:
+        if time.monotonic() - self._finalized_at > 10:
+            self._finalized = self.ledger.finalized_periods()
+            self._finalized_at = time.monotonic()
+        return (tenant_id, period_start) in self._finalized
 
     def _decode(self, value: bytes, expected: str) -> dict[str, Any]:
         try:

@@ -749,11 +749,26 @@ class IdleWatch(threading.Thread):
                 return
 
 
-def run_worker(settings: Settings, bootstrap: str, catalog: Catalog, serde: Serde, until_idle: bool) -> Stats:
+def run_worker(
+    settings: Settings,
+    bootstrap: str,
+    catalog: Catalog,
+    serde: Serde,
+    until_idle: bool,
+    catalog_text: str = "",
+) -> Stats:
     """Run the worker in this process until SIGTERM/SIGINT, or until idle. Raises on a sink failure."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    prepare_state_dir(settings.data_dir / "worker")
     ledger = Ledger.open(settings.clickhouse_dsn, _secret(settings))
+    if catalog_text:
+        from pipeline.catalogs import register_catalog
+
+        try:
+            register_catalog(ledger, catalog, catalog_text)
+        except Exception:
+            ledger.close()
+            raise
+    prepare_state_dir(settings.data_dir / "worker")
     meter = Meter(settings, bootstrap, catalog, serde)
     from pipeline.sink import LedgerSink
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import clickhouse_connect
@@ -91,6 +92,17 @@ DEAD_LETTER_COLUMNS = (
     "value_hex",
     "failed_at",
 )
+CATALOG_COLUMNS = ("revision", "sha256", "body", "loaded_at")
+ADJUSTMENT_COLUMNS = (
+    "carried_on_invoice_id",
+    "corrects_invoice_id",
+    "tenant_id",
+    "amount",
+    "reason",
+    "catalog_revision",
+    "status",
+    "generated_at",
+)
 INVOICE_COLUMNS = (
     "invoice_id",
     "tenant_id",
@@ -104,6 +116,7 @@ INVOICE_COLUMNS = (
     "total",
     "body",
     "generated_at",
+    "status",
 )
 INVOICE_LINE_COLUMNS = (
     "invoice_id",
@@ -124,6 +137,8 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "dead_letters": DEAD_LETTER_COLUMNS,
     "invoices": INVOICE_COLUMNS,
     "invoice_lines": INVOICE_LINE_COLUMNS,
+    "catalogs": CATALOG_COLUMNS,
+    "adjustments": ADJUSTMENT_COLUMNS,
 }
 
 # Versioned DDL: append a new entry to change the schema; never edit an applied one.
@@ -168,6 +183,25 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
                 number Nullable(String), quantity String, unit_price String, amount Decimal(18, 2),
                 generated_at {_TS}
             ) ENGINE = ReplacingMergeTree(generated_at) ORDER BY (invoice_id, line_no)""",
+        ],
+    ),
+    (
+        2,
+        "catalog revisions, final invoices, adjustments",
+        [
+            # draft | final. A final invoice row is never followed by another row for its id.
+            "ALTER TABLE invoices ADD COLUMN IF NOT EXISTS status LowCardinality(String) DEFAULT 'draft'",
+            # Every catalog revision the ledger has used, verbatim: old charges are recomputed with the
+            # revision that produced them, and one revision number can never mean two catalogs.
+            f"""CREATE TABLE IF NOT EXISTS catalogs (
+                revision UInt32, sha256 String, body String, loaded_at {_TS}
+            ) ENGINE = ReplacingMergeTree ORDER BY revision""",
+            f"""CREATE TABLE IF NOT EXISTS adjustments (
+                carried_on_invoice_id String, corrects_invoice_id String, tenant_id String,
+                amount Decimal(18, 2), reason String, catalog_revision UInt32,
+                status LowCardinality(String), generated_at {_TS}
+            ) ENGINE = ReplacingMergeTree(generated_at)
+            ORDER BY (carried_on_invoice_id, corrects_invoice_id)""",
         ],
     ),
 ]
@@ -329,6 +363,110 @@ class Ledger:
             """
         )
         return {tenant: int(seconds) for tenant, seconds in rows}
+
+    # -- catalog revisions, final invoices, adjustments (issue 4) -------------------------------------
+    def max_catalog_revision(self) -> int:
+        rows = self.query(
+            "SELECT greatest((SELECT max(revision) FROM catalogs), "
+            "(SELECT max(catalog_revision) FROM rated_calls))"
+        )
+        return int(rows[0][0] or 0)
+
+    def catalog_body(self, revision: int) -> tuple[str, str] | None:
+        rows = self.query(
+            "SELECT sha256, body FROM catalogs FINAL WHERE revision = {r:UInt32}", {"r": revision}
+        )
+        return (str(rows[0][0]), str(rows[0][1])) if rows else None
+
+    def invoice_rows(self, tenant_id: str | None = None, status: str | None = None) -> list[dict[str, Any]]:
+        """Current row per invoice id (FINAL), newest generation."""
+        where = []
+        params: dict[str, Any] = {}
+        if tenant_id:
+            where.append("tenant_id = {t:String}")
+            params["t"] = tenant_id
+        if status:
+            where.append("status = {s:String}")
+            params["s"] = status
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        names = (
+            "invoice_id",
+            "tenant_id",
+            "period_start",
+            "period_end",
+            "plan_id",
+            "catalog_revision",
+            "subtotal",
+            "total",
+            "body",
+            "status",
+            "generated_at",
+        )
+        rows = self.query(
+            f"SELECT {', '.join(names)} FROM invoices FINAL {clause} ORDER BY tenant_id, period_start",  # noqa: S608
+            params or None,
+        )
+        return [dict(zip(names, row, strict=True)) for row in rows]
+
+    def finalized_periods(self) -> set[tuple[str, datetime]]:
+        rows = self.query("SELECT tenant_id, period_start FROM invoices FINAL WHERE status = 'final'")
+        return {(str(t), datetime(d.year, d.month, d.day, tzinfo=UTC)) for t, d in rows}
+
+    def carried_adjustments(self, corrects_invoice_id: str, excluding_carrier: str) -> Decimal:
+        """Adjustments for an invoice already carried by *final* invoices (drafts may still change)."""
+        rows = self.query(
+            "SELECT sum(amount) FROM adjustments FINAL WHERE corrects_invoice_id = {c:String} "
+            "AND status = 'final' AND carried_on_invoice_id != {x:String}",
+            {"c": corrects_invoice_id, "x": excluding_carrier},
+        )
+        return Decimal(rows[0][0] or 0)
+
+    def period_rating_facts(self, tenant_id: str, period_start: datetime) -> tuple[int, int, int]:
+        """(billable seconds, highest catalog revision, late calls) of one tenant period, over each
+        call's current rating."""
+        rows = self.query(
+            """
+            SELECT sum(b), max(rev), sum(late) FROM (
+                SELECT event_id, argMax(billable_seconds, catalog_revision) AS b,
+                       max(catalog_revision) AS rev, max(late) AS late,
+                       argMax(period_start, catalog_revision) AS ps
+                FROM rated_calls WHERE tenant_id = {t:String} GROUP BY event_id
+            ) WHERE ps = {p:DateTime64(3, 'UTC')}
+            """,
+            {"t": tenant_id, "p": period_start},
+        )
+        seconds, revision, late = rows[0] if rows else (0, 0, 0)
+        return int(seconds or 0), int(revision or 0), int(late or 0)
+
+    def raw_calls(
+        self, started_from: datetime, started_to: datetime, tenant_id: str | None
+    ) -> list[tuple[str, int, int]]:
+        """(payload JSON, source partition, source offset) of every deduplicated call that started in
+        [from, to): replay's source once the topic's retention no longer covers the range."""
+        tenant_clause = "AND tenant_id = {t:String}" if tenant_id else ""
+        rows = self.query(
+            "SELECT payload, source_partition, source_offset FROM raw_events FINAL "  # noqa: S608
+            "WHERE topic = 'calls' AND event_time >= {f:DateTime64(3, 'UTC')} "
+            f"AND event_time < {{u:DateTime64(3, 'UTC')}} {tenant_clause} "
+            "ORDER BY tenant_id, event_time, event_id",
+            {"f": started_from, "u": started_to, "t": tenant_id},
+        )
+        return [(str(p), int(part), int(off)) for p, part, off in rows]
+
+    def current_ratings(
+        self, started_from: datetime, started_to: datetime, tenant_id: str | None
+    ) -> dict[tuple[str, str], tuple[int, int, datetime]]:
+        """(tenant, event) -> (billable seconds, catalog revision, period start) of each call's current
+        rating, for calls that started in [from, to)."""
+        tenant_clause = "AND tenant_id = {t:String}" if tenant_id else ""
+        rows = self.query(
+            "SELECT tenant_id, event_id, argMax(billable_seconds, catalog_revision), max(catalog_revision), "  # noqa: S608
+            "argMax(period_start, catalog_revision) FROM rated_calls "
+            "WHERE started_at >= {f:DateTime64(3, 'UTC')} AND started_at < {u:DateTime64(3, 'UTC')} "
+            f"{tenant_clause} GROUP BY tenant_id, event_id",
+            {"f": started_from, "u": started_to, "t": tenant_id},
+        )
+        return {(t, e): (int(b), int(r), as_utc(p)) for t, e, b, r, p in rows}
 
     def write_rows(self, table: str, rows: Iterable[Sequence[Any]], dedup_token: str | None = None) -> None:
         for row in rows:

@@ -69,5 +69,8 @@ def cm_env(kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> dict[str,
         # runs. test_retention_e2e.py sets the real default back on purpose.
         CALLMETER_DEDUPE_RETENTION_DAYS="36500",
         CALLMETER_WORKER_WEB_PORT=str(free_port()),
+        # Invoices become final only through --finalize in tests, whatever the date the suite runs on
+        # (the fixtures' periods are in 2026; the default settlement window is 48 h after period end).
+        CALLMETER_SETTLEMENT_WINDOW_HOURS="876000",
     )
     return env

@@ -1,0 +1,223 @@
+"""Issue 4: pricing fixes through replay, final invoices, adjustments, late calls."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from pipeline.records import call_from_record, provisioning_from_record
+from pipeline.settings import Settings
+from pipeline.simulate import SimulationConfig, write_file
+from rating.batch import invoices_for_month
+from rating.catalog import parse_catalog
+from schemas.json_events import parse_json_event
+from tests.integration.cli import EXAMPLES, callmeter, comparable, ledger_report, read_invoices, worker_stats
+
+pytestmark = pytest.mark.integration
+
+EXPECTED = {p.stem: json.loads(p.read_text()) for p in sorted((EXAMPLES / "expected").glob("*.json"))}
+# Revision 2 fixes starter's first overage tier (0.0200 -> 0.0250) and pro's rate (0.0100 -> 0.0120).
+REV1 = (EXAMPLES / "catalog.yaml").read_text()
+REV2 = (
+    REV1.replace("revision: 1", "revision: 2")
+    .replace('{up_to: 600, rate: "0.0200"}', '{up_to: 600, rate: "0.0250"}')
+    .replace('{up_to: null, rate: "0.0100"}', '{up_to: null, rate: "0.0120"}')
+)
+ALL_NOVEMBER = ("--from", "2026-10-01T00:00:00Z", "--to", "2026-12-16T00:00:00Z")
+
+
+def rev2(tmp_path: Path) -> str:
+    path = tmp_path / "catalog-rev2.yaml"
+    path.write_text(REV2)
+    return str(path)
+
+
+def adjustments(invoice: dict[str, Any]) -> list[tuple[str, str]]:
+    return [
+        (line["corrects_invoice"], line["amount"])
+        for line in invoice["lines"]
+        if line["code"] == "adjustment"
+    ]
+
+
+def rate_and_finalize_examples(env: dict[str, str], tmp_path: Path) -> None:
+    callmeter(env, "produce", str(EXAMPLES / "events.jsonl"))
+    worker_stats(env)
+    out = callmeter(
+        env, "invoice", "--period", "2026-11", "--out", str(tmp_path / "nov"), "--finalize"
+    ).stdout
+    assert [line.rsplit(" ", 1)[-1] for line in out.splitlines()] == ["final"] * 3
+    got = read_invoices(tmp_path / "nov")
+    assert {k: comparable(v) for k, v in got.items()} == {k: comparable(v) for k, v in EXPECTED.items()}
+
+
+def test_pricing_fix_replay_carries_the_difference_once(cm_env: dict[str, str], tmp_path: Path) -> None:
+    rate_and_finalize_examples(cm_env, tmp_path)
+    final_bytes = {p.name: p.read_bytes() for p in (tmp_path / "nov").glob("*.json")}
+    catalog = rev2(tmp_path)
+    before = ledger_report(cm_env)
+
+    dry = callmeter(cm_env, "--catalog", catalog, "replay", *ALL_NOVEMBER, "--dry-run").stdout
+    assert "acme            2026-11-01           69.52         72.52        +3.00" in dry
+    assert "bolt            2026-11-15          204.00        204.00         0.00" in dry  # capped at 5.00
+    assert ledger_report(cm_env) == before  # a dry run writes nothing
+
+    callmeter(cm_env, "--catalog", catalog, "replay", *ALL_NOVEMBER)
+    after = ledger_report(cm_env)
+    assert after["rated_calls"] == before["rated_calls"] * 2  # one new row per call, revision 2
+
+    # Final invoices are never rewritten...
+    callmeter(cm_env, "--catalog", catalog, "invoice", "--period", "2026-11", "--out", str(tmp_path / "nov2"))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "nov2").glob("*.json")} == final_bytes
+    # ...the next invoice carries the difference, naming the invoice it corrects.
+    callmeter(cm_env, "--catalog", catalog, "invoice", "--period", "2026-12", "--out", str(tmp_path / "dec"))
+    dec = read_invoices(tmp_path / "dec")
+    assert adjustments(dec["acme-20261201"]) == [("acme-20261101", "3.00")]
+    line = next(x for x in dec["acme-20261201"]["lines"] if x["code"] == "adjustment")
+    assert "revision 2" in line["description"]
+    assert adjustments(dec["bolt-20261215"]) == [] and adjustments(dec["dime-20261201"]) == []
+    assert Decimal(dec["acme-20261201"]["subtotal"]) == sum(
+        Decimal(x["amount"]) for x in dec["acme-20261201"]["lines"]
+    )
+
+    # Replaying again adds nothing.
+    callmeter(cm_env, "--catalog", catalog, "replay", *ALL_NOVEMBER)
+    assert ledger_report(cm_env)["rated_calls"] == after["rated_calls"]
+    callmeter(cm_env, "--catalog", catalog, "invoice", "--period", "2026-12", "--out", str(tmp_path / "dec2"))
+    assert adjustments(read_invoices(tmp_path / "dec2")["acme-20261201"]) == [("acme-20261101", "3.00")]
+
+    # The ledger now holds revision 2: the old catalog is refused with a one-line reason.
+    proc = callmeter(cm_env, "invoice", "--period", "2026-12", "--out", str(tmp_path / "x"), check=False)
+    assert proc.returncode == 1 and "older than revision 2" in proc.stderr and proc.stderr.count("\n") == 1
+    # And revision 2 cannot be reused for different prices.
+    changed = tmp_path / "rev2-changed.yaml"
+    changed.write_text(REV2.replace('base_fee: "49.00"', 'base_fee: "59.00"'))
+    proc = callmeter(cm_env, "--catalog", str(changed), "replay", *ALL_NOVEMBER, check=False)
+    assert proc.returncode == 1 and "raise `revision`" in proc.stderr
+
+
+def test_replay_from_the_ledger_once_the_topic_data_is_gone(cm_env: dict[str, str], tmp_path: Path) -> None:
+    rate_and_finalize_examples(cm_env, tmp_path)
+    # What retention does to a topic, done at once: the log start offset moves past every record.
+    settings = Settings(topic_prefix=cm_env["CALLMETER_TOPIC_PREFIX"], partitions=3)
+    admin = AdminClient({"bootstrap.servers": cm_env["CALLMETER_KAFKA"]})
+    futures = admin.delete_records([TopicPartition(settings.topics.calls, p, -1) for p in range(3)])
+    for future in futures.values():
+        future.result()
+    catalog = rev2(tmp_path)
+    proc = callmeter(cm_env, "--catalog", catalog, "replay", *ALL_NOVEMBER, "--source", "kafka", check=False)
+    assert proc.returncode == 1 and "--source ledger" in proc.stderr
+    proc = callmeter(cm_env, "--catalog", catalog, "replay", *ALL_NOVEMBER)
+    assert "from ledger" in proc.stderr
+    assert "acme            2026-11-01           69.52         72.52        +3.00" in proc.stdout
+    callmeter(cm_env, "--catalog", catalog, "invoice", "--period", "2026-12", "--out", str(tmp_path / "dec"))
+    assert adjustments(read_invoices(tmp_path / "dec")["acme-20261201"]) == [("acme-20261101", "3.00")]
+
+
+def test_a_late_call_for_a_final_period_is_one_adjustment(cm_env: dict[str, str], tmp_path: Path) -> None:
+    rate_and_finalize_examples(cm_env, tmp_path)
+    late = {
+        "type": "call",
+        "event_id": "late-1",
+        "tenant_id": "acme",
+        "call_id": "c-late",
+        "employee_id": None,
+        "direction": "INBOUND",
+        "from_number": "+15550000001",
+        "to_number": "+15551110001",
+        "started_at": "2026-11-20T10:00:00Z",
+        "answered_at": "2026-11-20T10:00:00Z",
+        "ended_at": "2026-11-20T10:01:40Z",
+        "disposition": "ANSWERED",
+        "gateway_id": "gw-1",
+    }
+    path = tmp_path / "late.jsonl"
+    path.write_text(json.dumps(late) + "\n")
+    for attempt in range(2):  # the same late call, sent twice
+        callmeter(cm_env, "produce", str(path))
+        stats = worker_stats(cm_env)
+        assert stats["rated"] == (1 if attempt == 0 else 0)
+        report = ledger_report(cm_env)
+        assert report["late_rated_calls"] == 1
+        callmeter(cm_env, "invoice", "--period", "2026-12", "--out", str(tmp_path / f"dec{attempt}"))
+        dec = read_invoices(tmp_path / f"dec{attempt}")
+        # 100 s more in the 0.0150 tier: 501 s = 7.515 -> 7.52 instead of 401 s = 6.015 -> 6.02.
+        assert adjustments(dec["acme-20261201"]) == [("acme-20261101", "1.50")]
+        assert (
+            "1 late call"
+            in next(x for x in dec["acme-20261201"]["lines"] if x["code"] == "adjustment")["description"]
+        )
+    # November's usage total is right, its final invoice untouched.
+    assert report["billable_seconds_by_tenant"]["acme"] == 19601 + 100
+    callmeter(cm_env, "invoice", "--period", "2026-11", "--out", str(tmp_path / "nov-again"))
+    assert read_invoices(tmp_path / "nov-again") == read_invoices(tmp_path / "nov")
+
+
+def _reference_subtotals(events: Path, catalog_text: str) -> dict[str, Decimal]:
+    calls, provisioning = [], []
+    for line in events.read_text().splitlines():
+        name, record = parse_json_event(json.loads(line))
+        (calls if name == "CallRecord" else provisioning).append(
+            call_from_record(record) if name == "CallRecord" else provisioning_from_record(record)
+        )
+    invoices = invoices_for_month(calls, provisioning, parse_catalog(catalog_text), 2026, 10)
+    return {inv.tenant_id: inv.subtotal for inv in invoices}
+
+
+def test_replay_killed_halfway_and_rerun_ends_at_the_same_numbers(
+    cm_env: dict[str, str], tmp_path: Path
+) -> None:
+    events = tmp_path / "events.jsonl"
+    write_file(SimulationConfig(tenants=4, calls=4000, duplicate_rate=0.02, late_rate=0.0, seed=23), events)
+    callmeter(cm_env, "produce", str(events))
+    worker_stats(cm_env)
+    callmeter(cm_env, "invoice", "--period", "2026-10", "--out", str(tmp_path / "oct"), "--finalize")
+    catalog = rev2(tmp_path)
+    window = ("--from", "2026-09-01T00:00:00Z", "--to", "2026-12-31T00:00:00Z")
+    replay = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "--catalog",
+            catalog,
+            "replay",
+            *window,
+            "--batch-size",
+            "100",
+        ],
+        env=cm_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert replay.stderr is not None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = replay.stderr.readline()
+        assert line, "replay ended before it could be killed"
+        if "calls re-rated" in line:
+            written, total = (int(x) for x in line.split("]")[1].split()[0].split("/"))
+            if 0 < written < total:
+                replay.send_signal(signal.SIGKILL)
+                break
+    replay.wait(30)
+    assert replay.returncode == -signal.SIGKILL
+    callmeter(cm_env, "--catalog", catalog, "replay", *window)
+    callmeter(cm_env, "--catalog", catalog, "invoice", "--period", "2026-11", "--out", str(tmp_path / "nov"))
+    nov = read_invoices(tmp_path / "nov")
+    old, new = _reference_subtotals(events, REV1), _reference_subtotals(events, REV2)
+    for tenant, old_subtotal in old.items():
+        expected = new[tenant] - old_subtotal
+        got = [Decimal(a) for c, a in adjustments(nov[next(k for k in nov if k.startswith(tenant))])]
+        assert got == ([expected] if expected else []), tenant

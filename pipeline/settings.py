@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     cache_dir: Path = Path.home() / ".cache" / "callmeter"
     worker_web_port: int = 6066
     sink_batch_rows: int = 20000
+    # Worker producers (changelogs, outputs) batch this long: fewer, larger produce requests. It adds
+    # at most this much to the time before output is committed; balances read local state at once.
+    producer_linger_ms: int = 100
     log_level: str = "warning"
 
     def topic(self, name: str) -> str:

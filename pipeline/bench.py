@@ -16,13 +16,158 @@ import sys
 import tempfile
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from pipeline.settings import Settings
 
 
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def balance_bench(env: dict[str, str], requests: int, load_calls: int) -> dict[str, object]:
+    """Balance latency under load from the simulator, and produce-to-balance freshness."""
+    import random
+    import threading
+    import urllib.request
+
+    from confluent_kafka import Producer
+
+    from pipeline.cli import make_serde
+    from schemas.json_events import parse_json_event
+
+    port = env["CALLMETER_WORKER_WEB_PORT"]
+    base = f"http://127.0.0.1:{port}"
+    settings = Settings(
+        topic_prefix=env["CALLMETER_TOPIC_PREFIX"], partitions=int(env["CALLMETER_PARTITIONS"])
+    )
+    serde = make_serde(settings)
+    producer = Producer(
+        {"bootstrap.servers": env["CALLMETER_KAFKA"], "partitioner": "murmur2_random", "linger.ms": 0}
+    )
+
+    def publish(event: dict[str, Any]) -> None:
+        name, record = parse_json_event(event)
+        topic = settings.topics.calls if name == "CallRecord" else settings.topics.provisioning
+        producer.produce(
+            topic, key=str(record["tenant_id"]).encode(), value=serde.encode(name, record, topic)
+        )
+        producer.flush(10)
+
+    sub = {
+        "type": "provisioning",
+        "event_id": "fresh-sub",
+        "tenant_id": "fresh",
+        "occurred_at": "2026-10-01T00:00:00Z",
+        "action": "SUBSCRIPTION_STARTED",
+        "plan_id": "starter",
+        "tax_region": "NONE",
+        "number": None,
+        "number_type": None,
+        "employee_id": None,
+    }
+    publish(sub)
+    log = Path(env["CALLMETER_DATA_DIR"]).with_suffix(".worker.log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("wb") as err:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "worker"], env=env, stdout=subprocess.DEVNULL, stderr=err
+        )
+    try:
+
+        def get(path: str) -> dict[str, object]:
+            with urllib.request.urlopen(base + path, timeout=10) as resp:  # noqa: S310 - local worker
+                return dict(json.loads(resp.read()))
+
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if get("/balances/fresh?at=2026-10-15T00:00:00Z").get("tenant_id") == "fresh":
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                msg = "worker did not come up"
+                raise RuntimeError(msg)
+            time.sleep(0.2)
+
+        # Freshness: one call produced -> visible in the balance. Polled every 5 ms.
+        fresh = []
+        for i in range(20):
+            started = datetime(2026, 10, 2, tzinfo=UTC) + timedelta(hours=i)
+            call = {
+                "type": "call",
+                "event_id": f"fresh-{i}",
+                "tenant_id": "fresh",
+                "call_id": f"f{i}",
+                "employee_id": None,
+                "direction": "INBOUND",
+                "from_number": "+15550000001",
+                "to_number": "+15551110001",
+                "started_at": started.isoformat().replace("+00:00", "Z"),
+                "answered_at": started.isoformat().replace("+00:00", "Z"),
+                "ended_at": (started + timedelta(seconds=10)).isoformat().replace("+00:00", "Z"),
+                "disposition": "ANSWERED",
+                "gateway_id": "gw-bench",
+            }
+            t0 = time.perf_counter()
+            publish(call)
+            while get("/balances/fresh?at=2026-10-15T00:00:00Z")["used_seconds"] != 10 * (i + 1):
+                time.sleep(0.005)
+            fresh.append(time.perf_counter() - t0)
+
+        # Load: the simulator publishes while requests are timed (bounded count, loopback only).
+        load = threading.Thread(
+            target=lambda: subprocess.run(  # noqa: S603
+                [
+                    sys.executable,
+                    "-m",
+                    "pipeline.cli",
+                    "simulate",
+                    "--produce",
+                    "--tenants",
+                    "20",
+                    "--calls",
+                    str(load_calls),
+                    "--seed",
+                    "9",
+                ],
+                env=env,
+                check=True,
+                capture_output=True,
+            )
+        )
+        load.start()
+        time.sleep(2)
+        tenants = [f"tenant-{i:04d}" for i in range(1, 21)]
+        rng = random.Random(1)  # noqa: S311 - benchmark traffic
+        latencies = []
+        for _ in range(requests):
+            t0 = time.perf_counter()
+            get(f"/balances/{rng.choice(tenants)}?at=2026-10-20T00:00:00Z")
+            latencies.append(time.perf_counter() - t0)
+        under_load = load.is_alive()
+        load.join()
+    finally:
+        worker.terminate()
+        worker.wait(60)
+    return {
+        "balance_requests": requests,
+        "balance_latency_ms_p50": round(_percentile(latencies, 0.5) * 1000, 2),
+        "balance_latency_ms_p99": round(_percentile(latencies, 0.99) * 1000, 2),
+        "simulator_still_publishing_at_end": under_load,
+        "produce_to_balance_ms_p50": round(_percentile(fresh, 0.5) * 1000, 1),
+        "produce_to_balance_ms_max": round(max(fresh) * 1000, 1),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="callmeter-bench")
+    parser.add_argument("--balance", action="store_true", help="balance latency under load instead")
+    parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--calls", type=int, default=int(os.environ.get("BENCH_CALLS", "1000000")))
     parser.add_argument("--tenants", type=int, default=50)
     parser.add_argument("--partitions", type=int, default=6)
@@ -39,6 +184,16 @@ def main() -> int:
         from pipeline.broker import LocalKafka
 
         env["CALLMETER_KAFKA"] = LocalKafka(Settings(data_dir=Path(".callmeter"))).up()
+    if args.balance:
+        env.setdefault("CALLMETER_WORKER_WEB_PORT", "6099")
+        from pipeline.broker import ensure_topics
+
+        ensure_topics(
+            Settings(topic_prefix=env["CALLMETER_TOPIC_PREFIX"], partitions=args.partitions),
+            env["CALLMETER_KAFKA"],
+        )
+        print(json.dumps(balance_bench(env, args.requests, min(args.calls, 200000)), indent=2))
+        return 0
 
     def cli(*argv: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(  # noqa: S603 - our own CLI, fixed argv

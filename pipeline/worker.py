@@ -482,10 +482,12 @@ class Meter:
         used: int,
         included: int,
         message: str,
+        subject: str = "",
     ) -> None:
         """Sent in the current partition's transaction with the state change that caused it, so a
-        restart, a rebalance or a duplicate record can never send it twice (spec §8)."""
-        suffix = threshold if threshold is not None else "quota"
+        restart, a rebalance or a duplicate record can never send it twice (spec §8). The id is
+        deterministic (tenant, period, kind, threshold or quota subject) so consumers can dedupe too."""
+        suffix = threshold if threshold is not None else subject
         record = {
             "alert_id": f"{tenant}-{period_start.strftime('%Y%m%d')}-{kind}-{suffix}",
             "tenant_id": tenant,
@@ -535,6 +537,7 @@ class Meter:
                 active,
                 limit,
                 f"{event.tenant_id} has {active} active {what}; plan {plan_id} allows {limit}",
+                subject=what,
             )
 
     async def _on_provisioning(self, src: tuple[Any, ...], record: dict[str, Any], dedupe_key: str) -> None:

@@ -210,3 +210,53 @@ def test_two_workers_answer_every_tenant_from_either_port(cm_env: dict[str, str]
         owned = [set(w.status()["assigned_calls_partitions"]) for w in (a, b)]
         # Both own some partitions, so half the answers above were forwarded to the other worker.
         assert owned[0] and owned[1] and owned[0] | owned[1] == set(range(6)) and not owned[0] & owned[1]
+
+
+def provisioning(tenant: str, event_id: str, action: str, at: str, **fields: str) -> dict[str, Any]:
+    event: dict[str, Any] = {
+        "type": "provisioning",
+        "event_id": event_id,
+        "tenant_id": tenant,
+        "occurred_at": at,
+        "action": action,
+        "plan_id": None,
+        "tax_region": None,
+        "number": None,
+        "number_type": None,
+        "employee_id": None,
+    }
+    event.update(fields)
+    return event
+
+
+def test_quota_exceeded_once_per_tenant_period_and_kind(cm_env: dict[str, str], tmp_path: Path) -> None:
+    # hardstop allows 1 number and 2 active employees.
+    events = [
+        subscription("qq", "hardstop"),
+        provisioning(
+            "qq", "n1", "NUMBER_PROVISIONED", "2026-11-02T00:00:00Z", number="+15550001", number_type="LOCAL"
+        ),
+        provisioning(
+            "qq", "n2", "NUMBER_PROVISIONED", "2026-11-03T00:00:00Z", number="+15550002", number_type="LOCAL"
+        ),
+        provisioning(
+            "qq", "n3", "NUMBER_PROVISIONED", "2026-11-04T00:00:00Z", number="+15550003", number_type="LOCAL"
+        ),
+        *[
+            provisioning(
+                "qq", f"e{i}", "EMPLOYEE_ACTIVATED", f"2026-11-0{i + 2}T12:00:00Z", employee_id=f"emp-{i}"
+            )
+            for i in range(3)
+        ],
+    ]
+    callmeter(cm_env, "produce", write(tmp_path / "q.jsonl", events))
+    worker_stats(cm_env)
+    quota = [a for a in read_alerts(cm_env) if a["kind"] == "QUOTA_EXCEEDED"]
+    assert sorted((a["used_seconds"], a["included_seconds"], a["message"].split()[3]) for a in quota) == [
+        (2, 1, "numbers;"),
+        (3, 2, "employees;"),
+    ]  # the first number over the limit; the third employee
+    assert {a["alert_id"] for a in quota} == {
+        "qq-20261101-QUOTA_EXCEEDED-numbers",
+        "qq-20261101-QUOTA_EXCEEDED-employees",
+    }

@@ -29,7 +29,7 @@ from rating.invoice import Invoice, InvoiceLine, build_invoice, money_text
 from rating.models import ProvisioningEvent
 from rating.periods import Period, parse_month
 from rating.subscription import TenantTimeline
-from sinks.ledger import Ledger, as_utc
+from sinks.ledger import Ledger
 
 
 @dataclass(frozen=True)
@@ -239,16 +239,3 @@ def write_outputs(ledger: Ledger, outputs: list[InvoiceOutput], out_dir: Path) -
             )
     ledger.flush()
     return paths
-
-
-def write_invoices(
-    ledger: Ledger, invoices: list[Invoice], out_dir: Path, generated_at: datetime | None = None
-) -> list[Path]:
-    """Drafts straight from ``compute_invoices`` (the demo's path)."""
-    when = generated_at or datetime.now(UTC)
-    return write_outputs(
-        ledger, [InvoiceOutput(inv, invoice_json(inv, when), "draft", False) for inv in invoices], out_dir
-    )
-
-
-__all__ = ["InvoiceOutput", "as_utc", "compute_invoices", "run_invoices", "write_invoices", "write_outputs"]

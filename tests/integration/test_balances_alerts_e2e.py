@@ -252,7 +252,7 @@ def test_quota_exceeded_once_per_tenant_period_and_kind(cm_env: dict[str, str], 
     callmeter(cm_env, "produce", write(tmp_path / "q.jsonl", events))
     worker_stats(cm_env)
     quota = [a for a in read_alerts(cm_env) if a["kind"] == "QUOTA_EXCEEDED"]
-    assert sorted((a["used_seconds"], a["included_seconds"], a["message"].split()[3]) for a in quota) == [
+    assert sorted((a["used_seconds"], a["included_seconds"], a["message"].split()[4]) for a in quota) == [
         (2, 1, "numbers;"),
         (3, 2, "employees;"),
     ]  # the first number over the limit; the third employee

@@ -704,6 +704,9 @@ class _Worker(faust.Worker):
         level = max(logging.getLevelName(self.meter.settings.log_level.upper()), logging.INFO)
         for name in ("aiokafka", "faust", "mode", "kafka"):
             logging.getLogger(name).setLevel(level)
+        # "producer buffer full" is Faust applying backpressure to changelog writes, which is normal
+        # at volume, not a fault; operators watch lag and throughput instead.
+        logging.getLogger("faust.transport.producer").setLevel(max(level, logging.ERROR))
         self.meter.ready.set()
 
 

@@ -32,6 +32,7 @@ def balance_bench(env: dict[str, str], requests: int, load_calls: int) -> dict[s
     """Balance latency under load from the simulator, and produce-to-balance freshness."""
     import random
     import threading
+    import urllib.error
     import urllib.request
 
     from confluent_kafka import Producer
@@ -78,9 +79,14 @@ def balance_bench(env: dict[str, str], requests: int, load_calls: int) -> dict[s
         )
     try:
 
-        def get(path: str) -> dict[str, object]:
-            with urllib.request.urlopen(base + path, timeout=10) as resp:  # noqa: S310 - local worker
-                return dict(json.loads(resp.read()))
+        def get(path: str) -> dict[str, Any]:
+            try:
+                with urllib.request.urlopen(base + path, timeout=10) as resp:  # noqa: S310 - local worker
+                    return dict(json.loads(resp.read()))
+            except urllib.error.HTTPError as exc:
+                if exc.code == 404:
+                    return {}
+                raise
 
         deadline = time.monotonic() + 120
         while True:
@@ -141,15 +147,22 @@ def balance_bench(env: dict[str, str], requests: int, load_calls: int) -> dict[s
             )
         )
         load.start()
-        time.sleep(2)
         tenants = [f"tenant-{i:04d}" for i in range(1, 21)]
+        deadline = time.monotonic() + 120
+        while not all(get(f"/balances/{t}?at=2026-10-20T00:00:00Z") for t in tenants):
+            if time.monotonic() > deadline:
+                msg = "simulated tenants never became known"
+                raise RuntimeError(msg)
+            time.sleep(0.2)
+        lag_before = sum(row["messages"] for row in get("/status")["lag"])
         rng = random.Random(1)  # noqa: S311 - benchmark traffic
         latencies = []
         for _ in range(requests):
             t0 = time.perf_counter()
             get(f"/balances/{rng.choice(tenants)}?at=2026-10-20T00:00:00Z")
             latencies.append(time.perf_counter() - t0)
-        under_load = load.is_alive()
+        consumed_during = get("/status")["stats"]["consumed"]
+        lag_after = sum(row["messages"] for row in get("/status")["lag"])
         load.join()
     finally:
         worker.terminate()
@@ -158,7 +171,9 @@ def balance_bench(env: dict[str, str], requests: int, load_calls: int) -> dict[s
         "balance_requests": requests,
         "balance_latency_ms_p50": round(_percentile(latencies, 0.5) * 1000, 2),
         "balance_latency_ms_p99": round(_percentile(latencies, 0.99) * 1000, 2),
-        "simulator_still_publishing_at_end": under_load,
+        "worker_input_lag_messages_at_start": lag_before,
+        "worker_input_lag_messages_at_end": lag_after,
+        "worker_consumed_by_end": consumed_during,
         "produce_to_balance_ms_p50": round(_percentile(fresh, 0.5) * 1000, 1),
         "produce_to_balance_ms_max": round(max(fresh) * 1000, 1),
     }

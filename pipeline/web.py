@@ -55,7 +55,6 @@ def install(meter: Meter) -> None:
 
     @app.page("/metrics")
     async def metrics_page(web: Any, request: Any) -> Any:
-        meter.refresh_gauges()
         return web.bytes(generate_latest(metrics.REGISTRY), content_type=CONTENT_TYPE_LATEST.split(";")[0])
 
     @app.page("/status")

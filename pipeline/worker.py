@@ -107,8 +107,6 @@ class Stats:
                 totals = [a + b for a, b in zip(totals, bucket, strict=True)]
         return {"minutes": minutes, "consumed": totals[0], "duplicates": totals[1], "dead_letters": totals[2]}
 
-    last_event_at: float = field(default_factory=time.monotonic)
-
     def total(self) -> int:
         return sum(self.consumed.values())
 
@@ -265,7 +263,6 @@ class Meter:
         key: bytes | None = msg.key
         kind = "call" if topic == self.topics.calls else "provisioning"
         self.stats.consumed[kind] += 1
-        self.stats.last_event_at = time.monotonic()
         self._last_record_ts[partition] = msg.timestamp
         metrics.EVENTS_CONSUMED.labels(topic=topic).inc()
         self.stats.tick(consumed=1)
@@ -465,9 +462,6 @@ class Meter:
 
     def status(self) -> dict[str, Any]:
         return _meter_status(self)
-
-    def refresh_gauges(self) -> None:
-        """Lag gauges come from IdleWatch-style admin queries, refreshed by the lag thread."""
 
     @staticmethod
     def balance_key(tenant: str, period_start: datetime) -> str:

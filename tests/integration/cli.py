@@ -120,3 +120,19 @@ def metric_values(text: str, name: str) -> dict[str, float]:
             labels, _, value = line.rpartition(" ")
             out[labels[len(name) :]] = float(value)
     return out
+
+
+def reference_events(path: Path) -> tuple[list[Any], list[Any]]:
+    """The calls and provisioning events of a JSON-lines file, as rating/ value types (for the
+    reference batch computation the pipeline's invoices are compared with)."""
+    from pipeline.records import call_from_record, provisioning_from_record
+    from schemas.json_events import parse_json_event
+
+    calls, provisioning = [], []
+    for line in path.read_text().splitlines():
+        name, record = parse_json_event(json.loads(line))
+        if name == "CallRecord":
+            calls.append(call_from_record(record))
+        else:
+            provisioning.append(provisioning_from_record(record))
+    return calls, provisioning

@@ -24,24 +24,23 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from pipeline.cli import load_catalog
-from pipeline.records import call_from_record, provisioning_from_record
 from pipeline.settings import SAMPLE_CATALOG, Settings
 from pipeline.simulate import SimulationConfig, write_file
 from rating.batch import invoices_for_month
-from schemas.json_events import parse_json_event
-from tests.integration.cli import callmeter, comparable, ledger_report, read_invoices, worker_stats
+from tests.integration.cli import (
+    callmeter,
+    comparable,
+    ledger_report,
+    read_invoices,
+    reference_events,
+    worker_stats,
+)
 
 pytestmark = pytest.mark.integration
 
 
 def reference_invoices(path: Path, year: int, month: int) -> dict[str, dict[str, Any]]:
-    calls, provisioning = [], []
-    for line in path.read_text().splitlines():
-        name, record = parse_json_event(json.loads(line))
-        if name == "CallRecord":
-            calls.append(call_from_record(record))
-        else:
-            provisioning.append(provisioning_from_record(record))
+    calls, provisioning = reference_events(path)
     invoices = invoices_for_month(calls, provisioning, load_catalog(SAMPLE_CATALOG), year, month)
     return {inv.invoice_id: comparable(inv.to_json_dict("x")) for inv in invoices}
 

@@ -15,13 +15,19 @@ import pytest
 from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from pipeline.records import call_from_record, provisioning_from_record
 from pipeline.settings import Settings
 from pipeline.simulate import SimulationConfig, write_file
 from rating.batch import invoices_for_month
 from rating.catalog import parse_catalog
-from schemas.json_events import parse_json_event
-from tests.integration.cli import EXAMPLES, callmeter, comparable, ledger_report, read_invoices, worker_stats
+from tests.integration.cli import (
+    EXAMPLES,
+    callmeter,
+    comparable,
+    ledger_report,
+    read_invoices,
+    reference_events,
+    worker_stats,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -164,12 +170,7 @@ def test_a_late_call_for_a_final_period_is_one_adjustment(cm_env: dict[str, str]
 
 
 def _reference_subtotals(events: Path, catalog_text: str) -> dict[str, Decimal]:
-    calls, provisioning = [], []
-    for line in events.read_text().splitlines():
-        name, record = parse_json_event(json.loads(line))
-        (calls if name == "CallRecord" else provisioning).append(
-            call_from_record(record) if name == "CallRecord" else provisioning_from_record(record)
-        )
+    calls, provisioning = reference_events(events)
     invoices = invoices_for_month(calls, provisioning, parse_catalog(catalog_text), 2026, 10)
     return {inv.tenant_id: inv.subtotal for inv in invoices}
 

@@ -24,9 +24,10 @@ from typing import Any
 
 from pipeline.catalogs import catalog_at_revision
 from rating.batch import invoices_from_usage
+from rating.calls import RatedCall, rate_call
 from rating.catalog import Catalog
 from rating.invoice import Invoice, InvoiceLine, build_invoice, money_text
-from rating.models import ProvisioningEvent
+from rating.models import CallEvent, ProvisioningEvent
 from rating.periods import Period, parse_month
 from rating.subscription import TenantTimeline
 from sinks.ledger import Ledger
@@ -54,18 +55,76 @@ def timelines_from_ledger(ledger: Ledger, tenant: str | None = None) -> dict[str
     return {t: TenantTimeline.from_events(t, evs) for t, evs in events.items()}
 
 
+@dataclass(frozen=True)
+class RatedFacts:
+    """Each deduplicated call rated against its tenant's whole timeline: what invoices are made of."""
+
+    usage_seconds: dict[tuple[str, date], int]  # (tenant, period start date) -> billable seconds
+    revision: dict[tuple[str, date], int]  # highest catalog revision the stream or a replay rated with
+    late: dict[tuple[str, date], int]  # calls flagged late (rated after their period was final)
+
+
+def _calls_window(year: int, month: int) -> tuple[datetime, datetime]:
+    """Started-at bounds that contain every call of every period starting in the month: a period is
+    at most a month long, so its calls started before the end of the following month."""
+    start, end = month_window(year, month)
+    after_next = month_window(end.year, end.month)[1]
+    return start, after_next
+
+
+def rate_facts(
+    ledger: Ledger,
+    catalog: Catalog,
+    timelines: dict[str, TenantTimeline],
+    started_from: datetime,
+    started_to: datetime,
+    tenant: str | None = None,
+) -> RatedFacts:
+    """Rate every call of the window against the full timeline with ``catalog`` (rating/ does it all).
+
+    This is the issue-8 ordering rule: the invoice is a pure function of the deduplicated events and
+    the catalog, whatever order the worker consumed them in and however it rated them at the time."""
+    usage: dict[tuple[str, date], int] = defaultdict(int)
+    revision: dict[tuple[str, date], int] = defaultdict(int)
+    late: dict[tuple[str, date], int] = defaultdict(int)
+    for tenant_id, event_id, started, answered, ended, disposition, rev, was_late in ledger.call_facts(
+        started_from, started_to, tenant
+    ):
+        timeline = timelines.get(tenant_id)
+        if timeline is None:
+            continue
+        call = CallEvent(
+            event_id=event_id,
+            tenant_id=tenant_id,
+            call_id="",
+            employee_id=None,
+            direction="",
+            from_number="",
+            to_number="",
+            started_at=started,
+            answered_at=answered,
+            ended_at=ended,
+            disposition=disposition,
+            gateway_id="",
+        )
+        rated = rate_call(call, timeline, catalog)
+        if not isinstance(rated, RatedCall):
+            continue  # e.g. a cancellation consumed after the call: no subscription covers it
+        key = (tenant_id, rated.period.start_date)
+        usage[key] += rated.billable_seconds
+        revision[key] = max(revision[key], rev)
+        late[key] += int(was_late)
+    return RatedFacts(dict(usage), dict(revision), dict(late))
+
+
 def compute_invoices(
     ledger: Ledger, catalog: Catalog, period: str, tenant: str | None = None
 ) -> list[Invoice]:
     """Drafts as the rules say today (no finalization, no adjustments): the reference view."""
     year, month = parse_month(period)
     timelines = timelines_from_ledger(ledger, tenant)
-    start, end = month_window(year, month)
-    usage_by_start = ledger.usage_seconds(start, end)
-    usage: dict[tuple[str, date], int] = {
-        (t, ps.date()): seconds for (t, ps), seconds in usage_by_start.items() if tenant in (None, t)
-    }
-    return invoices_from_usage(timelines, usage, catalog, year, month)
+    facts = rate_facts(ledger, catalog, timelines, *_calls_window(year, month), tenant)
+    return invoices_from_usage(timelines, facts.usage_seconds, catalog, year, month)
 
 
 def _period_of(row: dict[str, Any]) -> Period:
@@ -84,14 +143,20 @@ def _adjustments(
         period = _period_of(final)
         if period.start >= draft.period.start:
             continue
-        seconds, revision, late = ledger.period_rating_facts(final["tenant_id"], period.start)
+        tenant_id = final["tenant_id"]
+        timelines = {tenant_id: timeline}
+        key = (tenant_id, period.start_date)
+        seen = rate_facts(ledger, catalog, timelines, period.start, period.end, tenant_id)
+        revision, late = seen.revision.get(key, 0), seen.late.get(key, 0)
         rated_with = catalog_at_revision(ledger, max(revision, int(final["catalog_revision"])), catalog)
+        if rated_with is not catalog:
+            seen = rate_facts(ledger, rated_with, timelines, period.start, period.end, tenant_id)
         now = build_invoice(
-            tenant_id=final["tenant_id"],
+            tenant_id=tenant_id,
             period=period,
             timeline=timeline,
             catalog=rated_with,
-            billable_seconds_total=seconds,
+            billable_seconds_total=seen.usage_seconds.get(key, 0),
         )
         carried = ledger.carried_adjustments(final["invoice_id"], excluding_carrier=draft.invoice_id)
         delta = now.subtotal - Decimal(final["subtotal"]) - carried

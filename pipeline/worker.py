@@ -387,25 +387,30 @@ class Meter:
             await self._dead(src, rejection.reason, rejection.message)
             return
         timeline = self._timeline(call.tenant_id)
-        if timeline is None or not timeline.subscribed:
-            # Calls and provisioning are not ordered across topics: hold the call until the tenant's
-            # SUBSCRIPTION_STARTED arrives (spec §5). Its key is consumed now so a retry stays a duplicate.
-            topic, partition, offset, _key, raw = src
-            held = list(self.parked.get(call.tenant_id) or [])
-            held.append(
-                {"t": topic, "p": partition, "o": offset, "v": raw.hex(), "at": int(time.time() * 1000)}
-            )
-            self.parked[call.tenant_id] = held
+        result = None if timeline is None else rate_call(call, timeline, self.catalog)
+        if result is None or (isinstance(result, Rejection) and result.reason == Reason.NO_SUBSCRIPTION):
+            # Calls and provisioning are not ordered across topics (spec §5): no subscription covering
+            # the call *yet* says nothing about the provisioning still to come (a SUBSCRIPTION_STARTED, a
+            # re-subscription, an earlier start that moves the anchor). Hold the call until one covers
+            # it or the parking timeout passes. Its key is consumed now so a retry stays a duplicate.
+            self._park(src, call.tenant_id)
             self.seen[dedupe_key] = _ms(call.ended_at)
-            self.stats.parked += 1
-            metrics.PARKED_CALLS.inc()
             return
-        result = rate_call(call, timeline, self.catalog)
         if isinstance(result, Rejection):
             await self._dead(src, result.reason, result.message)
             return
         self.seen[dedupe_key] = _ms(call.ended_at)
         await self._emit_rated(src, result)
+
+    def _park(self, src: tuple[Any, ...], tenant: str, parked_at_ms: int | None = None) -> None:
+        topic, partition, offset, _key, raw = src
+        held = list(self.parked.get(tenant) or [])
+        at = parked_at_ms if parked_at_ms is not None else int(time.time() * 1000)
+        held.append({"t": topic, "p": partition, "o": offset, "v": raw.hex(), "at": at})
+        self.parked[tenant] = held
+        if parked_at_ms is None:
+            self.stats.parked += 1
+            metrics.PARKED_CALLS.inc()
 
     async def _emit_rated(self, src: tuple[Any, ...], rated: RatedCall) -> None:
         topic, partition, offset, _key, _raw = src
@@ -561,18 +566,26 @@ class Meter:
     async def _release_parked(
         self, tenant: str, held: list[dict[str, Any]], timeline: TenantTimeline
     ) -> None:
+        """Rate, in arrival order, the parked calls the tenant's timeline now covers; the others stay
+        parked with their original parking time (the timeout runs from when they first arrived)."""
+        del self.parked[tenant]
         for item in held:
             raw = bytes.fromhex(item["v"])
             src = (item["t"], item["p"], item["o"], tenant.encode(), raw)
             _name, record = self.serde.decode(raw)  # it decoded when it was parked
-            result = rate_call(call_from_record(record), timeline, self.catalog)
+            call = call_from_record(record)
+            result = rate_call(call, timeline, self.catalog)
+            if isinstance(result, Rejection) and result.reason == Reason.NO_SUBSCRIPTION:
+                self._park(src, tenant, parked_at_ms=int(item["at"]))
+                continue
             self.stats.unparked += 1
             metrics.PARKED_CALLS.dec()
             if isinstance(result, Rejection):
+                # Not accepted after all: like any dead letter it does not consume its idempotency key.
+                self.seen.pop(f"call|{tenant}|{call.event_id}", None)
                 await self._dead(src, result.reason, result.message)
             else:
                 await self._emit_rated(src, result)
-        del self.parked[tenant]
 
     async def _dead(self, src: tuple[Any, ...], reason: str, message: str) -> None:
         topic, partition, offset, key, raw = src

@@ -327,6 +327,30 @@ class Ledger:
         )
         return {(tenant, as_utc(start)): int(seconds) for tenant, start, seconds in rows}
 
+    def call_facts(
+        self, started_from: datetime, started_to: datetime, tenant_id: str | None = None
+    ) -> list[tuple[Any, ...]]:
+        """The raw facts rating needs of every deduplicated accepted call that started in [from, to):
+        ``(tenant_id, event_id, started_at, answered_at, ended_at, disposition, highest catalog revision
+        that rated it, late)``.
+
+        Invoices rate these against the tenant's whole provisioning timeline (docs/decisions.md,
+        "Order of events"), so the stream's provisional rating never decides money. Every row of one
+        call carries the same facts; ``argMin`` by source offset takes the first-seen copy's."""
+        tenant_clause = "AND tenant_id = {t:String}" if tenant_id else ""
+        rows = self.query(
+            "SELECT tenant_id, event_id, argMin(started_at, source_offset), "  # noqa: S608
+            "argMin(answered_at, source_offset), argMin(ended_at, source_offset), "
+            "argMin(disposition, source_offset), max(catalog_revision), max(late) FROM rated_calls "
+            "WHERE started_at >= {f:DateTime64(3, 'UTC')} AND started_at < {u:DateTime64(3, 'UTC')} "
+            f"{tenant_clause} GROUP BY tenant_id, event_id ORDER BY tenant_id, event_id",
+            {"f": started_from, "u": started_to, "t": tenant_id},
+        )
+        return [
+            (t, e, as_utc(s), None if a is None else as_utc(a), as_utc(x), d, int(r), bool(late))
+            for t, e, s, a, x, d, r, late in rows
+        ]
+
     def provisioning_rows(self, tenant_id: str | None = None) -> list[dict[str, Any]]:
         where = "WHERE tenant_id = {t:String}" if tenant_id else ""
         rows = self.query(

@@ -1,0 +1,153 @@
+"""Issue 8: invoices do not depend on the order in which calls and provisioning reach the worker.
+
+Each test produces the provisioning that governs some calls only *after* a `worker --until-idle` run
+has already rated those calls, then checks the invoice against exact figures and against `rating/`'s
+batch computation over all the events.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.integration.cli import callmeter, comparable, read_invoices, worker_stats
+from tests.integration.eventfiles import call, example_catalog, prov, reference_invoices, write_events
+
+pytestmark = pytest.mark.integration
+
+
+def _run_in_two_steps(
+    env: dict[str, str], tmp_path: Path, first: list[dict], second: list[dict], period: str
+) -> tuple[dict[str, dict], dict[str, dict]]:
+    a = write_events(tmp_path / "first.jsonl", first)
+    b = write_events(tmp_path / "second.jsonl", second)
+    callmeter(env, "produce", str(a))
+    worker_stats(env)
+    callmeter(env, "produce", str(b))
+    worker_stats(env)
+    out = tmp_path / f"out-{period}"
+    callmeter(env, "invoice", "--period", period, "--out", str(out))
+    got = {k: comparable(v) for k, v in read_invoices(out).items()}
+    year, month = (int(x) for x in period.split("-"))
+    return got, reference_invoices([a, b], year, month, example_catalog())
+
+
+def _lines(invoice: dict) -> dict[str, tuple[str, str]]:
+    return {line["code"]: (line["quantity"], line["amount"]) for line in invoice["lines"]}
+
+
+def test_plan_change_consumed_after_the_calls_it_governs(cm_env: dict[str, str], tmp_path: Path) -> None:
+    """The issue's reproduction: pro rounds a 59 s call up to its 60 s minimum."""
+    first = [
+        prov(
+            "s1", "t1", "2026-10-01T00:00:00Z", "SUBSCRIPTION_STARTED", plan_id="starter", tax_region="NONE"
+        ),
+        call("c1", "t1", "2026-11-02T10:00:00Z", 600),
+        call("c2", "t1", "2026-11-02T11:00:00Z", 59),
+    ]
+    second = [prov("pc", "t1", "2026-10-20T00:00:00Z", "PLAN_CHANGED", plan_id="pro")]
+    got, expected = _run_in_two_steps(cm_env, tmp_path, first, second, "2026-11")
+    assert got == expected
+    invoice = got["t1-20261101"]
+    assert invoice["plan_id"] == "pro"
+    assert _lines(invoice)["included_seconds"] == ("600", "0.00")
+    assert _lines(invoice)["overage_seconds"] == ("60", "0.60")
+    assert invoice["subtotal"] == "199.60"
+
+
+def test_cancellation_consumed_after_later_calls(cm_env: dict[str, str], tmp_path: Path) -> None:
+    first = [
+        prov(
+            "s1", "t2", "2026-10-01T00:00:00Z", "SUBSCRIPTION_STARTED", plan_id="starter", tax_region="NONE"
+        ),
+        call("c1", "t2", "2026-10-10T10:00:00Z", 100),
+        call("c2", "t2", "2026-11-05T10:00:00Z", 200),
+    ]
+    second = [prov("x", "t2", "2026-10-20T00:00:00Z", "SUBSCRIPTION_CANCELLED")]
+    got, expected = _run_in_two_steps(cm_env, tmp_path, first, second, "2026-11")
+    # The November period starts after the cancellation: it is not invoiced at all.
+    assert got == expected == {}
+    callmeter(cm_env, "invoice", "--period", "2026-10", "--out", str(tmp_path / "oct"))
+    october = read_invoices(tmp_path / "oct")["t2-20261001"]
+    assert _lines(october)["included_seconds"] == ("100", "0.00")
+
+
+def test_block_plan_changed_to_charging_plan_after_the_calls(cm_env: dict[str, str], tmp_path: Path) -> None:
+    first = [
+        prov("s1", "t3", "2026-10-01T00:00:00Z", "SUBSCRIPTION_STARTED", plan_id="hardstop", tax_region="GB"),
+        call("c1", "t3", "2026-11-03T10:00:00Z", 100),
+        call("c2", "t3", "2026-11-04T10:00:00Z", 100),
+    ]
+    second = [prov("pc", "t3", "2026-10-15T00:00:00Z", "PLAN_CHANGED", plan_id="starter")]
+    got, expected = _run_in_two_steps(cm_env, tmp_path, first, second, "2026-11")
+    assert got == expected
+    invoice = got["t3-20261101"]
+    assert invoice["plan_id"] == "starter"
+    assert "blocked_overage_seconds" not in _lines(invoice)
+    assert _lines(invoice)["included_seconds"] == ("200", "0.00")
+    assert invoice["total"] == "58.80"
+
+
+def test_number_provisioned_after_calls_were_rated(cm_env: dict[str, str], tmp_path: Path) -> None:
+    first = [
+        prov("s1", "t4", "2026-11-01T00:00:00Z", "SUBSCRIPTION_STARTED", plan_id="pro", tax_region="NONE"),
+        call("c1", "t4", "2026-11-03T10:00:00Z", 700),
+    ]
+    second = [
+        prov(
+            "n1",
+            "t4",
+            "2026-11-01T00:00:00Z",
+            "NUMBER_PROVISIONED",
+            number="+15551234567",
+            number_type="LOCAL",
+        ),
+        prov("e1", "t4", "2026-11-02T00:00:00Z", "EMPLOYEE_ACTIVATED", employee_id="emp-1"),
+    ]
+    got, expected = _run_in_two_steps(cm_env, tmp_path, first, second, "2026-11")
+    assert got == expected
+    invoice = got["t4-20261101"]
+    assert next(line for line in invoice["lines"] if line["code"] == "number")["amount"] == "1.50"
+    assert _lines(invoice)["employees_peak"][0] == "1"
+    assert _lines(invoice)["overage_seconds"] == ("102", "1.02")
+
+
+def test_resubscription_consumed_after_a_call_it_covers(cm_env: dict[str, str], tmp_path: Path) -> None:
+    """A call in a period that no subscription covered yet waits (parked) instead of being refused."""
+    first = [
+        prov(
+            "s1", "t5", "2026-10-01T00:00:00Z", "SUBSCRIPTION_STARTED", plan_id="starter", tax_region="NONE"
+        ),
+        prov("x", "t5", "2026-10-05T00:00:00Z", "SUBSCRIPTION_CANCELLED"),
+        call("c1", "t5", "2026-11-10T10:00:00Z", 300),
+    ]
+    second = [
+        prov("s2", "t5", "2026-11-03T00:00:00Z", "SUBSCRIPTION_STARTED", plan_id="starter", tax_region="NONE")
+    ]
+    got, expected = _run_in_two_steps(cm_env, tmp_path, first, second, "2026-11")
+    assert got == expected
+    assert _lines(got["t5-20261101"])["included_seconds"] == ("300", "0.00")
+
+
+def test_earlier_subscription_start_consumed_last_moves_the_anchor(
+    cm_env: dict[str, str], tmp_path: Path
+) -> None:
+    first = [
+        prov("s2", "t6", "2026-10-15T00:00:00Z", "SUBSCRIPTION_STARTED", plan_id="pro", tax_region="NONE"),
+        call("c1", "t6", "2026-10-10T10:00:00Z", 30),
+        call("c2", "t6", "2026-11-20T10:00:00Z", 30),
+    ]
+    second = [
+        prov("s1", "t6", "2026-10-01T00:00:00Z", "SUBSCRIPTION_STARTED", plan_id="starter", tax_region="NONE")
+    ]
+    got, expected = _run_in_two_steps(cm_env, tmp_path, first, second, "2026-11")
+    assert got == expected
+    assert got["t6-20261101"]["plan_id"] == "pro"
+    assert _lines(got["t6-20261101"])["included_seconds"] == ("60", "0.00")
+    callmeter(cm_env, "invoice", "--period", "2026-10", "--out", str(tmp_path / "oct"))
+    october = read_invoices(tmp_path / "oct")
+    assert {k: comparable(v) for k, v in october.items()} == reference_invoices(
+        [tmp_path / "first.jsonl", tmp_path / "second.jsonl"], 2026, 10, example_catalog()
+    )
+    assert _lines(october["t6-20261001"])["included_seconds"] == ("30", "0.00")

@@ -545,3 +545,46 @@ def ensure_topics(settings: Settings, bootstrap: str) -> None:
     with contextlib.suppress(KafkaException):
         md = admin.list_topics(timeout=15)
         _input_partitions(settings, {n: len(t.partitions) for n, t in md.topics.items() if t.error is None})
+
+
+def ensure_internal_topics(
+    bootstrap: str, topics: dict[str, tuple[int, dict[str, str]]], timeout: float = 60.0
+) -> None:
+    """Create the worker's internal topics (table changelogs, Faust's leader topic) that are missing,
+    then wait until the cluster's metadata shows every one with its partition count.
+
+    Faust creates them itself, but on a fresh cluster its agents could start before the new topics
+    were in the client's metadata ("changelog topic ... has 0 partitions") and crash mid-event (issue 9).
+    A changelog with another partition count than the inputs is refused: state would be mis-assigned."""
+    conf: dict[str, Any] = {"bootstrap.servers": bootstrap, "error_cb": lambda _err: None, "log_level": 0}
+    admin = AdminClient(conf)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            md = admin.list_topics(timeout=10)
+        except KafkaException as exc:
+            msg = f"cannot reach Kafka at {bootstrap}: {exc.args[0] if exc.args else exc}"
+            raise BrokerError(msg) from exc
+        counts = {name: len(t.partitions) for name, t in md.topics.items() if t.error is None}
+        for name, (partitions, _config) in topics.items():
+            if name in counts and counts[name] != partitions:
+                msg = f"topic {name} has {counts[name]} partitions, the worker needs {partitions}"
+                raise BrokerError(msg)
+        missing = [name for name in topics if name not in counts]
+        if not missing:
+            return
+        replication = min(3, max(1, len(md.brokers)))
+        new = [NewTopic(n, topics[n][0], replication, config=topics[n][1]) for n in missing]
+        for name, future in admin.create_topics(new, operation_timeout=30, request_timeout=45).items():
+            try:
+                future.result()
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args else None
+                if isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                    continue
+                msg = f"cannot create topic {name} on {bootstrap}: {err.str() if err else exc}"
+                raise BrokerError(msg) from exc
+        if time.monotonic() > deadline:
+            msg = f"topics {', '.join(missing)} are still not in the cluster metadata after {timeout:.0f} s"
+            raise BrokerError(msg)
+        time.sleep(0.2)

@@ -87,17 +87,26 @@ def cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from pipeline.catalogs import read_catalog
+    from pipeline.errors import RetryableError
+    from pipeline.guard import EXIT_RETRY
+    from pipeline.supervisor import is_child, supervise
     from pipeline.worker import run_worker
 
+    if not is_child():
+        return supervise(settings, args.argv)
     catalog, text = read_catalog(settings.catalog)
-    stats = run_worker(
-        settings,
-        kafka(settings),
-        catalog,
-        make_serde(settings),
-        until_idle=args.until_idle,
-        catalog_text=text,
-    )
+    try:
+        stats = run_worker(
+            settings,
+            kafka(settings),
+            catalog,
+            make_serde(settings),
+            until_idle=args.until_idle,
+            catalog_text=text,
+        )
+    except RetryableError as exc:
+        print(f"callmeter: error: {exc}", file=sys.stderr)
+        return EXIT_RETRY
     print(json.dumps(stats.to_dict(), sort_keys=True))
     return 0
 
@@ -324,7 +333,9 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     overrides: dict[str, Any] = {}
     if args.data_dir is not None:
         overrides["data_dir"] = args.data_dir

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import time
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
+from pipeline.errors import PipelineError
 from pipeline.settings import Settings
 from rating.catalog import Catalog
 from rating.invoice import Invoice
@@ -50,7 +55,6 @@ def run_demo(settings: Settings, catalog: Catalog, args: argparse.Namespace) -> 
     from pipeline.invoicing import run_invoices, write_outputs
     from pipeline.produce import produce_files
     from pipeline.simulate import SimulationConfig, write_file
-    from pipeline.worker import run_worker
     from sinks.ledger import Ledger
 
     t0 = time.monotonic()
@@ -70,14 +74,11 @@ def run_demo(settings: Settings, catalog: Catalog, args: argparse.Namespace) -> 
         f"-> {dict(sent)}"
     )
 
-    from pipeline.catalogs import read_catalog
-
-    stats = run_worker(
-        settings, bootstrap, catalog, serde, until_idle=True, catalog_text=read_catalog(settings.catalog)[1]
-    )
+    stats = _worker_until_idle(settings, bootstrap)
+    duplicates: dict[str, int] = stats["duplicates"]
     print(
-        f"[3/5] worker idle: rated {stats.rated}, duplicates dropped {sum(stats.duplicates.values())}, "
-        f"dead letters {sum(stats.dead_letters.values())}, parked then rated {stats.unparked}"
+        f"[3/5] worker idle: rated {stats['rated']}, duplicates dropped {sum(duplicates.values())}, "
+        f"dead letters {sum(stats['dead_letters'].values())}, parked then rated {stats['unparked']}"
     )
 
     ledger = Ledger.open(settings.clickhouse_dsn)
@@ -101,6 +102,28 @@ def run_demo(settings: Settings, catalog: Catalog, args: argparse.Namespace) -> 
     print(
         f"\nledger: {rated_rows} rated calls; dead letters by reason: {json.dumps(dead) if dead else 'none'}"
     )
-    print(f"duplicates dropped this run: {dict(stats.duplicates) or 'none'}")
+    print(f"duplicates dropped this run: {duplicates or 'none'}")
     print(f"invoices: {Path(out).resolve()}")
     return 0
+
+
+def _worker_until_idle(settings: Settings, bootstrap: str) -> dict[str, Any]:
+    """`callmeter worker --until-idle` as operators run it: supervised, restarted after a fault."""
+    env = dict(os.environ)
+    env.update(
+        CALLMETER_DATA_DIR=str(settings.data_dir.resolve()),
+        CALLMETER_CATALOG=str(settings.catalog.resolve()),
+        CALLMETER_KAFKA=bootstrap,
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "worker", "--until-idle"],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        msg = f"worker exited {proc.returncode}; see its reason above"
+        raise PipelineError(msg)
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result

@@ -13,3 +13,8 @@ class BrokerError(PipelineError):
 
 class InputError(PipelineError):
     """A file or flag given on the command line is unusable."""
+
+
+class RetryableError(PipelineError):
+    """The worker stopped on a fault a fresh process recovers from (ledger refused a batch, Faust
+    stopped on an error, a stall); `callmeter worker` restarts it (pipeline/supervisor.py)."""

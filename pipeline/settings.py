@@ -40,6 +40,12 @@ class Settings(BaseSettings):
     # at most this much to the time before output is committed; balances read local state at once.
     producer_linger_ms: int = 100
     log_level: str = "warning"
+    # `callmeter worker` restarts a worker process that stopped on a recoverable fault this many times
+    # in a row before it gives up (pipeline/supervisor.py).
+    worker_restarts: int = 5
+    # A worker with input left to consume that commits nothing for this long (broker gone, a hung
+    # partition) stops and is restarted; the restart fails with one line if the broker is still away.
+    stall_timeout_seconds: float = 120.0
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"

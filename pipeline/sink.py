@@ -28,6 +28,8 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
 from pipeline import metrics
+from pipeline.crashpoints import CRASH_AT as _CRASH_AT
+from pipeline.crashpoints import crash_point
 from pipeline.records import CALL_FIELDS, PROVISIONING_FIELDS, payload_json, rated_call_row
 from pipeline.settings import Settings
 from schemas.errors import SerdeError
@@ -136,6 +138,8 @@ class LedgerSink:
         token = hashlib.sha256(repr(sorted(spans.items())).encode()).hexdigest()[:32]
         # Step 3: a failure raises here, before step 4, so the offsets stay uncommitted.
         self.rows_written += self._flush(token)
+        if _CRASH_AT:
+            crash_point("sink-3-inserted")
         # Step 4.
         self.consumer.commit(
             offsets=[TopicPartition(t, p, last + 1) for (t, p), (_first, last) in spans.items()],

@@ -49,7 +49,10 @@ from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from pipeline import metrics
-from pipeline.errors import PipelineError
+from pipeline.crashpoints import CRASH_AT as _CRASH_AT
+from pipeline.crashpoints import crash_point
+from pipeline.errors import PipelineError, RetryableError
+from pipeline.guard import CommitGuard, die
 from pipeline.records import call_from_record, provisioning_from_record, rated_to_record
 from pipeline.settings import Settings
 from rating.balance import crossed_thresholds
@@ -62,6 +65,7 @@ from schemas.serde import Serde
 from sinks.ledger import Ledger
 
 log = logging.getLogger(__name__)
+TP = tuple[str, int]
 
 _ROCKSDICT = {"driver": "rocksdict"}
 _CLEAN_MARKER = ".clean-shutdown"
@@ -86,6 +90,7 @@ class Stats:
     rated: int = 0
     parked: int = 0
     unparked: int = 0
+    revived: int = 0  # dead-lettered NO_SUBSCRIPTION, then rated when later provisioning covered them
     keys_expired: int = 0
     # Per wall-clock minute: [events consumed, duplicates, dead letters], for "the last minutes".
     minutes: dict[int, list[int]] = field(default_factory=dict)
@@ -118,6 +123,7 @@ class Stats:
             "rated": self.rated,
             "parked": self.parked,
             "unparked": self.unparked,
+            "revived": self.revived,
             "keys_expired": self.keys_expired,
         }
 
@@ -176,6 +182,15 @@ def _ms(ts: datetime) -> int:
     return int(ts.timestamp() * 1000)
 
 
+class _FaultCounter(logging.Handler):
+    def __init__(self, meter: Meter) -> None:
+        super().__init__(level=logging.ERROR)
+        self.meter = meter
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.meter.faults += 1
+
+
 class Meter:
     """Builds the Faust app: one agent over both input topics and four co-partitioned tables."""
 
@@ -223,6 +238,13 @@ class Meter:
         # QUOTA_EXCEEDED alerts already sent, by "tenant|period start|kind" (usage thresholds need no
         # memory: a threshold is crossed by exactly one balance update).
         self.alerted = app.Table("alerted", partitions=n, key_type=str, value_type=int, options=_ROCKSDICT)
+        self.guard = CommitGuard()
+        # ERROR records of the Kafka/Faust client libraries seen during this run (see run_worker).
+        self.faults = 0
+        fault_counter = _FaultCounter(self)
+        for name in ("faust", "aiokafka", "mode"):
+            logging.getLogger(name).addHandler(fault_counter)
+        app.callmeter_guard = self.guard  # type: ignore[attr-defined]
         app.agent(self.source, name="meter")(self._agent)
         from pipeline import web
 
@@ -253,8 +275,21 @@ class Meter:
 
     # -- the agent ------------------------------------------------------------------------------------
     async def _agent(self, stream: Any) -> None:
+        # One event at a time is a critical section against Faust's commits (pipeline/guard.py).
         async for event in stream.events():
-            await self.handle(event)
+            async with self.guard.event(event):
+                await self.handle(event)
+                if _CRASH_AT:
+                    crash_point("after-event")
+
+    def internal_topics(self) -> dict[str, tuple[int, dict[str, str]]]:
+        """Changelog topics (compacted, one partition per input partition) and Faust's leader topic."""
+        topics = {
+            table.changelog_topic.get_topic_name(): (self.settings.partitions, {"cleanup.policy": "compact"})
+            for table in self.app.tables.values()
+        }
+        topics[f"{self.app.conf.id}-__assignor-__leader"] = (1, {})
+        return topics
 
     async def handle(self, event: Any) -> None:
         msg = event.message
@@ -366,8 +401,9 @@ class Meter:
                         f"no SUBSCRIPTION_STARTED for tenant {tenant!r} within the parking timeout "
                         f"({self.settings.parking_timeout_seconds} s)"
                     )
-                    await self._dead(src, Reason.NO_SUBSCRIPTION, message)
-                    metrics.PARKED_CALLS.dec()
+                    if not item.get("d"):  # a revivable call was dead-lettered when it was refused
+                        await self._dead(src, Reason.NO_SUBSCRIPTION, message)
+                        metrics.PARKED_CALLS.dec()
                     # Not accepted after all: release its idempotency key so a resend after the
                     # subscription exists is rated.
                     _name, record = self.serde.decode(src[4])
@@ -387,13 +423,15 @@ class Meter:
             await self._dead(src, rejection.reason, rejection.message)
             return
         timeline = self._timeline(call.tenant_id)
-        result = None if timeline is None else rate_call(call, timeline, self.catalog)
-        if result is None or (isinstance(result, Rejection) and result.reason == Reason.NO_SUBSCRIPTION):
-            # Calls and provisioning are not ordered across topics (spec §5): no subscription covering
-            # the call *yet* says nothing about the provisioning still to come (a SUBSCRIPTION_STARTED, a
-            # re-subscription, an earlier start that moves the anchor). Hold the call until one covers
-            # it or the parking timeout passes. Its key is consumed now so a retry stays a duplicate.
+        if timeline is None or not timeline.subscribed:
+            # Calls and provisioning are not ordered across topics: hold the call until the tenant's
+            # SUBSCRIPTION_STARTED arrives (spec §5). Its key is consumed now so a retry stays a duplicate.
             self._park(src, call.tenant_id)
+            self.seen[dedupe_key] = _ms(call.ended_at)
+            return
+        result = rate_call(call, timeline, self.catalog)
+        if isinstance(result, Rejection) and result.reason == Reason.NO_SUBSCRIPTION:
+            await self._dead_but_revivable(src, call, result)
             self.seen[dedupe_key] = _ms(call.ended_at)
             return
         if isinstance(result, Rejection):
@@ -401,14 +439,30 @@ class Meter:
             return
         self.seen[dedupe_key] = _ms(call.ended_at)
         await self._emit_rated(src, result)
+        if _CRASH_AT:
+            crash_point("worker-5-output-sent")
 
-    def _park(self, src: tuple[Any, ...], tenant: str, parked_at_ms: int | None = None) -> None:
+    async def _dead_but_revivable(self, src: tuple[Any, ...], call: Any, rejection: Rejection) -> None:
+        """The tenant is subscribed but nothing covers the call's period: dead-letter it now (on-call
+        sees it, the counts add up), yet keep it among the parked calls marked ``d`` until the parking
+        timeout. Provisioning still to come (a re-subscription, an earlier start that moves the anchor)
+        can cover it after all; then it is rated (revived), as the batch computation over all events
+        would rate it (docs/decisions.md, "Order of events")."""
+        await self._dead(src, rejection.reason, rejection.message)
+        self._park(src, call.tenant_id, revivable=True)
+
+    def _park(
+        self, src: tuple[Any, ...], tenant: str, parked_at_ms: int | None = None, revivable: bool = False
+    ) -> None:
         topic, partition, offset, _key, raw = src
         held = list(self.parked.get(tenant) or [])
         at = parked_at_ms if parked_at_ms is not None else int(time.time() * 1000)
-        held.append({"t": topic, "p": partition, "o": offset, "v": raw.hex(), "at": at})
+        item = {"t": topic, "p": partition, "o": offset, "v": raw.hex(), "at": at}
+        if revivable:
+            item["d"] = 1  # already dead-lettered; kept only to be revived
+        held.append(item)
         self.parked[tenant] = held
-        if parked_at_ms is None:
+        if parked_at_ms is None and not revivable:
             self.stats.parked += 1
             metrics.PARKED_CALLS.inc()
 
@@ -421,6 +475,8 @@ class Meter:
         before = int(self.balances[balance_key])
         after = before + rated.billable_seconds
         self.balances[balance_key] = after
+        if _CRASH_AT:
+            crash_point("worker-4-state-written")
         self.stats.rated += 1
         metrics.RATED_CALLS.inc()
         metrics.BILLABLE_SECONDS.inc(rated.billable_seconds)
@@ -566,8 +622,8 @@ class Meter:
     async def _release_parked(
         self, tenant: str, held: list[dict[str, Any]], timeline: TenantTimeline
     ) -> None:
-        """Rate, in arrival order, the parked calls the tenant's timeline now covers; the others stay
-        parked with their original parking time (the timeout runs from when they first arrived)."""
+        """Rate, in arrival order, the parked calls the tenant's timeline now covers. A call it does not
+        cover is dead-lettered (once) and kept as revivable with its original parking time."""
         del self.parked[tenant]
         for item in held:
             raw = bytes.fromhex(item["v"])
@@ -575,16 +631,24 @@ class Meter:
             _name, record = self.serde.decode(raw)  # it decoded when it was parked
             call = call_from_record(record)
             result = rate_call(call, timeline, self.catalog)
+            already_dead = bool(item.get("d"))
             if isinstance(result, Rejection) and result.reason == Reason.NO_SUBSCRIPTION:
-                self._park(src, tenant, parked_at_ms=int(item["at"]))
+                if not already_dead:
+                    await self._dead(src, result.reason, result.message)
+                    metrics.PARKED_CALLS.dec()
+                self._park(src, tenant, parked_at_ms=int(item["at"]), revivable=True)
                 continue
-            self.stats.unparked += 1
-            metrics.PARKED_CALLS.dec()
+            if not already_dead:
+                self.stats.unparked += 1
+                metrics.PARKED_CALLS.dec()
             if isinstance(result, Rejection):
                 # Not accepted after all: like any dead letter it does not consume its idempotency key.
                 self.seen.pop(f"call|{tenant}|{call.event_id}", None)
-                await self._dead(src, result.reason, result.message)
+                if not already_dead:
+                    await self._dead(src, result.reason, result.message)
             else:
+                if already_dead:
+                    self.stats.revived += 1
                 await self._emit_rated(src, result)
 
     async def _dead(self, src: tuple[Any, ...], reason: str, message: str) -> None:
@@ -644,6 +708,8 @@ class LagMonitor(threading.Thread):
             }
         )
         self._halt = threading.Event()
+        self._progress_at = time.monotonic()
+        self._last_committed: dict[TP, int] = {}
 
     def halt(self) -> None:
         self._halt.set()
@@ -674,13 +740,42 @@ class LagMonitor(threading.Thread):
                     _kind, ts_ms = msg.timestamp()
                     oldest_age = max(oldest_age, time.time() - ts_ms / 1000)
         metrics.EVENT_TIME_LAG.set(round(oldest_age, 3))
+        self._watch_progress(high, committed)
+
+    def _watch_progress(
+        self, high: dict[tuple[str, int], int], committed: dict[tuple[str, int], int]
+    ) -> None:
+        """Stall watchdog: input left to consume, yet no committed offset moved for the stall timeout."""
+        behind = {
+            key: (committed.get(key, 0), end) for key, end in high.items() if committed.get(key, 0) < end
+        }
+        if not behind or committed != self._last_committed:
+            self._last_committed = committed
+            self._progress_at = time.monotonic()
+            return
+        self._check_stall(behind)
+
+    def _check_stall(self, behind: dict[tuple[str, int], tuple[int, int]] | None) -> None:
+        # Start-up recovery (rebuilding tables from changelogs) commits nothing: allow it longer.
+        limit = self.meter.settings.stall_timeout_seconds * (1 if self.meter.ready.is_set() else 3)
+        stalled = time.monotonic() - self._progress_at
+        if stalled < limit:
+            return
+        if behind is None:
+            what = "Kafka unreachable"
+        else:
+            what = ", ".join(f"{t}/{p} committed {c} of {h}" for (t, p), (c, h) in sorted(behind.items())[:3])
+        die(f"no input committed for {stalled:.0f} s ({what})")
 
     def run(self) -> None:
+        self._progress_at = time.monotonic()
+        self._last_committed = {}
         while not self._halt.wait(self.every_seconds):
             try:
                 self.measure()
-            except Exception:  # metrics must never take the worker down
+            except Exception:  # metrics must never take the worker down; a long outage is a stall
                 log.debug("lag measurement failed", exc_info=True)
+                self._check_stall(None)
         self.peek.close()
 
 
@@ -808,6 +903,13 @@ def run_worker(
             raise
     prepare_state_dir(settings.data_dir / "worker")
     meter = Meter(settings, bootstrap, catalog, serde)
+    from pipeline.broker import ensure_internal_topics
+
+    try:
+        ensure_internal_topics(bootstrap, meter.internal_topics())
+    except Exception:
+        ledger.close()
+        raise
     from pipeline.sink import LedgerSink
 
     sink = LedgerSink(settings, bootstrap, serde, ledger)
@@ -840,13 +942,18 @@ def run_worker(
         ledger.close()
     if sink.error is not None:
         msg = f"ledger sink failed: {sink.error}"
-        raise PipelineError(msg) from sink.error
+        raise RetryableError(msg) from sink.error
     if exit_code not in (0, None):
         # Faust stopped on an error: the last transaction may be aborted, so the local state is not
         # marked clean and the next start rebuilds it from the changelogs.
         msg = f"stream worker stopped with an error (exit {exit_code}); see the log above"
-        raise PipelineError(msg)
-    mark_clean(settings.data_dir / "worker")
+        raise RetryableError(msg)
+    if meter.faults:
+        # A client error was logged during the run (broker connection lost, a failed commit): the
+        # local state may hold writes of a transaction that never committed. Do not vouch for it.
+        log.warning("not marking local state clean after %d client error(s)", meter.faults)
+    else:
+        mark_clean(settings.data_dir / "worker")
     (settings.data_dir / "worker-stats.json").write_text(json.dumps(meter.stats.to_dict(), indent=2))
     return meter.stats
 

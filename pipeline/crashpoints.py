@@ -1,0 +1,39 @@
+"""Crash points for the fault-injection tests (``make chaos``): ``CALLMETER_CRASH_AT=step:n[:mode]``.
+
+When the named step of a commit protocol is reached for the n-th time in this process, ``raise``
+throws inside it (an agent exception) and ``kill`` sends SIGKILL to the process (a power cut). Unset,
+callers skip the call behind a module constant, so the hot path pays one truthiness test.
+
+Steps: ``worker-4-state-written`` (dedupe key and balance written, output not yet sent),
+``worker-5-output-sent`` (output sent, event not yet acknowledged), ``after-event`` (whole event done,
+before its offset is committed), ``worker-6-committed`` (a transaction just committed),
+``sink-3-inserted`` (ledger rows inserted, offsets not committed).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+
+from pipeline.errors import PipelineError
+
+CRASH_AT = os.environ.get("CALLMETER_CRASH_AT", "")
+_reached: Counter[str] = Counter()
+
+
+class InjectedCrash(PipelineError):
+    """Thrown by a ``raise`` crash point."""
+
+
+def crash_point(step: str, _hint: int = 0) -> None:
+    parts = CRASH_AT.split(":")
+    if not parts or parts[0] != step:
+        return
+    _reached[step] += 1
+    if _reached[step] != int(parts[1] if len(parts) > 1 else 1):
+        return
+    if len(parts) > 2 and parts[2] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    msg = f"injected crash at {step} (#{_reached[step]})"
+    raise InjectedCrash(msg)

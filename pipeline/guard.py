@@ -1,0 +1,108 @@
+"""Keeps Faust from committing part of an event, and stops the process when an event fails.
+
+Faust commits each partition's transaction on a timer, at a rebalance and at shutdown, from the same
+event loop as the agent. The agent awaits between its state writes and its sends (a full producer
+buffer suspends it), so without a guard a commit could land *between* them: the dedupe key committed,
+the rated record not, and a crash before the next commit loses the call (issue 9). The guard makes
+each event one critical section with respect to commits:
+
+1. ``CommitGuard.event()`` holds an asyncio lock while one event is handled, and acks the event
+   before releasing it, so a commit sees either all of an event (writes, outputs, offset) or none.
+2. Every Faust commit (``Consumer.force_commit``) takes the same lock first, then drains Faust's
+   buffer of table writes into the transaction (``_drain_table_writes``: Faust itself does not).
+3. An exception (or a cancellation) in the middle of an event *poisons* the guard: no commit happens
+   after that, and the process leaves at once with ``EXIT_RETRY`` without writing its clean-shutdown
+   marker. The open transactions are aborted by the broker when the next worker's producers fence them
+   (same transactional ids), and the next start rebuilds local state from the changelogs, exactly as
+   after a SIGKILL. Faust's own behaviour, restarting the agent and committing later offsets, is what
+   lost calls before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import faust.transport.consumer as faust_consumer
+
+from pipeline.crashpoints import CRASH_AT, crash_point
+
+log = logging.getLogger(__name__)
+
+# The worker process exits with this code when it stopped on a fault that a fresh start recovers from
+# (an agent exception, a stall, lost broker connection); `callmeter worker` restarts it.
+EXIT_RETRY = 75
+
+
+class CommitGuard:
+    def __init__(self) -> None:
+        self._lock: asyncio.Lock | None = None
+        self.poisoned = False
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        # Created lazily inside the running loop (Faust's worker owns the loop).
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
+
+    @contextlib.asynccontextmanager
+    async def event(self, event: Any) -> AsyncIterator[None]:
+        async with self.lock:
+            try:
+                yield
+            except BaseException as exc:
+                self.poisoned = True
+                where = f"{event.message.topic}/{event.message.partition}@{event.message.offset}"
+                die(f"stream agent failed on {where}: {type(exc).__name__}: {exc}", exc)
+            event.ack()
+
+
+def die(reason: str, exc: BaseException | None = None) -> None:
+    """Leave now, without committing anything or marking local state clean (see step 3)."""
+    if exc is not None:
+        log.error("fatal: %s", reason, exc_info=exc)
+    sys.stderr.write(f"callmeter: error: {reason}; restarting from the last commit\n")
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(EXIT_RETRY)
+
+
+_original_force_commit = faust_consumer.Consumer.force_commit
+
+
+async def _drain_table_writes(app: Any) -> None:
+    """Hand every buffered table write to its transactional producer before the commit.
+
+    Faust sends table (changelog) writes through a buffer drained by a background task, and under
+    ``exactly_once`` it commits without flushing that buffer (only the non-transactional path
+    flushes). A write still buffered at commit time lands in the *next* transaction, so a crash in
+    between commits an event's offset and outputs without its state: a SUBSCRIPTION_STARTED accepted
+    and in the ledger, but not in the ``tenants`` table, parks every later call of the tenant forever.
+    Seen in the sink-kill fault test. Once drained, each write is in its producer's accumulator, and
+    committing the transaction sends it before the commit marker."""
+    buffer = app.producer.buffer
+    while buffer.size:
+        await buffer.flush()
+
+
+async def _guarded_force_commit(self: Any, *args: Any, **kwargs: Any) -> bool:
+    guard: CommitGuard | None = getattr(self.app, "callmeter_guard", None)
+    if guard is None:
+        return bool(await _original_force_commit(self, *args, **kwargs))
+    async with guard.lock:
+        if guard.poisoned:
+            return False
+        await _drain_table_writes(self.app)
+        committed = bool(await _original_force_commit(self, *args, **kwargs))
+        if CRASH_AT and committed:
+            crash_point("worker-6-committed")
+        return committed
+
+
+faust_consumer.Consumer.force_commit = _guarded_force_commit  # type: ignore[method-assign]

@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, PipelineError
 from pipeline.settings import Settings
 from rating.catalog import Catalog
 from rating.errors import CallmeterError
@@ -119,6 +119,7 @@ def cmd_invoice(settings: Settings, args: argparse.Namespace) -> int:
     from sinks.ledger import Ledger
 
     catalog, text = read_catalog(settings.catalog)
+    incomplete = _ledger_incomplete(settings, args)
     ledger = Ledger.open(settings.clickhouse_dsn, _password(settings))
     try:
         register_catalog(ledger, catalog, text)
@@ -129,14 +130,62 @@ def cmd_invoice(settings: Settings, args: argparse.Namespace) -> int:
             args.tenant,
             finalize=args.finalize,
             settlement_window=timedelta(hours=settings.settlement_window_hours),
+            now=settings.clock_now,
+            incomplete=incomplete,
         )
         paths = write_outputs(ledger, outputs, Path(args.out))
     finally:
         ledger.close()
     for path, output in zip(paths, outputs, strict=True):
         adjusted = f" ({len(output.adjustments)} adjustment(s))" if output.adjustments else ""
-        print(f"{path}  {output.status}{adjusted}")
+        flag = " incomplete" if incomplete and not output.stored else ""
+        print(f"{path}  {output.status}{flag}{adjusted}")
     return 0
+
+
+def _ledger_incomplete(settings: Settings, args: argparse.Namespace) -> bool:
+    """Refuse (or, with --allow-incomplete, flag) invoices from a ledger the pipeline has not finished:
+    inputs not consumed or outputs not written up to the end of the invoiced periods plus the
+    settlement window (pipeline/completeness.py)."""
+    from datetime import UTC, datetime, timedelta
+
+    from confluent_kafka import KafkaException
+
+    from pipeline.completeness import ledger_lag
+    from pipeline.errors import BrokerError
+    from pipeline.invoicing import month_window
+
+    year, month = _month(args.period)
+    next_start = month_window(year, month)[1]
+    # Every period starting in the month has ended by the end of the following month.
+    cutoff = month_window(next_start.year, next_start.month)[1] + timedelta(
+        hours=settings.settlement_window_hours
+    )
+    try:
+        lagging = ledger_lag(
+            settings,
+            kafka(settings, create_topics=False),
+            min(cutoff, settings.clock_now or datetime.now(UTC)),
+        )
+        problem = (
+            f"the ledger is incomplete: {len(lagging)} partition(s) not yet consumed or written: "
+            f"{', '.join(lagging[:3])}{' ...' if len(lagging) > 3 else ''}; "
+            "run `callmeter worker --until-idle`"
+            if lagging
+            else ""
+        )
+    except (BrokerError, KafkaException) as exc:
+        problem = f"cannot check that the ledger is complete: {exc}"
+    if not problem:
+        return False
+    if not args.allow_incomplete:
+        msg = f"{problem} (or pass --allow-incomplete for drafts)"
+        raise PipelineError(msg)
+    if args.finalize:
+        msg = f"{problem}; a final invoice is never made from an incomplete ledger"
+        raise PipelineError(msg)
+    print(f"callmeter: warning: {problem}; writing drafts marked incomplete", file=sys.stderr)
+    return True
 
 
 def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
@@ -279,6 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--tenant")
     p.add_argument("--finalize", action="store_true", help="make these invoices final (never rewritten)")
+    p.add_argument(
+        "--allow-incomplete",
+        action="store_true",
+        help="write drafts, marked incomplete, even if the pipeline has not consumed and written everything",
+    )
     p = sub.add_parser("replay", help="re-rate calls that started in a time range with the current catalog")
     p.add_argument("--from", dest="ts_from", required=True, help="RFC 3339, inclusive")
     p.add_argument("--to", dest="ts_to", required=True, help="RFC 3339, exclusive")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.catalogs import catalog_at_revision
+from pipeline.errors import PipelineError
 from rating.batch import invoices_from_usage
 from rating.calls import RatedCall, rate_call
 from rating.catalog import Catalog
@@ -180,7 +181,11 @@ def run_invoices(
     finalize: bool = False,
     settlement_window: timedelta = timedelta(hours=48),
     now: datetime | None = None,
+    incomplete: bool = False,
 ) -> list[InvoiceOutput]:
+    """Invoices of the periods starting in the month. ``finalize`` makes them final (refused, with
+    nothing written, for a period that has not ended); ``incomplete`` marks drafts made from a ledger
+    the pipeline has not finished, which never become final."""
     now = now or datetime.now(UTC)
     stored = {row["invoice_id"]: row for row in ledger.invoice_rows(tenant)}
     finals_by_tenant: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -217,13 +222,20 @@ def run_invoices(
                 billable_seconds_total=_seconds(draft),
                 extra_lines=lines,
             )
-        final = finalize or now >= invoice.period.end + settlement_window
-        outputs.append(
-            InvoiceOutput(
-                invoice, invoice_json(invoice, now), "final" if final else "draft", False, tuple(adjustments)
+        if finalize and now < invoice.period.end:
+            msg = (
+                f"cannot finalize {invoice.invoice_id}: its period runs until "
+                f"{invoice.period.end_date.isoformat()}"
             )
-        )
+            raise InvoiceRefused(msg)
+        final = not incomplete and (finalize or now >= invoice.period.end + settlement_window)
+        text = invoice_json(invoice, now, incomplete=incomplete)
+        outputs.append(InvoiceOutput(invoice, text, "final" if final else "draft", False, tuple(adjustments)))
     return outputs
+
+
+class InvoiceRefused(PipelineError):
+    """The invoices asked for cannot be made as asked (nothing is written)."""
 
 
 def _seconds(invoice: Invoice) -> int:
@@ -234,8 +246,10 @@ def _seconds(invoice: Invoice) -> int:
     return used
 
 
-def invoice_json(invoice: Invoice, generated_at: datetime) -> str:
+def invoice_json(invoice: Invoice, generated_at: datetime, incomplete: bool = False) -> str:
     body = invoice.to_json_dict(generated_at.isoformat(timespec="seconds").replace("+00:00", "Z"))
+    if incomplete:
+        body["incomplete"] = True
     return json.dumps(body, indent=2) + "\n"
 
 

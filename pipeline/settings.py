@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from pathlib import Path
 
 from pydantic import SecretStr
@@ -46,6 +47,9 @@ class Settings(BaseSettings):
     # A worker with input left to consume that commits nothing for this long (broker gone, a hung
     # partition) stops and is restarted; the restart fails with one line if the broker is still away.
     stall_timeout_seconds: float = 120.0
+    # The instant the invoice job takes as "now" (which periods have ended, the settlement window):
+    # unset is the wall clock. For rehearsing a month end and for tests of fixtures dated in the future.
+    clock_now: datetime | None = None
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"

@@ -14,9 +14,10 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
+from pipeline.offsets import committed_offsets
 from pipeline.settings import Settings
 
 
@@ -42,11 +43,7 @@ def kafka_lag(settings: Settings, bootstrap: str) -> dict[tuple[str, int], int]:
         return {}
     ends = admin.list_offsets({tp: OffsetSpec.latest() for tp in tps}, request_timeout=10)
     high = {(tp.topic, tp.partition): f.result().offset for tp, f in ends.items()}
-    group = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(settings.app_id)])
-    committed = {
-        (tp.topic, tp.partition): max(tp.offset, 0)
-        for tp in next(iter(group.values())).result().topic_partitions
-    }
+    committed = {k: max(v, 0) for k, v in committed_offsets(bootstrap, settings.app_id, list(high)).items()}
     return {key: max(end - committed.get(key, 0), 0) for key, end in sorted(high.items())}
 
 

@@ -53,6 +53,7 @@ from pipeline.crashpoints import CRASH_AT as _CRASH_AT
 from pipeline.crashpoints import crash_point
 from pipeline.errors import PipelineError, RetryableError
 from pipeline.guard import CommitGuard, die
+from pipeline.offsets import GroupOffsets
 from pipeline.records import call_from_record, provisioning_from_record, rated_to_record
 from pipeline.settings import Settings
 from rating.balance import crossed_thresholds
@@ -699,6 +700,7 @@ class LagMonitor(threading.Thread):
         self.meter = meter
         self.every_seconds = every_seconds
         self.admin = AdminClient({"bootstrap.servers": bootstrap})
+        self.offsets = GroupOffsets(bootstrap, meter.settings.app_id)
         self.peek = Consumer(
             {
                 "bootstrap.servers": bootstrap,
@@ -715,18 +717,12 @@ class LagMonitor(threading.Thread):
         self._halt.set()
 
     def measure(self) -> None:
-        from confluent_kafka import ConsumerGroupTopicPartitions
-
         settings = self.meter.settings
         meta = self.admin.list_topics(timeout=10)
         tps = [TopicPartition(t, p) for t in settings.topics.inputs for p in meta.topics[t].partitions]
         ends = self.admin.list_offsets({tp: OffsetSpec.latest() for tp in tps}, request_timeout=10)
         high = {(tp.topic, tp.partition): f.result().offset for tp, f in ends.items()}
-        group = self.admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(settings.app_id)])
-        committed = {
-            (tp.topic, tp.partition): max(tp.offset, 0)
-            for tp in next(iter(group.values())).result().topic_partitions
-        }
+        committed = {key: max(offset, 0) for key, offset in self.offsets.committed(list(high)).items()}
         oldest_age = 0.0
         for key, end in high.items():
             done_to = committed.get(key, 0)
@@ -822,6 +818,7 @@ class IdleWatch(threading.Thread):
         self.sink = sink
         self.on_idle = on_idle
         self.admin = AdminClient({"bootstrap.servers": bootstrap})
+        self.offsets = GroupOffsets(bootstrap, meter.settings.app_id)
         self.settings = meter.settings
         self._halt = threading.Event()
 
@@ -831,8 +828,6 @@ class IdleWatch(threading.Thread):
     def caught_up(self) -> bool:
         """Inputs committed by the worker up to their ends, and outputs written by the sink up to theirs:
         one metadata, one list-offsets and one group-offsets request per check."""
-        from confluent_kafka import ConsumerGroupTopicPartitions
-
         positions = self.sink.positions()
         if positions is None or not self.meter.ready.is_set():
             return False
@@ -845,10 +840,7 @@ class IdleWatch(threading.Thread):
         ]
         ends = self.admin.list_offsets({tp: OffsetSpec.latest() for tp in tps}, request_timeout=10)
         high = {(tp.topic, tp.partition): f.result().offset for tp, f in ends.items()}
-        group = self.admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(self.settings.app_id)])
-        committed = {
-            (tp.topic, tp.partition): tp.offset for tp in next(iter(group.values())).result().topic_partitions
-        }
+        committed = self.offsets.committed([key for key in high if key[0] in topics.inputs])
         for key, end in high.items():
             if end == 0:
                 continue

@@ -72,5 +72,8 @@ def cm_env(kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> dict[str,
         # Invoices become final only through --finalize in tests, whatever the date the suite runs on
         # (the fixtures' periods are in 2026; the default settlement window is 48 h after period end).
         CALLMETER_SETTLEMENT_WINDOW_HOURS="876000",
+        # The fixtures' periods (October-November 2026) have all ended by then, so tests may finalize
+        # them whatever the date; tests of the "period has not ended" refusal set their own clock.
+        CALLMETER_CLOCK_NOW="2027-01-15T00:00:00Z",
     )
     return env

@@ -151,3 +151,78 @@ def test_earlier_subscription_start_consumed_last_moves_the_anchor(
         [tmp_path / "first.jsonl", tmp_path / "second.jsonl"], 2026, 10, example_catalog()
     )
     assert _lines(october["t6-20261001"])["included_seconds"] == ("30", "0.00")
+
+
+def test_invoice_refuses_a_ledger_the_worker_has_not_finished(cm_env: dict[str, str], tmp_path: Path) -> None:
+    sub = prov(
+        "s1", "t7", "2026-11-01T00:00:00Z", "SUBSCRIPTION_STARTED", plan_id="starter", tax_region="NONE"
+    )
+    callmeter(
+        cm_env,
+        "produce",
+        str(write_events(tmp_path / "a.jsonl", [sub, call("c1", "t7", "2026-11-02T10:00:00Z", 60)])),
+    )
+    worker_stats(cm_env)
+    # A second call reaches Kafka, but no worker consumes it.
+    callmeter(
+        cm_env,
+        "produce",
+        str(write_events(tmp_path / "b.jsonl", [call("c2", "t7", "2026-11-03T10:00:00Z", 60)])),
+    )
+    out = tmp_path / "out"
+    refused = callmeter(cm_env, "invoice", "--period", "2026-11", "--out", str(out), check=False)
+    assert refused.returncode == 1
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert "the ledger is incomplete: 1 partition(s)" in refused.stderr and "calls/" in refused.stderr
+    assert not out.exists() or not list(out.iterdir())
+    # Drafts anyway, marked incomplete, never final.
+    final_refused = callmeter(
+        cm_env,
+        "invoice",
+        "--period",
+        "2026-11",
+        "--out",
+        str(out),
+        "--allow-incomplete",
+        "--finalize",
+        check=False,
+    )
+    assert final_refused.returncode == 1 and "never made from an incomplete ledger" in final_refused.stderr
+    drafts = callmeter(cm_env, "invoice", "--period", "2026-11", "--out", str(out), "--allow-incomplete")
+    assert "draft incomplete" in drafts.stdout
+    draft = read_invoices(out)["t7-20261101"]
+    assert draft["incomplete"] is True
+    assert _lines(draft)["included_seconds"] == ("60", "0.00")
+    worker_stats(cm_env)
+    callmeter(cm_env, "invoice", "--period", "2026-11", "--out", str(out))
+    invoice = read_invoices(out)["t7-20261101"]
+    assert "incomplete" not in invoice
+    assert _lines(invoice)["included_seconds"] == ("120", "0.00")
+
+
+def test_finalizing_a_period_that_has_not_ended_is_refused(cm_env: dict[str, str], tmp_path: Path) -> None:
+    events = write_events(
+        tmp_path / "e.jsonl",
+        [
+            prov(
+                "s1",
+                "t8",
+                "2026-11-10T00:00:00Z",
+                "SUBSCRIPTION_STARTED",
+                plan_id="starter",
+                tax_region="NONE",
+            )
+        ],
+    )
+    callmeter(cm_env, "produce", str(events))
+    worker_stats(cm_env)
+    env = dict(cm_env, CALLMETER_CLOCK_NOW="2026-11-23T12:00:00Z")
+    out = tmp_path / "out"
+    refused = callmeter(env, "invoice", "--period", "2026-11", "--out", str(out), "--finalize", check=False)
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == (
+        "callmeter: error: cannot finalize t8-20261110: its period runs until 2026-12-10"
+    )
+    assert not out.exists() or not list(out.iterdir())
+    ok = callmeter(env, "invoice", "--period", "2026-11", "--out", str(out))
+    assert "draft" in ok.stdout

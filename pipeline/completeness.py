@@ -1,0 +1,96 @@
+"""Is the ledger complete enough to invoice? (issue 8: an invoice from an unfinished ledger is wrong with
+no warning.)
+
+Two consumer groups must be done: the worker's over the input topics (every event consumed, rated,
+committed) and the ledger sink's over the output topics (every output written to ClickHouse). A
+partition is done when no committed record lies at or after the group's committed offset, or, against
+a pipeline that keeps running, when the first record still waiting there was published after the
+cutoff (the end of the invoiced periods plus the settlement window): whatever arrives later is a late
+event and reaches a later invoice as an adjustment.
+
+Committed offsets stop before a transaction's commit marker, so "done" is decided by reading from the
+committed offset (read_committed) until a record or the partition's end, not by comparing offsets.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from pipeline.offsets import committed_offsets
+from pipeline.settings import Settings
+
+
+def ledger_lag(settings: Settings, bootstrap: str, cutoff: datetime, timeout: float = 20.0) -> list[str]:
+    """Descriptions of the partitions the ledger still lacks (empty when complete). Raises
+    KafkaException when the cluster cannot be asked."""
+    topics = settings.topics
+    groups = {
+        settings.app_id: topics.inputs,
+        f"{settings.app_id}-ledger": [topics.rated, topics.accepted, topics.deadletter],
+    }
+    conf: dict[str, Any] = {"bootstrap.servers": bootstrap}
+    admin = AdminClient(conf)
+    meta = admin.list_topics(timeout=10)
+    start: dict[tuple[str, int], int] = {}
+    owner: dict[tuple[str, int], str] = {}
+    for group, names in groups.items():
+        tps = [(name, p) for name in names if name in meta.topics for p in meta.topics[name].partitions]
+        committed = committed_offsets(bootstrap, group, tps)
+        for key in tps:
+            # No commit yet: everything from the beginning is still to do.
+            start[key] = max(committed.get(key, -1), 0)
+            owner[key] = "worker" if group == settings.app_id else "ledger sink"
+    return _waiting(bootstrap, start, owner, cutoff, timeout)
+
+
+def _waiting(
+    bootstrap: str,
+    start: dict[tuple[str, int], int],
+    owner: dict[tuple[str, int], str],
+    cutoff: datetime,
+    timeout: float,
+) -> list[str]:
+    if not start:
+        return []
+    peek = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "callmeter-completeness-peek",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "enable.partition.eof": True,
+            "log_level": 0,
+            "error_cb": lambda _e: None,
+        }
+    )
+    try:
+        peek.assign([TopicPartition(t, p, offset) for (t, p), offset in start.items()])
+        open_tps = set(start)
+        lagging: list[str] = []
+        deadline = time.monotonic() + timeout
+        while open_tps and time.monotonic() < deadline:
+            msg = peek.poll(0.5)
+            if msg is None:
+                continue
+            key = (str(msg.topic()), int(msg.partition() or 0))
+            if key not in open_tps:
+                continue
+            err = msg.error()
+            if err is not None and err.code() != KafkaError._PARTITION_EOF:
+                raise KafkaException(err)
+            open_tps.discard(key)
+            peek.pause([TopicPartition(*key)])
+            if err is not None:
+                continue  # reached the end: nothing waits here
+            _kind, ts_ms = msg.timestamp()
+            if datetime.fromtimestamp(ts_ms / 1000, UTC) <= cutoff:
+                lagging.append(f"{key[0]}/{key[1]} (the {owner[key]} is at offset {start[key]})")
+        lagging += [f"{t}/{p} (no answer from the broker)" for t, p in sorted(open_tps)]
+        return sorted(lagging)
+    finally:
+        peek.close()

@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup kafka-jars promtool demo test test-unit lint bench clean
+.PHONY: setup kafka-jars promtool demo test test-unit chaos lint bench clean
 
 setup: $(STAMP) kafka-jars
 
@@ -29,8 +29,12 @@ promtool:
 demo: setup
 	$(BIN)/callmeter demo
 
+# The fault-injection scenarios marked `chaos` are slow; make test runs their fast subset.
 test: setup promtool
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m "not chaos"
+
+chaos: setup
+	$(BIN)/pytest -q -m chaos
 
 test-unit: setup promtool
 	$(BIN)/pytest -q tests/unit

@@ -89,8 +89,8 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from pipeline.catalogs import read_catalog
     from pipeline.errors import RetryableError
     from pipeline.guard import EXIT_RETRY
+    from pipeline.runner import run_worker
     from pipeline.supervisor import is_child, supervise
-    from pipeline.worker import run_worker
 
     if not is_child():
         return supervise(settings, args.argv)

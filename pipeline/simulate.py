@@ -69,7 +69,14 @@ class _Tenant:
     employees: list[str]
 
 
+def run_tag(cfg: SimulationConfig) -> str:
+    """Part of every event id: two runs for another month or seed never reuse an id (issue 9: a reused
+    id with another payload is a different event that deduplication would wrongly drop)."""
+    return f"{cfg.year}{cfg.month:02d}s{cfg.seed}"
+
+
 def _tenants(cfg: SimulationConfig, rng: random.Random) -> list[_Tenant]:
+    run = run_tag(cfg)
     regions = ("US-NY", "GB", "NONE")
     anchors = (1, 15, 31, 8, 22, 29)
     out = []
@@ -84,7 +91,7 @@ def _tenants(cfg: SimulationConfig, rng: random.Random) -> list[_Tenant]:
         events = [
             _provisioning(
                 tenant,
-                f"{tenant}-sub",
+                f"{tenant}-{run}-sub",
                 subscribed,
                 "SUBSCRIPTION_STARTED",
                 plan_id=plan,
@@ -104,7 +111,7 @@ def _tenants(cfg: SimulationConfig, rng: random.Random) -> list[_Tenant]:
             events.append(
                 _provisioning(
                     tenant,
-                    f"{tenant}-num-{n}",
+                    f"{tenant}-{run}-num-{n}",
                     at,
                     "NUMBER_PROVISIONED",
                     number=number,
@@ -118,7 +125,7 @@ def _tenants(cfg: SimulationConfig, rng: random.Random) -> list[_Tenant]:
             events.append(
                 _provisioning(
                     tenant,
-                    f"{tenant}-emp-{e}-on",
+                    f"{tenant}-{run}-emp-{e}-on",
                     subscribed + timedelta(days=e),
                     "EMPLOYEE_ACTIVATED",
                     employee_id=employee,
@@ -128,7 +135,7 @@ def _tenants(cfg: SimulationConfig, rng: random.Random) -> list[_Tenant]:
     return out
 
 
-def _call(tenant: _Tenant, seq: int, rng: random.Random) -> dict[str, Any]:
+def _call(tenant: _Tenant, seq: int, rng: random.Random, run: str) -> dict[str, Any]:
     span = (tenant.period.end - tenant.period.start).total_seconds()
     started = tenant.period.start + timedelta(seconds=rng.uniform(0, span - 7200))
     answered = rng.random() < 0.85
@@ -148,7 +155,7 @@ def _call(tenant: _Tenant, seq: int, rng: random.Random) -> dict[str, Any]:
     caller = f"+1{rng.randint(200, 999)}{rng.randint(1000000, 9999999)}"
     return {
         "type": "call",
-        "event_id": f"{tenant.tenant_id}-call-{seq:08d}",
+        "event_id": f"{tenant.tenant_id}-{run}-call-{seq:08d}",
         "tenant_id": tenant.tenant_id,
         "call_id": f"call-{seq:08d}",
         "employee_id": rng.choice(tenant.employees),
@@ -187,7 +194,7 @@ def generate(cfg: SimulationConfig) -> Iterator[dict[str, Any]]:
     recent: list[dict[str, Any]] = []
     for seq in range(cfg.calls):
         tenant = tenants[seq % len(tenants)]
-        call = _call(tenant, seq, rng)
+        call = _call(tenant, seq, rng, run_tag(cfg))
         roll = rng.random()
         if roll < cfg.invalid_rate:
             yield _invalid(call)

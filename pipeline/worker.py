@@ -29,47 +29,36 @@ tenant's calls and provisioning share P and its state lives in partition P of ev
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import shutil
-import signal
-import sys
 import threading
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import faust
-import faust.tables.recovery as faust_recovery
-from confluent_kafka import TopicPartition
-from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from pipeline import metrics
+from pipeline.balances import Balances
 from pipeline.crashpoints import CRASH_AT as _CRASH_AT
 from pipeline.crashpoints import crash_point
-from pipeline.errors import PipelineError, RetryableError
-from pipeline.guard import CommitGuard, die
-from pipeline.offsets import GroupOffsets
+from pipeline.errors import PipelineError
+from pipeline.guard import CommitGuard
+from pipeline.parking import Parking
 from pipeline.records import call_from_record, provisioning_from_record, rated_to_record
 from pipeline.settings import Settings
-from rating.balance import crossed_thresholds
+from pipeline.stats import Stats
 from rating.calls import RatedCall, rate_call, validate_call
 from rating.catalog import Catalog
-from rating.models import ProvisioningEvent, Reason, Rejection
+from rating.models import CallEvent, ProvisioningEvent, Reason, Rejection
 from rating.subscription import TenantTimeline
 from schemas.errors import SerdeError
 from schemas.serde import Serde
-from sinks.ledger import Ledger
 
 log = logging.getLogger(__name__)
 TP = tuple[str, int]
 
 _ROCKSDICT = {"driver": "rocksdict"}
-_CLEAN_MARKER = ".clean-shutdown"
 _ACTIONS_NEEDING = {
     "SUBSCRIPTION_STARTED": ("plan_id", "tax_region"),
     "PLAN_CHANGED": ("plan_id",),
@@ -79,54 +68,6 @@ _ACTIONS_NEEDING = {
     "EMPLOYEE_DEACTIVATED": ("employee_id",),
     "SUBSCRIPTION_CANCELLED": (),
 }
-
-
-@dataclass
-class Stats:
-    """Counters of this worker run (also the source of the Prometheus metrics)."""
-
-    consumed: Counter[str] = field(default_factory=Counter)
-    duplicates: Counter[str] = field(default_factory=Counter)
-    dead_letters: Counter[str] = field(default_factory=Counter)
-    rated: int = 0
-    parked: int = 0
-    unparked: int = 0
-    revived: int = 0  # dead-lettered NO_SUBSCRIPTION, then rated when later provisioning covered them
-    keys_expired: int = 0
-    # Per wall-clock minute: [events consumed, duplicates, dead letters], for "the last minutes".
-    minutes: dict[int, list[int]] = field(default_factory=dict)
-
-    def tick(self, consumed: int = 0, duplicates: int = 0, dead: int = 0) -> None:
-        minute = int(time.time() // 60)
-        bucket = self.minutes.setdefault(minute, [0, 0, 0])
-        bucket[0] += consumed
-        bucket[1] += duplicates
-        bucket[2] += dead
-        for old in [m for m in self.minutes if m < minute - 60]:
-            del self.minutes[old]
-
-    def window(self, minutes: int) -> dict[str, int]:
-        since = int(time.time() // 60) - minutes + 1
-        totals = [0, 0, 0]
-        for minute, bucket in self.minutes.items():
-            if minute >= since:
-                totals = [a + b for a, b in zip(totals, bucket, strict=True)]
-        return {"minutes": minutes, "consumed": totals[0], "duplicates": totals[1], "dead_letters": totals[2]}
-
-    def total(self) -> int:
-        return sum(self.consumed.values())
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "consumed": dict(self.consumed),
-            "duplicates": dict(self.duplicates),
-            "dead_letters": dict(self.dead_letters),
-            "rated": self.rated,
-            "parked": self.parked,
-            "unparked": self.unparked,
-            "revived": self.revived,
-            "keys_expired": self.keys_expired,
-        }
 
 
 def check_provisioning(event: ProvisioningEvent, catalog: Catalog) -> Rejection | None:
@@ -142,45 +83,20 @@ def check_provisioning(event: ProvisioningEvent, catalog: Catalog) -> Rejection 
     return None
 
 
-def prepare_state_dir(state_dir: Path) -> bool:
-    """Keep local table state only after a clean shutdown; return True when it was wiped."""
-    marker = state_dir / _CLEAN_MARKER
-    if marker.exists():
-        marker.unlink()
-        return False
-    if state_dir.exists() and any(state_dir.iterdir()):
-        log.warning("previous worker stop was not clean: rebuilding local state from changelogs")
-        shutil.rmtree(state_dir)
-        state_dir.mkdir(parents=True)
-        return True
-    state_dir.mkdir(parents=True, exist_ok=True)
-    return False
-
-
-def mark_clean(state_dir: Path) -> None:
-    (state_dir / _CLEAN_MARKER).write_text(datetime.now(UTC).isoformat())
-
-
-class _QuickRecoveryPoll:
-    """Faust's changelog recovery waits on its queue with a hard-coded 5 s timeout and, under
-    exactly_once, needs two empty waits before it notices that the only thing left before the high
-    watermark is a transaction marker — a ~10-15 s stall on every start. Ending recovery still requires
-    the consumer position to have reached the high watermark (``detect_aborted_tx``), so a shorter
-    wait cannot end recovery early; it only stops waiting on an idle queue for so long."""
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(asyncio, name)
-
-    @staticmethod
-    async def wait_for(aw: Any, timeout: float | None = None) -> Any:
-        return await asyncio.wait_for(aw, timeout=min(timeout, 0.5) if timeout else timeout)
-
-
-faust_recovery.asyncio = _QuickRecoveryPoll()  # type: ignore[assignment]
-
-
 def _ms(ts: datetime) -> int:
     return int(ts.timestamp() * 1000)
+
+
+def _call_fact(call: CallEvent) -> list[int]:
+    """The value of a call's dedupe key: ``[ended_ms, started_ms, raw_ms]``. The end is what retention
+    measures; start and raw connected milliseconds are all a re-rating needs (``period_usage``)."""
+    raw_ms = 0
+    if call.disposition == "ANSWERED" and call.answered_at is not None:
+        raw_ms = _ms(call.ended_at) - _ms(call.answered_at)
+    return [_ms(call.ended_at), _ms(call.started_at), raw_ms]
+
+
+_RERATING_ACTIONS = frozenset({"SUBSCRIPTION_STARTED", "PLAN_CHANGED", "SUBSCRIPTION_CANCELLED"})
 
 
 class _FaultCounter(logging.Handler):
@@ -192,7 +108,7 @@ class _FaultCounter(logging.Handler):
         self.meter.faults += 1
 
 
-class Meter:
+class Meter(Parking, Balances):
     """Builds the Faust app: one agent over both input topics and four co-partitioned tables."""
 
     def __init__(self, settings: Settings, bootstrap: str, catalog: Catalog, serde: Serde) -> None:
@@ -360,7 +276,9 @@ class Meter:
                 key, value = json.loads(raw_key), json.loads(raw_value)
             except (ValueError, TypeError):
                 continue  # Faust's own bookkeeping keys (persisted offsets)
-            if isinstance(value, int) and isinstance(key, str) and value < older_than_ms:
+            # Provisioning keys hold their event time; call keys [ended, started, raw ms] (_call_fact).
+            event_ms = value[0] if isinstance(value, list) and value else value
+            if isinstance(event_ms, int) and isinstance(key, str) and event_ms < older_than_ms:
                 expired.append(key)
         for key in expired:
             del self.seen[key]
@@ -368,54 +286,6 @@ class Meter:
             log.info("dedupe retention: forgot %d keys of partition %d", len(expired), partition)
         self.stats.keys_expired += len(expired)
         return len(expired)
-
-    async def _maybe_expire_parked(self, partition: int) -> None:
-        minute = int(time.time() // 60)
-        if self._parking_swept.get(partition) == minute:
-            return
-        self._parking_swept[partition] = minute
-        await self.expire_parked(
-            partition, int(time.time() * 1000) - self.settings.parking_timeout_seconds * 1000
-        )
-
-    async def expire_parked(self, partition: int, parked_before_ms: int) -> int:
-        """Dead-letter (NO_SUBSCRIPTION) the parked calls of this partition parked before the cutoff.
-
-        Runs inside the current event's transaction, which is this partition's: the dead letters and
-        the removal from ``parked`` commit together. Nothing is dropped silently (spec §5)."""
-        db_for = getattr(self.parked.data, "_db_for_partition", None)
-        if db_for is None:
-            return 0
-        expired = 0
-        for raw_key, raw_value in list(db_for(partition).items()):
-            try:
-                tenant, held = json.loads(raw_key), json.loads(raw_value)
-            except (ValueError, TypeError):
-                continue
-            if not isinstance(tenant, str) or not isinstance(held, list):
-                continue
-            keep = [item for item in held if item["at"] >= parked_before_ms]
-            for item in held:
-                if item["at"] < parked_before_ms:
-                    src = (item["t"], item["p"], item["o"], tenant.encode(), bytes.fromhex(item["v"]))
-                    message = (
-                        f"no SUBSCRIPTION_STARTED for tenant {tenant!r} within the parking timeout "
-                        f"({self.settings.parking_timeout_seconds} s)"
-                    )
-                    if not item.get("d"):  # a revivable call was dead-lettered when it was refused
-                        await self._dead(src, Reason.NO_SUBSCRIPTION, message)
-                        metrics.PARKED_CALLS.dec()
-                    # Not accepted after all: release its idempotency key so a resend after the
-                    # subscription exists is rated.
-                    _name, record = self.serde.decode(src[4])
-                    self.seen.pop(f"call|{tenant}|{record['event_id']}", None)
-                    expired += 1
-            if len(keep) != len(held):
-                if keep:
-                    self.parked[tenant] = keep
-                else:
-                    del self.parked[tenant]
-        return expired
 
     async def _on_call(self, src: tuple[Any, ...], record: dict[str, Any], dedupe_key: str) -> None:
         call = call_from_record(record)
@@ -428,44 +298,20 @@ class Meter:
             # Calls and provisioning are not ordered across topics: hold the call until the tenant's
             # SUBSCRIPTION_STARTED arrives (spec §5). Its key is consumed now so a retry stays a duplicate.
             self._park(src, call.tenant_id)
-            self.seen[dedupe_key] = _ms(call.ended_at)
+            self.seen[dedupe_key] = _call_fact(call)
             return
         result = rate_call(call, timeline, self.catalog)
         if isinstance(result, Rejection) and result.reason == Reason.NO_SUBSCRIPTION:
             await self._dead_but_revivable(src, call, result)
-            self.seen[dedupe_key] = _ms(call.ended_at)
+            self.seen[dedupe_key] = _call_fact(call)
             return
         if isinstance(result, Rejection):
             await self._dead(src, result.reason, result.message)
             return
-        self.seen[dedupe_key] = _ms(call.ended_at)
+        self.seen[dedupe_key] = _call_fact(call)
         await self._emit_rated(src, result)
         if _CRASH_AT:
             crash_point("worker-5-output-sent")
-
-    async def _dead_but_revivable(self, src: tuple[Any, ...], call: Any, rejection: Rejection) -> None:
-        """The tenant is subscribed but nothing covers the call's period: dead-letter it now (on-call
-        sees it, the counts add up), yet keep it among the parked calls marked ``d`` until the parking
-        timeout. Provisioning still to come (a re-subscription, an earlier start that moves the anchor)
-        can cover it after all; then it is rated (revived), as the batch computation over all events
-        would rate it (docs/decisions.md, "Order of events")."""
-        await self._dead(src, rejection.reason, rejection.message)
-        self._park(src, call.tenant_id, revivable=True)
-
-    def _park(
-        self, src: tuple[Any, ...], tenant: str, parked_at_ms: int | None = None, revivable: bool = False
-    ) -> None:
-        topic, partition, offset, _key, raw = src
-        held = list(self.parked.get(tenant) or [])
-        at = parked_at_ms if parked_at_ms is not None else int(time.time() * 1000)
-        item = {"t": topic, "p": partition, "o": offset, "v": raw.hex(), "at": at}
-        if revivable:
-            item["d"] = 1  # already dead-lettered; kept only to be revived
-        held.append(item)
-        self.parked[tenant] = held
-        if parked_at_ms is None and not revivable:
-            self.stats.parked += 1
-            metrics.PARKED_CALLS.inc()
 
     async def _emit_rated(self, src: tuple[Any, ...], rated: RatedCall) -> None:
         topic, partition, offset, _key, _raw = src
@@ -484,17 +330,7 @@ class Meter:
         await self._send(self.topics.rated, tenant.encode(), value)
         metrics.RATED_RECORDS_PRODUCED.inc()
         included = self.catalog.plan_for(rated.plan_id, rated.period.start).included_seconds
-        for percent in crossed_thresholds(included, before, after):
-            await self._alert(
-                tenant,
-                rated.period.start,
-                "USAGE_THRESHOLD",
-                percent,
-                after,
-                included,
-                f"{tenant} used {after} of {included} included seconds ({percent} % threshold) "
-                f"in the period starting {rated.period.start.date()}",
-            )
+        await self._usage_alerts(tenant, rated.period.start, included, before, after)
 
     def _timeline(self, tenant_id: str) -> TenantTimeline | None:
         cached = self._timelines.get(tenant_id)
@@ -523,78 +359,9 @@ class Meter:
         return None if raw is None else json.loads(raw)
 
     def status(self) -> dict[str, Any]:
-        return _meter_status(self)
+        from pipeline.watch import meter_status
 
-    @staticmethod
-    def balance_key(tenant: str, period_start: datetime) -> str:
-        return f"{tenant}|{period_start.isoformat()}"
-
-    async def _alert(
-        self,
-        tenant: str,
-        period_start: datetime,
-        kind: str,
-        threshold: int | None,
-        used: int,
-        included: int,
-        message: str,
-        subject: str = "",
-    ) -> None:
-        """Sent in the current partition's transaction with the state change that caused it, so a
-        restart, a rebalance or a duplicate record can never send it twice (spec §8). The id is
-        deterministic (tenant, period, kind, threshold or quota subject) so consumers can dedupe too."""
-        suffix = threshold if threshold is not None else subject
-        record = {
-            "alert_id": f"{tenant}-{period_start.strftime('%Y%m%d')}-{kind}-{suffix}",
-            "tenant_id": tenant,
-            "kind": kind,
-            "period_start": period_start,
-            "threshold_percent": threshold,
-            "used_seconds": used,
-            "included_seconds": included,
-            "message": message,
-            "emitted_at": datetime.now(UTC),
-        }
-        await self._send(
-            self.topics.alerts, tenant.encode(), self.serde.encode("Alert", record, self.topics.alerts)
-        )
-        metrics.ALERTS_EMITTED.labels(
-            kind=kind, threshold=str(threshold) if threshold is not None else ""
-        ).inc()
-
-    async def _check_quotas(self, timeline: TenantTimeline, event: ProvisioningEvent) -> None:
-        if event.action not in ("NUMBER_PROVISIONED", "EMPLOYEE_ACTIVATED") or not timeline.subscribed:
-            return
-        period = timeline.period_at(event.occurred_at)
-        plan_id = timeline.plan_for_period(period)
-        if plan_id is None:
-            return
-        plan = self.catalog.plan_for(plan_id, period.start)
-        if event.action == "NUMBER_PROVISIONED":
-            what, active, limit = (
-                "numbers",
-                len(timeline.active_numbers_at(event.occurred_at)),
-                plan.numbers.max,
-            )
-        else:
-            what, active, limit = (
-                "employees",
-                len(timeline.active_employees_at(event.occurred_at)),
-                plan.employees.max_active,
-            )
-        marker = f"{event.tenant_id}|{period.start.isoformat()}|{what}"
-        if active > limit and marker not in self.alerted:
-            self.alerted[marker] = active
-            await self._alert(
-                event.tenant_id,
-                period.start,
-                "QUOTA_EXCEEDED",
-                None,
-                active,
-                limit,
-                f"{event.tenant_id} has {active} active {what}; plan {plan_id} allows {limit}",
-                subject=what,
-            )
+        return meter_status(self)
 
     async def _on_provisioning(self, src: tuple[Any, ...], record: dict[str, Any], dedupe_key: str) -> None:
         topic, partition, offset, _key, raw = src
@@ -619,38 +386,8 @@ class Meter:
             held = self.parked.get(event.tenant_id)
             if held:
                 await self._release_parked(event.tenant_id, held, timeline)
-
-    async def _release_parked(
-        self, tenant: str, held: list[dict[str, Any]], timeline: TenantTimeline
-    ) -> None:
-        """Rate, in arrival order, the parked calls the tenant's timeline now covers. A call it does not
-        cover is dead-lettered (once) and kept as revivable with its original parking time."""
-        del self.parked[tenant]
-        for item in held:
-            raw = bytes.fromhex(item["v"])
-            src = (item["t"], item["p"], item["o"], tenant.encode(), raw)
-            _name, record = self.serde.decode(raw)  # it decoded when it was parked
-            call = call_from_record(record)
-            result = rate_call(call, timeline, self.catalog)
-            already_dead = bool(item.get("d"))
-            if isinstance(result, Rejection) and result.reason == Reason.NO_SUBSCRIPTION:
-                if not already_dead:
-                    await self._dead(src, result.reason, result.message)
-                    metrics.PARKED_CALLS.dec()
-                self._park(src, tenant, parked_at_ms=int(item["at"]), revivable=True)
-                continue
-            if not already_dead:
-                self.stats.unparked += 1
-                metrics.PARKED_CALLS.dec()
-            if isinstance(result, Rejection):
-                # Not accepted after all: like any dead letter it does not consume its idempotency key.
-                self.seen.pop(f"call|{tenant}|{call.event_id}", None)
-                if not already_dead:
-                    await self._dead(src, result.reason, result.message)
-            else:
-                if already_dead:
-                    self.stats.revived += 1
-                await self._emit_rated(src, result)
+            if event.action in _RERATING_ACTIONS:
+                await self.rerate_balances(event.tenant_id, timeline)
 
     async def _dead(self, src: tuple[Any, ...], reason: str, message: str) -> None:
         topic, partition, offset, key, raw = src
@@ -687,268 +424,3 @@ class Meter:
         src_topic, partition = event.message.topic, event.message.partition
         tid = f"{self.app.conf.id}-{self.app.assignor.group_for_topic(src_topic)}-{partition}"
         await self.app.producer.send(topic, key, value, partition, None, headers, transactional_id=tid)
-
-
-class LagMonitor(threading.Thread):
-    """Consumer lag per input partition (high watermark minus committed offset) and event-time lag
-    (age of the oldest uncommitted input record, read from Kafka), refreshed every few seconds."""
-
-    def __init__(self, meter: Meter, bootstrap: str, every_seconds: float = 3.0) -> None:
-        super().__init__(name="lag-monitor", daemon=True)
-        from confluent_kafka import Consumer
-
-        self.meter = meter
-        self.every_seconds = every_seconds
-        self.admin = AdminClient({"bootstrap.servers": bootstrap})
-        self.offsets = GroupOffsets(bootstrap, meter.settings.app_id)
-        self.peek = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": f"{meter.settings.app_id}-lag-peek",
-                "enable.auto.commit": False,
-                "isolation.level": "read_committed",
-            }
-        )
-        self._halt = threading.Event()
-        self._progress_at = time.monotonic()
-        self._last_committed: dict[TP, int] = {}
-
-    def halt(self) -> None:
-        self._halt.set()
-
-    def measure(self) -> None:
-        settings = self.meter.settings
-        meta = self.admin.list_topics(timeout=10)
-        tps = [TopicPartition(t, p) for t in settings.topics.inputs for p in meta.topics[t].partitions]
-        ends = self.admin.list_offsets({tp: OffsetSpec.latest() for tp in tps}, request_timeout=10)
-        high = {(tp.topic, tp.partition): f.result().offset for tp, f in ends.items()}
-        committed = {key: max(offset, 0) for key, offset in self.offsets.committed(list(high)).items()}
-        oldest_age = 0.0
-        for key, end in high.items():
-            done_to = committed.get(key, 0)
-            lag = max(end - done_to, 0)
-            self.meter.lag[key] = lag
-            metrics.CONSUMER_LAG.labels(topic=key[0], partition=str(key[1])).set(lag)
-            if lag:
-                self.peek.assign([TopicPartition(key[0], key[1], done_to)])
-                msg = self.peek.poll(2.0)
-                if msg is not None and msg.error() is None:
-                    _kind, ts_ms = msg.timestamp()
-                    oldest_age = max(oldest_age, time.time() - ts_ms / 1000)
-        metrics.EVENT_TIME_LAG.set(round(oldest_age, 3))
-        self._watch_progress(high, committed)
-
-    def _watch_progress(
-        self, high: dict[tuple[str, int], int], committed: dict[tuple[str, int], int]
-    ) -> None:
-        """Stall watchdog: input left to consume, yet no committed offset moved for the stall timeout."""
-        behind = {
-            key: (committed.get(key, 0), end) for key, end in high.items() if committed.get(key, 0) < end
-        }
-        if not behind or committed != self._last_committed:
-            self._last_committed = committed
-            self._progress_at = time.monotonic()
-            return
-        self._check_stall(behind)
-
-    def _check_stall(self, behind: dict[tuple[str, int], tuple[int, int]] | None) -> None:
-        # Start-up recovery (rebuilding tables from changelogs) commits nothing: allow it longer.
-        limit = self.meter.settings.stall_timeout_seconds * (1 if self.meter.ready.is_set() else 3)
-        stalled = time.monotonic() - self._progress_at
-        if stalled < limit:
-            return
-        if behind is None:
-            what = "Kafka unreachable"
-        else:
-            what = ", ".join(f"{t}/{p} committed {c} of {h}" for (t, p), (c, h) in sorted(behind.items())[:3])
-        die(f"no input committed for {stalled:.0f} s ({what})")
-
-    def run(self) -> None:
-        self._progress_at = time.monotonic()
-        self._last_committed = {}
-        while not self._halt.wait(self.every_seconds):
-            try:
-                self.measure()
-            except Exception:  # metrics must never take the worker down; a long outage is a stall
-                log.debug("lag measurement failed", exc_info=True)
-                self._check_stall(None)
-        self.peek.close()
-
-
-def _meter_status(meter: Meter) -> dict[str, Any]:
-    return {
-        "stats": meter.stats.to_dict(),
-        "lag": [{"topic": t, "partition": p, "messages": n} for (t, p), n in sorted(meter.lag.items())],
-        "event_time_lag_seconds": metrics.EVENT_TIME_LAG._value.get(),
-        "ledger_last_write_unix": metrics.LEDGER_LAST_WRITE._value.get(),
-        "ready": meter.ready.is_set(),
-        "assigned_calls_partitions": sorted(
-            tp.partition for tp in meter.app.assignor.assigned_actives() if tp.topic == meter.topics.calls
-        ),
-        "last_5_minutes": meter.stats.window(5),
-        "parked_calls": metrics.PARKED_CALLS._value.get(),
-    }
-
-
-class _Worker(faust.Worker):
-    """Faust's worker, telling the meter when start-up (recovery included) has finished."""
-
-    meter: Meter
-
-    async def on_startup_finished(self) -> None:
-        await super().on_startup_finished()
-        # The Kafka client logs every send at DEBUG; whatever enabled it, it costs ~4 % of the event
-        # loop at volume. Keep the client libraries at the configured level or quieter.
-        level = max(logging.getLevelName(self.meter.settings.log_level.upper()), logging.INFO)
-        for name in ("aiokafka", "faust", "mode", "kafka"):
-            logging.getLogger(name).setLevel(level)
-        # "producer buffer full" is Faust applying backpressure to changelog writes, which is normal
-        # at volume, not a fault; operators watch lag and throughput instead.
-        logging.getLogger("faust.transport.producer").setLevel(max(level, logging.ERROR))
-        self.meter.ready.set()
-
-
-class IdleWatch(threading.Thread):
-    """--until-idle: stop once inputs are committed to their end, the sink has caught up, and nothing
-    changed for ``idle_seconds``."""
-
-    def __init__(self, meter: Meter, sink: Any, bootstrap: str, on_idle: Any) -> None:
-        super().__init__(name="idle-watch", daemon=True)
-        self.meter = meter
-        self.sink = sink
-        self.on_idle = on_idle
-        self.admin = AdminClient({"bootstrap.servers": bootstrap})
-        self.offsets = GroupOffsets(bootstrap, meter.settings.app_id)
-        self.settings = meter.settings
-        self._halt = threading.Event()
-
-    def halt(self) -> None:
-        self._halt.set()
-
-    def caught_up(self) -> bool:
-        """Inputs committed by the worker up to their ends, and outputs written by the sink up to theirs:
-        one metadata, one list-offsets and one group-offsets request per check."""
-        positions = self.sink.positions()
-        if positions is None or not self.meter.ready.is_set():
-            return False
-        topics = self.settings.topics
-        meta = self.admin.list_topics(timeout=10)
-        tps = [
-            TopicPartition(t, p)
-            for t in (*topics.inputs, topics.rated, topics.accepted, topics.deadletter)
-            for p in meta.topics[t].partitions
-        ]
-        ends = self.admin.list_offsets({tp: OffsetSpec.latest() for tp in tps}, request_timeout=10)
-        high = {(tp.topic, tp.partition): f.result().offset for tp, f in ends.items()}
-        committed = self.offsets.committed([key for key in high if key[0] in topics.inputs])
-        for key, end in high.items():
-            if end == 0:
-                continue
-            done_to = committed.get(key, -1) if key[0] in topics.inputs else positions.get(key, -1)
-            if done_to < end:
-                return False
-        return True
-
-    def run(self) -> None:
-        quiet_since: float | None = None
-        last_seen = (-1, -1)
-        while not self._halt.wait(0.25):
-            try:
-                progress = (self.meter.stats.total(), self.sink.rows_written)
-                done = self.sink.error is None and self.caught_up()
-            except Exception:
-                log.debug("idle check failed", exc_info=True)
-                done = False
-                progress = last_seen
-            if self.sink.error is not None:
-                self.on_idle()
-                return
-            if not done or progress != last_seen:
-                log.debug("not idle yet: done=%s progress=%s", done, progress)
-                quiet_since = None
-                last_seen = progress
-                continue
-            quiet_since = quiet_since or time.monotonic()
-            if time.monotonic() - quiet_since >= self.settings.idle_seconds:
-                self.on_idle()
-                return
-
-
-def run_worker(
-    settings: Settings,
-    bootstrap: str,
-    catalog: Catalog,
-    serde: Serde,
-    until_idle: bool,
-    catalog_text: str = "",
-) -> Stats:
-    """Run the worker in this process until SIGTERM/SIGINT, or until idle. Raises on a sink failure."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    ledger = Ledger.open(settings.clickhouse_dsn, _secret(settings))
-    if catalog_text:
-        from pipeline.catalogs import register_catalog
-
-        try:
-            register_catalog(ledger, catalog, catalog_text)
-        except Exception:
-            ledger.close()
-            raise
-    prepare_state_dir(settings.data_dir / "worker")
-    meter = Meter(settings, bootstrap, catalog, serde)
-    from pipeline.broker import ensure_internal_topics
-
-    try:
-        ensure_internal_topics(bootstrap, meter.internal_topics())
-    except Exception:
-        ledger.close()
-        raise
-    from pipeline.sink import LedgerSink
-
-    sink = LedgerSink(settings, bootstrap, serde, ledger)
-    # stdout is the command's result (JSON stats); Faust's console output goes to stderr.
-    worker = _Worker(
-        meter.app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False, stdout=sys.stderr
-    )
-    worker.meter = meter
-    loop = worker.loop
-
-    def stop_soon() -> None:
-        loop.call_soon_threadsafe(worker._schedule_shutdown, signal.SIGTERM)
-
-    watch = IdleWatch(meter, sink, bootstrap, stop_soon) if until_idle else None
-    lag = LagMonitor(meter, bootstrap)
-    lag.start()
-    sink.start()
-    if watch is not None:
-        watch.start()
-    exit_code: object = 0
-    try:
-        worker.execute_from_commandline()
-    except SystemExit as exc:
-        exit_code = exc.code
-    finally:
-        if watch is not None:
-            watch.halt()
-        lag.halt()
-        sink.stop()
-        ledger.close()
-    if sink.error is not None:
-        msg = f"ledger sink failed: {sink.error}"
-        raise RetryableError(msg) from sink.error
-    if exit_code not in (0, None):
-        # Faust stopped on an error: the last transaction may be aborted, so the local state is not
-        # marked clean and the next start rebuilds it from the changelogs.
-        msg = f"stream worker stopped with an error (exit {exit_code}); see the log above"
-        raise RetryableError(msg)
-    if meter.faults:
-        # A client error was logged during the run (broker connection lost, a failed commit): the
-        # local state may hold writes of a transaction that never committed. Do not vouch for it.
-        log.warning("not marking local state clean after %d client error(s)", meter.faults)
-    else:
-        mark_clean(settings.data_dir / "worker")
-    (settings.data_dir / "worker-stats.json").write_text(json.dumps(meter.stats.to_dict(), indent=2))
-    return meter.stats
-
-
-def _secret(settings: Settings) -> str | None:
-    return settings.clickhouse_password.get_secret_value() if settings.clickhouse_password else None

@@ -7,14 +7,18 @@ invoice the same usage would produce.
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from rating.catalog import Catalog
+from rating.calls import billable_seconds
+from rating.catalog import Catalog, Rounding
+from rating.errors import UnknownPlanError
 from rating.invoice import build_invoice, money_text
-from rating.periods import Period
+from rating.periods import Period, period_containing
 from rating.subscription import TenantTimeline
 
 USAGE_THRESHOLDS_PERCENT = (75, 90, 100)
@@ -125,3 +129,32 @@ def crossed_thresholds(included_seconds: int, before_seconds: int, after_seconds
         if before_seconds * 100 < limit <= after_seconds * 100:
             crossed.append(percent)
     return crossed
+
+
+def period_usage(
+    calls: Iterable[tuple[datetime, Decimal]], timeline: TenantTimeline, catalog: Catalog
+) -> dict[datetime, int]:
+    """Billable seconds per period start of calls given as ``(started_at, raw_seconds)``, rated
+    against ``timeline``: what the live balances must hold after the timeline changed (issue 8).
+
+    The same rules as ``rate_call``: the call's period from the anchor, the plan in effect at the
+    period's start (no covering subscription: the call counts for nothing), the plan's rounding."""
+    if not timeline.subscribed:
+        return {}
+    usage: dict[datetime, int] = defaultdict(int)
+    periods: dict[datetime, tuple[Period, Rounding | None]] = {}
+    for started_at, raw in calls:
+        period = period_containing(timeline.anchor, started_at)
+        cached = periods.get(period.start)
+        if cached is None:
+            plan_id = timeline.plan_for_period(period)
+            rounding = None
+            if plan_id is not None:
+                try:
+                    rounding = catalog.plan_for(plan_id, period.start).rounding
+                except UnknownPlanError:
+                    rounding = None
+            cached = periods[period.start] = (period, rounding)
+        if cached[1] is not None:
+            usage[period.start] += billable_seconds(raw, cached[1])
+    return dict(usage)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.cli import callmeter, comparable, read_invoices, worker_stats
+from tests.integration.cli import BackgroundWorker, callmeter, comparable, read_invoices, worker_stats
 from tests.integration.eventfiles import call, example_catalog, prov, reference_invoices, write_events
 
 pytestmark = pytest.mark.integration
@@ -226,3 +226,56 @@ def test_finalizing_a_period_that_has_not_ended_is_refused(cm_env: dict[str, str
     assert not out.exists() or not list(out.iterdir())
     ok = callmeter(env, "invoice", "--period", "2026-11", "--out", str(out))
     assert "draft" in ok.stdout
+
+
+def test_live_balance_is_corrected_by_a_late_plan_change(cm_env: dict[str, str], tmp_path: Path) -> None:
+    first = [
+        prov(
+            "s1", "t9", "2026-10-01T00:00:00Z", "SUBSCRIPTION_STARTED", plan_id="starter", tax_region="NONE"
+        ),
+        call("c1", "t9", "2026-11-02T10:00:00Z", 600),
+        call("c2", "t9", "2026-11-02T11:00:00Z", 59),
+    ]
+    second = [prov("pc", "t9", "2026-10-20T00:00:00Z", "PLAN_CHANGED", plan_id="pro")]
+    callmeter(cm_env, "produce", str(write_events(tmp_path / "a.jsonl", first)))
+    worker_stats(cm_env)
+    callmeter(cm_env, "produce", str(write_events(tmp_path / "b.jsonl", second)))
+    stats = worker_stats(cm_env)
+    assert stats["rebalanced"] == 1
+    with BackgroundWorker(cm_env) as worker:
+        status, body = worker.get("/balances/t9?at=2026-11-15T00:00:00Z")
+    assert status == 200
+    # pro: 600 s + 59 s rounded up to the 60 s minimum; 600 included, 60 s overage at 0.01.
+    assert (body["plan_id"], body["used_seconds"], body["overage_seconds"]) == ("pro", 660, 60)
+    assert body["charges_so_far"] == "199.60"
+    callmeter(cm_env, "invoice", "--period", "2026-11", "--out", str(tmp_path / "out"))
+    assert read_invoices(tmp_path / "out")["t9-20261101"]["subtotal"] == body["charges_so_far"]
+
+
+def test_balances_agree_with_invoices_after_a_state_rebuild(cm_env: dict[str, str], tmp_path: Path) -> None:
+    """Every tenant period of a simulated month: the balance's used seconds and charges equal the
+    invoice's, after the worker's local state was thrown away and rebuilt from the changelogs."""
+    import shutil
+
+    from pipeline.simulate import SimulationConfig, write_file
+
+    events = tmp_path / "sim.jsonl"
+    write_file(SimulationConfig(tenants=4, calls=800, duplicate_rate=0.05, seed=3), events)
+    callmeter(cm_env, "produce", str(events))
+    worker_stats(cm_env)
+    shutil.rmtree(Path(cm_env["CALLMETER_DATA_DIR"]) / "worker")
+    callmeter(cm_env, "invoice", "--period", "2026-10", "--out", str(tmp_path / "out"))
+    invoices = read_invoices(tmp_path / "out")
+    assert len(invoices) == 4
+    with BackgroundWorker(cm_env) as worker:
+        for invoice in invoices.values():
+            at = f"{invoice['period_start']}T12:00:00Z"
+            status, body = worker.get(f"/balances/{invoice['tenant_id']}?at={at}")
+            assert status == 200, body
+            seconds = sum(
+                int(line["quantity"])
+                for line in invoice["lines"]
+                if line["code"] in ("included_seconds", "overage_seconds", "blocked_overage_seconds")
+            )
+            assert body["used_seconds"] == seconds, invoice["invoice_id"]
+            assert body["charges_so_far"] == invoice["subtotal"], invoice["invoice_id"]

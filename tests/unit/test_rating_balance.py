@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, datetime
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
-from rating.balance import balance, crossed_thresholds, project_exhaustion
+from rating.balance import balance, crossed_thresholds, period_usage, project_exhaustion
 from rating.catalog import Catalog, parse_catalog
+from rating.models import ProvisioningEvent
 from rating.periods import period_starting_in
 from rating.subscription import TenantTimeline
 from tests.unit.test_rating_support import number, start, utc
@@ -95,3 +97,52 @@ def test_balance_charges_include_numbers_like_the_invoice() -> None:
 
 def test_no_balance_without_subscription() -> None:
     assert balance(TenantTimeline.from_events("t1", []), catalog(), 0, utc(2026, 11, 20)) is None
+
+
+def _plan_change(at: datetime, plan: str) -> ProvisioningEvent:
+    return ProvisioningEvent("pc-" + plan, "t1", at, "PLAN_CHANGED", plan_id=plan)
+
+
+def _cancel(at: datetime) -> ProvisioningEvent:
+    return ProvisioningEvent("x", "t1", at, "SUBSCRIPTION_CANCELLED")
+
+
+@pytest.mark.parametrize(
+    ("extra", "calls", "expected"),
+    [
+        # starter (1 s increments): 600 s and 59.2 s -> 600 + 60 in November.
+        ([], [(utc(2026, 11, 2), Decimal("600")), (utc(2026, 11, 3), Decimal("59.2"))], {NOV.start: 660}),
+        # pro from November (changed in October): 60 s minimum, 6 s increments -> 600 + 60.
+        (
+            [_plan_change(utc(2026, 10, 20), "pro")],
+            [(utc(2026, 11, 2), Decimal("600")), (utc(2026, 11, 3), Decimal("59"))],
+            {NOV.start: 660},
+        ),
+        # pro: 1 s -> 60 s minimum, 61 s -> 66 s.
+        (
+            [_plan_change(utc(2026, 10, 20), "pro")],
+            [(utc(2026, 11, 2), Decimal("1")), (utc(2026, 11, 3), Decimal("61"))],
+            {NOV.start: 126},
+        ),
+        # A call of 0 raw seconds costs nothing, whatever the minimum.
+        ([_plan_change(utc(2026, 10, 20), "pro")], [(utc(2026, 11, 2), Decimal("0"))], {NOV.start: 0}),
+        # Cancelled in October: November is not covered, October still is.
+        (
+            [_cancel(utc(2026, 10, 20))],
+            [(utc(2026, 10, 25), Decimal("10")), (utc(2026, 11, 2), Decimal("20"))],
+            {period_starting_in(1, 2026, 10).start: 10},
+        ),
+        # Before the first period: nothing.
+        ([], [(utc(2026, 9, 30, 23), Decimal("10"))], {}),
+    ],
+)
+def test_period_usage_rerates_remembered_calls_against_the_timeline(
+    extra: list[ProvisioningEvent], calls: list[tuple[datetime, Decimal]], expected: dict[datetime, int]
+) -> None:
+    timeline = TenantTimeline.from_events("t1", [start(utc(2026, 10, 1, 9)), *extra])
+    assert period_usage(calls, timeline, catalog()) == expected
+
+
+def test_period_usage_of_a_tenant_without_subscription_is_empty() -> None:
+    timeline = TenantTimeline.from_events("t1", [])
+    assert period_usage([(utc(2026, 11, 2), Decimal("5"))], timeline, catalog()) == {}

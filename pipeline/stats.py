@@ -1,0 +1,58 @@
+"""Counters of one worker run: the source of the worker's JSON result and its Prometheus metrics."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Stats:
+    """Counters of this worker run (also the source of the Prometheus metrics)."""
+
+    consumed: Counter[str] = field(default_factory=Counter)
+    duplicates: Counter[str] = field(default_factory=Counter)
+    dead_letters: Counter[str] = field(default_factory=Counter)
+    rated: int = 0
+    parked: int = 0
+    unparked: int = 0
+    revived: int = 0  # dead-lettered NO_SUBSCRIPTION, then rated when later provisioning covered them
+    rebalanced: int = 0  # period balances rewritten because provisioning changed how calls rate
+    keys_expired: int = 0
+    # Per wall-clock minute: [events consumed, duplicates, dead letters], for "the last minutes".
+    minutes: dict[int, list[int]] = field(default_factory=dict)
+
+    def tick(self, consumed: int = 0, duplicates: int = 0, dead: int = 0) -> None:
+        minute = int(time.time() // 60)
+        bucket = self.minutes.setdefault(minute, [0, 0, 0])
+        bucket[0] += consumed
+        bucket[1] += duplicates
+        bucket[2] += dead
+        for old in [m for m in self.minutes if m < minute - 60]:
+            del self.minutes[old]
+
+    def window(self, minutes: int) -> dict[str, int]:
+        since = int(time.time() // 60) - minutes + 1
+        totals = [0, 0, 0]
+        for minute, bucket in self.minutes.items():
+            if minute >= since:
+                totals = [a + b for a, b in zip(totals, bucket, strict=True)]
+        return {"minutes": minutes, "consumed": totals[0], "duplicates": totals[1], "dead_letters": totals[2]}
+
+    def total(self) -> int:
+        return sum(self.consumed.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "consumed": dict(self.consumed),
+            "duplicates": dict(self.duplicates),
+            "dead_letters": dict(self.dead_letters),
+            "rated": self.rated,
+            "parked": self.parked,
+            "unparked": self.unparked,
+            "revived": self.revived,
+            "rebalanced": self.rebalanced,
+            "keys_expired": self.keys_expired,
+        }

@@ -1,0 +1,189 @@
+"""Threads beside the Faust loop: consumer lag and the stall watchdog (LagMonitor), and the
+``--until-idle`` check (IdleWatch). They read Kafka with their own clients, never the worker's."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from confluent_kafka import TopicPartition
+from confluent_kafka.admin import AdminClient, OffsetSpec
+
+from pipeline import metrics
+from pipeline.guard import die
+from pipeline.offsets import GroupOffsets
+
+if TYPE_CHECKING:
+    from pipeline.worker import Meter
+
+log = logging.getLogger(__name__)
+TP = tuple[str, int]
+
+
+class LagMonitor(threading.Thread):
+    """Consumer lag per input partition (high watermark minus committed offset) and event-time lag
+    (age of the oldest uncommitted input record, read from Kafka), refreshed every few seconds."""
+
+    def __init__(self, meter: Meter, bootstrap: str, every_seconds: float = 3.0) -> None:
+        super().__init__(name="lag-monitor", daemon=True)
+        from confluent_kafka import Consumer
+
+        self.meter = meter
+        self.every_seconds = every_seconds
+        self.admin = AdminClient({"bootstrap.servers": bootstrap})
+        self.offsets = GroupOffsets(bootstrap, meter.settings.app_id)
+        self.peek = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": f"{meter.settings.app_id}-lag-peek",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+            }
+        )
+        self._halt = threading.Event()
+        self._progress_at = time.monotonic()
+        self._last_committed: dict[TP, int] = {}
+
+    def halt(self) -> None:
+        self._halt.set()
+
+    def measure(self) -> None:
+        settings = self.meter.settings
+        meta = self.admin.list_topics(timeout=10)
+        tps = [TopicPartition(t, p) for t in settings.topics.inputs for p in meta.topics[t].partitions]
+        ends = self.admin.list_offsets({tp: OffsetSpec.latest() for tp in tps}, request_timeout=10)
+        high = {(tp.topic, tp.partition): f.result().offset for tp, f in ends.items()}
+        committed = {key: max(offset, 0) for key, offset in self.offsets.committed(list(high)).items()}
+        oldest_age = 0.0
+        for key, end in high.items():
+            done_to = committed.get(key, 0)
+            lag = max(end - done_to, 0)
+            self.meter.lag[key] = lag
+            metrics.CONSUMER_LAG.labels(topic=key[0], partition=str(key[1])).set(lag)
+            if lag:
+                self.peek.assign([TopicPartition(key[0], key[1], done_to)])
+                msg = self.peek.poll(2.0)
+                if msg is not None and msg.error() is None:
+                    _kind, ts_ms = msg.timestamp()
+                    oldest_age = max(oldest_age, time.time() - ts_ms / 1000)
+        metrics.EVENT_TIME_LAG.set(round(oldest_age, 3))
+        self._watch_progress(high, committed)
+
+    def _watch_progress(
+        self, high: dict[tuple[str, int], int], committed: dict[tuple[str, int], int]
+    ) -> None:
+        """Stall watchdog: input left to consume, yet no committed offset moved for the stall timeout."""
+        behind = {
+            key: (committed.get(key, 0), end) for key, end in high.items() if committed.get(key, 0) < end
+        }
+        if not behind or committed != self._last_committed:
+            self._last_committed = committed
+            self._progress_at = time.monotonic()
+            return
+        self._check_stall(behind)
+
+    def _check_stall(self, behind: dict[tuple[str, int], tuple[int, int]] | None) -> None:
+        # Start-up recovery (rebuilding tables from changelogs) commits nothing: allow it longer.
+        limit = self.meter.settings.stall_timeout_seconds * (1 if self.meter.ready.is_set() else 3)
+        stalled = time.monotonic() - self._progress_at
+        if stalled < limit:
+            return
+        if behind is None:
+            what = "Kafka unreachable"
+        else:
+            what = ", ".join(f"{t}/{p} committed {c} of {h}" for (t, p), (c, h) in sorted(behind.items())[:3])
+        die(f"no input committed for {stalled:.0f} s ({what})")
+
+    def run(self) -> None:
+        self._progress_at = time.monotonic()
+        self._last_committed = {}
+        while not self._halt.wait(self.every_seconds):
+            try:
+                self.measure()
+            except Exception:  # metrics must never take the worker down; a long outage is a stall
+                log.debug("lag measurement failed", exc_info=True)
+                self._check_stall(None)
+        self.peek.close()
+
+
+def meter_status(meter: Meter) -> dict[str, Any]:
+    return {
+        "stats": meter.stats.to_dict(),
+        "lag": [{"topic": t, "partition": p, "messages": n} for (t, p), n in sorted(meter.lag.items())],
+        "event_time_lag_seconds": metrics.EVENT_TIME_LAG._value.get(),
+        "ledger_last_write_unix": metrics.LEDGER_LAST_WRITE._value.get(),
+        "ready": meter.ready.is_set(),
+        "assigned_calls_partitions": sorted(
+            tp.partition for tp in meter.app.assignor.assigned_actives() if tp.topic == meter.topics.calls
+        ),
+        "last_5_minutes": meter.stats.window(5),
+        "parked_calls": metrics.PARKED_CALLS._value.get(),
+    }
+
+
+class IdleWatch(threading.Thread):
+    """--until-idle: stop once inputs are committed to their end, the sink has caught up, and nothing
+    changed for ``idle_seconds``."""
+
+    def __init__(self, meter: Meter, sink: Any, bootstrap: str, on_idle: Any) -> None:
+        super().__init__(name="idle-watch", daemon=True)
+        self.meter = meter
+        self.sink = sink
+        self.on_idle = on_idle
+        self.admin = AdminClient({"bootstrap.servers": bootstrap})
+        self.offsets = GroupOffsets(bootstrap, meter.settings.app_id)
+        self.settings = meter.settings
+        self._halt = threading.Event()
+
+    def halt(self) -> None:
+        self._halt.set()
+
+    def caught_up(self) -> bool:
+        """Inputs committed by the worker up to their ends, and outputs written by the sink up to theirs:
+        one metadata, one list-offsets and one group-offsets request per check."""
+        positions = self.sink.positions()
+        if positions is None or not self.meter.ready.is_set():
+            return False
+        topics = self.settings.topics
+        meta = self.admin.list_topics(timeout=10)
+        tps = [
+            TopicPartition(t, p)
+            for t in (*topics.inputs, topics.rated, topics.accepted, topics.deadletter)
+            for p in meta.topics[t].partitions
+        ]
+        ends = self.admin.list_offsets({tp: OffsetSpec.latest() for tp in tps}, request_timeout=10)
+        high = {(tp.topic, tp.partition): f.result().offset for tp, f in ends.items()}
+        committed = self.offsets.committed([key for key in high if key[0] in topics.inputs])
+        for key, end in high.items():
+            if end == 0:
+                continue
+            done_to = committed.get(key, -1) if key[0] in topics.inputs else positions.get(key, -1)
+            if done_to < end:
+                return False
+        return True
+
+    def run(self) -> None:
+        quiet_since: float | None = None
+        last_seen = (-1, -1)
+        while not self._halt.wait(0.25):
+            try:
+                progress = (self.meter.stats.total(), self.sink.rows_written)
+                done = self.sink.error is None and self.caught_up()
+            except Exception:
+                log.debug("idle check failed", exc_info=True)
+                done = False
+                progress = last_seen
+            if self.sink.error is not None:
+                self.on_idle()
+                return
+            if not done or progress != last_seen:
+                log.debug("not idle yet: done=%s progress=%s", done, progress)
+                quiet_since = None
+                last_seen = progress
+                continue
+            quiet_since = quiet_since or time.monotonic()
+            if time.monotonic() - quiet_since >= self.settings.idle_seconds:
+                self.on_idle()
+                return

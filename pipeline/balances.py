@@ -115,7 +115,7 @@ class Balances(MeterParts):
             if not raw_key.startswith(prefix):
                 break
             fact = json.loads(raw_value)
-            if isinstance(fact, list) and len(fact) == 3:
+            if isinstance(fact, list) and len(fact) == 3 and isinstance(fact[1], int):
                 started = datetime.fromtimestamp(fact[1] / 1000, UTC)
                 calls.append((started, Decimal(fact[2]) / 1000))
         return calls

@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import faust.transport.consumer as faust_consumer
+import faust.transport.drivers.aiokafka as faust_aiokafka
 
 from pipeline.crashpoints import CRASH_AT, crash_point
 
@@ -106,3 +107,21 @@ async def _guarded_force_commit(self: Any, *args: Any, **kwargs: Any) -> bool:
 
 
 faust_consumer.Consumer.force_commit = _guarded_force_commit  # type: ignore[method-assign]
+
+# A worker that died mid-transaction leaves it open, and read_committed readers (the next worker's
+# changelog recovery, the sink) cannot pass it until the broker aborts it: after aiokafka's default
+# 60 s. Transactions here last about one commit interval (1 s), so 10 s is ample and a restart after a
+# fault waits seconds, not a minute. A transaction that did exceed it is aborted by the broker and its
+# commit fails, which stops the worker and restarts it from the last commit (step 3 above).
+TRANSACTION_TIMEOUT_MS = 10_000
+_original_settings_extra = faust_aiokafka.Producer._settings_extra
+
+
+def _settings_extra(self: Any) -> Any:
+    extra = dict(_original_settings_extra(self))
+    if self.app.in_transaction:
+        extra["transaction_timeout_ms"] = TRANSACTION_TIMEOUT_MS
+    return extra
+
+
+faust_aiokafka.Producer._settings_extra = _settings_extra  # type: ignore[method-assign]

@@ -63,6 +63,8 @@ class RatedFacts:
     usage_seconds: dict[tuple[str, date], int]  # (tenant, period start date) -> billable seconds
     revision: dict[tuple[str, date], int]  # highest catalog revision the stream or a replay rated with
     late: dict[tuple[str, date], int]  # calls flagged late (rated after their period was final)
+    # (tenant, event) -> (period start, plan, billable seconds) of every call a subscription covers
+    ratings: dict[tuple[str, str], tuple[datetime, str, int]]
 
 
 def _calls_window(year: int, month: int) -> tuple[datetime, datetime]:
@@ -88,6 +90,7 @@ def rate_facts(
     usage: dict[tuple[str, date], int] = defaultdict(int)
     revision: dict[tuple[str, date], int] = defaultdict(int)
     late: dict[tuple[str, date], int] = defaultdict(int)
+    ratings: dict[tuple[str, str], tuple[datetime, str, int]] = {}
     for tenant_id, event_id, started, answered, ended, disposition, rev, was_late in ledger.call_facts(
         started_from, started_to, tenant
     ):
@@ -112,20 +115,65 @@ def rate_facts(
         if not isinstance(rated, RatedCall):
             continue  # e.g. a cancellation consumed after the call: no subscription covers it
         key = (tenant_id, rated.period.start_date)
+        ratings[(tenant_id, event_id)] = (rated.period.start, rated.plan_id, rated.billable_seconds)
         usage[key] += rated.billable_seconds
         revision[key] = max(revision[key], rev)
         late[key] += int(was_late)
-    return RatedFacts(dict(usage), dict(revision), dict(late))
+    return RatedFacts(dict(usage), dict(revision), dict(late), ratings)
 
 
 def compute_invoices(
     ledger: Ledger, catalog: Catalog, period: str, tenant: str | None = None
 ) -> list[Invoice]:
     """Drafts as the rules say today (no finalization, no adjustments): the reference view."""
+    return _compute(ledger, catalog, period, tenant)[0]
+
+
+def _compute(
+    ledger: Ledger, catalog: Catalog, period: str, tenant: str | None
+) -> tuple[list[Invoice], RatedFacts]:
     year, month = parse_month(period)
     timelines = timelines_from_ledger(ledger, tenant)
     facts = rate_facts(ledger, catalog, timelines, *_calls_window(year, month), tenant)
-    return invoices_from_usage(timelines, facts.usage_seconds, catalog, year, month)
+    return invoices_from_usage(timelines, facts.usage_seconds, catalog, year, month), facts
+
+
+def stage_corrections(
+    ledger: Ledger, catalog: Catalog, facts: RatedFacts, period: str, tenant: str | None, now: datetime
+) -> int:
+    """Append a ``rating_corrections`` row (flushed with the invoices) for every call whose rating
+    against the whole timeline differs from its current rating in the ledger: the stream rated it
+    before provisioning that governs it was consumed (issue 8). Rows are added, never edited; a re-run
+    finds the corrections already current and adds nothing. Only for calls whose current rating was
+    made with this catalog revision: a newer catalog is a replay's business."""
+    staged = 0
+    for (tenant_id, event_id), (start, plan, billable, revision) in ledger.current_rating_of(
+        *_calls_window(*parse_month(period)), tenant
+    ).items():
+        if revision != catalog.revision:
+            continue
+        new = facts.ratings.get((tenant_id, event_id))
+        new_start, new_plan, new_billable = new if new is not None else (None, "", 0)
+        if (start, plan, billable) == (new_start, new_plan, new_billable) or (new is None and start is None):
+            continue
+        if new is None:
+            reason = "no subscription covers the call (provisioning consumed after it)"
+        else:
+            changes = []
+            if start != new_start and new_start is not None:
+                was = start.date().isoformat() if start else "none"
+                changes.append(f"period {was} -> {new_start.date().isoformat()}")
+            if plan != new_plan:
+                changes.append(f"plan {plan or 'none'} -> {new_plan}")
+            if billable != new_billable:
+                changes.append(f"billable {billable} -> {new_billable} s")
+            reason = "re-rated against the full provisioning history: " + ", ".join(changes)
+        ledger.add(
+            "rating_corrections",
+            [tenant_id, event_id, new_start, new_plan, new_billable, revision, reason, now],
+        )
+        staged += 1
+    return staged
 
 
 def _period_of(row: dict[str, Any]) -> Period:
@@ -194,7 +242,9 @@ def run_invoices(
             finals_by_tenant[row["tenant_id"]].append(row)
     timelines = timelines_from_ledger(ledger, tenant)
     outputs = []
-    for draft in compute_invoices(ledger, catalog, period, tenant):
+    drafts, facts = _compute(ledger, catalog, period, tenant)
+    stage_corrections(ledger, catalog, facts, period, tenant, now)
+    for draft in drafts:
         previous = stored.get(draft.invoice_id)
         if previous is not None and previous["status"] == "final":
             outputs.append(InvoiceOutput(draft, str(previous["body"]), "final", stored=True))

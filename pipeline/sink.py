@@ -65,6 +65,10 @@ class LedgerSink:
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
                 "enable.partition.eof": False,
+                # A sink that died with its worker stays a group member until its session expires, and
+                # the restarted sink cannot be assigned before that (librdkafka's default is 45 s).
+                "session.timeout.ms": 10000,
+                "heartbeat.interval.ms": 2000,
             }
         )
         self.error: BaseException | None = None

@@ -33,6 +33,7 @@ import json
 import logging
 import threading
 import time
+import zlib
 from datetime import UTC, datetime
 from typing import Any
 
@@ -96,6 +97,17 @@ def _call_fact(call: CallEvent) -> list[int]:
     return [_ms(call.ended_at), _ms(call.started_at), raw_ms]
 
 
+def _dead_fact(event_ms: int, raw: bytes) -> list[Any]:
+    """The value of a dead-lettered event's key: its time (for retention) and a checksum of its bytes.
+    An identical copy is then a duplicate (issue 9: copies of an invalid event each became a dead letter
+    and escaped the duplicate rate); a corrected resend under the same id differs and is processed."""
+    return [event_ms, "dead", zlib.crc32(raw)]
+
+
+def _dead_copy_differs(known: Any, raw: bytes) -> bool:
+    return isinstance(known, list) and len(known) == 3 and known[1] == "dead" and known[2] != zlib.crc32(raw)
+
+
 _RERATING_ACTIONS = frozenset({"SUBSCRIPTION_STARTED", "PLAN_CHANGED", "SUBSCRIPTION_CANCELLED"})
 
 
@@ -134,6 +146,11 @@ class Meter(Parking, Balances):
             web_port=settings.worker_web_port,
             canonical_url=f"http://127.0.0.1:{settings.worker_web_port}",
             broker_commit_interval=1.0,
+            # A worker that died (a fault, kill -9) stays a group member until its session times out,
+            # and its replacement's join waits for that: Faust's default made every restart wait a
+            # minute. Heartbeats run on their own task, so 10 s is ample for a live worker.
+            broker_session_timeout=10.0,
+            broker_heartbeat_interval=2.0,
             stream_wait_empty=False,
             producer_linger_ms=settings.producer_linger_ms,
         )
@@ -146,7 +163,9 @@ class Meter(Parking, Balances):
             partitions=n,
             internal=False,
         )
-        self.seen = app.Table("seen", partitions=n, key_type=str, value_type=int, options=_ROCKSDICT)
+        # Values are JSON: an int (a provisioning event's time), [ended, started, raw ms] for an accepted
+        # call, or [time, "dead", crc32] for a dead-lettered event.
+        self.seen = app.Table("seen", partitions=n, key_type=str, options=_ROCKSDICT)
         self.tenants = app.Table("tenants", partitions=n, key_type=str, options=_ROCKSDICT)
         self.parked = app.Table("parked", partitions=n, key_type=str, options=_ROCKSDICT)
         self.balances = app.Table(
@@ -238,7 +257,10 @@ class Meter(Parking, Balances):
         if isinstance(event_time, datetime):
             self._advance_watermark(partition, _ms(event_time))
         await self._maybe_expire_parked(partition)
-        if dedupe_key in self.seen:
+        known = self.seen.get(dedupe_key)
+        if known is not None and not _dead_copy_differs(known, raw):
+            # A copy of an event already accepted, or of an invalid one already dead-lettered (the same
+            # bytes): a duplicate either way. A corrected resend of an invalid event is processed anew.
             self.stats.duplicates[kind] += 1
             metrics.DUPLICATES.labels(topic=topic).inc()
             self.stats.tick(duplicates=1)
@@ -291,6 +313,7 @@ class Meter(Parking, Balances):
         call = call_from_record(record)
         rejection = validate_call(call)
         if rejection is not None:
+            self.seen[dedupe_key] = _dead_fact(_ms(call.ended_at), src[4])
             await self._dead(src, rejection.reason, rejection.message)
             return
         timeline = self._timeline(call.tenant_id)
@@ -306,6 +329,7 @@ class Meter(Parking, Balances):
             self.seen[dedupe_key] = _call_fact(call)
             return
         if isinstance(result, Rejection):
+            self.seen[dedupe_key] = _dead_fact(_ms(call.ended_at), src[4])
             await self._dead(src, result.reason, result.message)
             return
         self.seen[dedupe_key] = _call_fact(call)
@@ -368,6 +392,7 @@ class Meter(Parking, Balances):
         event = provisioning_from_record(record)
         rejection = check_provisioning(event, self.catalog)
         if rejection is not None:
+            self.seen[dedupe_key] = _dead_fact(_ms(event.occurred_at), src[4])
             await self._dead(src, rejection.reason, rejection.message)
             return
         timeline = self._timeline(event.tenant_id) or TenantTimeline.from_events(event.tenant_id, [])

@@ -130,6 +130,17 @@ INVOICE_LINE_COLUMNS = (
     "generated_at",
 )
 
+CORRECTION_COLUMNS = (
+    "tenant_id",
+    "event_id",
+    "period_start",
+    "plan_id",
+    "billable_seconds",
+    "catalog_revision",
+    "reason",
+    "corrected_at",
+)
+
 COLUMNS: dict[str, tuple[str, ...]] = {
     "raw_events": RAW_EVENT_COLUMNS,
     "rated_calls": RATED_CALL_COLUMNS,
@@ -139,6 +150,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "invoice_lines": INVOICE_LINE_COLUMNS,
     "catalogs": CATALOG_COLUMNS,
     "adjustments": ADJUSTMENT_COLUMNS,
+    "rating_corrections": CORRECTION_COLUMNS,
 }
 
 # Versioned DDL: append a new entry to change the schema; never edit an applied one.
@@ -202,6 +214,47 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
                 status LowCardinality(String), generated_at {_TS}
             ) ENGINE = ReplacingMergeTree(generated_at)
             ORDER BY (carried_on_invoice_id, corrects_invoice_id)""",
+        ],
+    ),
+    (
+        3,
+        "rating corrections and each call's current rating",
+        [
+            # The invoice job rates every call against the tenant's whole provisioning history (issue 8).
+            # Where that differs from the stream's rating (provisioning consumed after the call), it
+            # appends a correction here; nothing in rated_calls is edited. period_start is NULL when no
+            # subscription covers the call any more (billable 0).
+            f"""CREATE TABLE IF NOT EXISTS rating_corrections (
+                tenant_id String, event_id String, period_start Nullable({_TS}),
+                plan_id LowCardinality(String), billable_seconds UInt64, catalog_revision UInt32,
+                reason String, corrected_at {_TS}
+            ) ENGINE = ReplacingMergeTree(corrected_at)
+            ORDER BY (tenant_id, event_id, catalog_revision) {_REPLACING}""",
+            # Each call's current rating: the stream's (or a replay's) row with the highest catalog
+            # revision, overridden by the invoice job's latest correction for that revision.
+            """CREATE VIEW IF NOT EXISTS current_ratings AS
+            SELECT r.tenant_id AS tenant_id, r.event_id AS event_id,
+                   if(c.event_id = '', r.ps, c.ps) AS period_start,
+                   if(c.event_id = '', r.plan, c.plan) AS plan_id,
+                   if(c.event_id = '', r.billable, c.billable) AS billable_seconds,
+                   r.rev AS catalog_revision, c.event_id != '' AS corrected,
+                   c.why AS correction_reason
+            FROM (
+                SELECT tenant_id, event_id, max(catalog_revision) AS rev,
+                       toNullable(argMax(period_start, catalog_revision)) AS ps,
+                       argMax(plan_id, catalog_revision) AS plan,
+                       argMax(billable_seconds, catalog_revision) AS billable
+                FROM rated_calls GROUP BY tenant_id, event_id
+            ) AS r
+            LEFT JOIN (
+                SELECT tenant_id, event_id, catalog_revision AS rev,
+                       argMax(period_start, corrected_at) AS ps,
+                       argMax(plan_id, corrected_at) AS plan,
+                       argMax(billable_seconds, corrected_at) AS billable,
+                       argMax(reason, corrected_at) AS why
+                FROM rating_corrections GROUP BY tenant_id, event_id, catalog_revision
+            ) AS c
+            ON r.tenant_id = c.tenant_id AND r.event_id = c.event_id AND r.rev = c.rev""",
         ],
     ),
 ]
@@ -314,12 +367,7 @@ class Ledger:
         call's current rating (its row with the highest catalog revision)."""
         rows = self.query(
             """
-            SELECT tenant_id, period_start, sum(billable_seconds) FROM (
-                SELECT tenant_id, event_id,
-                       argMax(period_start, catalog_revision) AS period_start,
-                       argMax(billable_seconds, catalog_revision) AS billable_seconds
-                FROM rated_calls GROUP BY tenant_id, event_id
-            )
+            SELECT tenant_id, period_start, sum(billable_seconds) FROM current_ratings
             WHERE period_start >= {f:DateTime64(3, 'UTC')} AND period_start < {t:DateTime64(3, 'UTC')}
             GROUP BY tenant_id, period_start
             """,
@@ -351,6 +399,24 @@ class Ledger:
             for t, e, s, a, x, d, r, late in rows
         ]
 
+    def current_rating_of(
+        self, started_from: datetime, started_to: datetime, tenant_id: str | None = None
+    ) -> dict[tuple[str, str], tuple[datetime | None, str, int, int]]:
+        """(tenant, event) -> (period start, plan, billable seconds, catalog revision) from
+        ``current_ratings``, for calls that started in [from, to)."""
+        tenant_clause = "AND r.tenant_id = {t:String}" if tenant_id else ""
+        rows = self.query(
+            "SELECT r.tenant_id, r.event_id, r.period_start, r.plan_id, r.billable_seconds, "  # noqa: S608
+            "r.catalog_revision FROM current_ratings AS r WHERE (r.tenant_id, r.event_id) IN ("
+            "SELECT tenant_id, event_id FROM rated_calls WHERE started_at >= {f:DateTime64(3, 'UTC')} "
+            f"AND started_at < {{u:DateTime64(3, 'UTC')}}) {tenant_clause}",
+            {"f": started_from, "u": started_to, "t": tenant_id},
+        )
+        return {
+            (t, e): (None if p is None else as_utc(p), str(plan), int(b), int(rev))
+            for t, e, p, plan, b, rev in rows
+        }
+
     def provisioning_rows(self, tenant_id: str | None = None) -> list[dict[str, Any]]:
         where = "WHERE tenant_id = {t:String}" if tenant_id else ""
         rows = self.query(
@@ -379,12 +445,8 @@ class Ledger:
 
     def billable_seconds_by_tenant(self) -> dict[str, int]:
         rows = self.query(
-            """
-            SELECT tenant_id, sum(b) FROM (
-                SELECT tenant_id, event_id, argMax(billable_seconds, catalog_revision) AS b
-                FROM rated_calls GROUP BY tenant_id, event_id
-            ) GROUP BY tenant_id ORDER BY tenant_id
-            """
+            "SELECT tenant_id, sum(billable_seconds) FROM current_ratings "
+            "GROUP BY tenant_id ORDER BY tenant_id"
         )
         return {tenant: int(seconds) for tenant, seconds in rows}
 
@@ -444,23 +506,6 @@ class Ledger:
             {"c": corrects_invoice_id, "x": excluding_carrier},
         )
         return Decimal(rows[0][0] or 0)
-
-    def period_rating_facts(self, tenant_id: str, period_start: datetime) -> tuple[int, int, int]:
-        """(billable seconds, highest catalog revision, late calls) of one tenant period, over each
-        call's current rating."""
-        rows = self.query(
-            """
-            SELECT sum(b), max(rev), sum(late) FROM (
-                SELECT event_id, argMax(billable_seconds, catalog_revision) AS b,
-                       max(catalog_revision) AS rev, max(late) AS late,
-                       argMax(period_start, catalog_revision) AS ps
-                FROM rated_calls WHERE tenant_id = {t:String} GROUP BY event_id
-            ) WHERE ps = {p:DateTime64(3, 'UTC')}
-            """,
-            {"t": tenant_id, "p": period_start},
-        )
-        seconds, revision, late = rows[0] if rows else (0, 0, 0)
-        return int(seconds or 0), int(revision or 0), int(late or 0)
 
     def raw_calls(
         self, started_from: datetime, started_to: datetime, tenant_id: str | None

@@ -74,3 +74,25 @@ def test_fault_at_a_protocol_step_loses_and_doubles_nothing(
     stats = worker_stats(cm_env)
     assert stats["rated"] == 0
     assert ledger_report(cm_env) == before
+
+
+def test_copies_of_an_invalid_event_are_duplicates_and_a_corrected_resend_is_rated(
+    cm_env: dict[str, str], tmp_path: Path
+) -> None:
+    from tests.integration.eventfiles import call, prov, write_events
+
+    good = call("c1", "d1", "2026-11-02T10:00:00Z", 60)
+    bad = dict(good, ended_at="2026-11-02T09:59:59.000Z", started_at="2026-11-02T09:59:00.000Z")
+    sub = prov(
+        "s", "d1", "2026-11-01T00:00:00Z", "SUBSCRIPTION_STARTED", plan_id="starter", tax_region="NONE"
+    )
+    callmeter(cm_env, "produce", str(write_events(tmp_path / "a.jsonl", [sub, bad, bad, bad])))
+    stats = worker_stats(cm_env)
+    assert stats["dead_letters"] == {"ENDED_BEFORE_ANSWERED": 1}
+    assert stats["duplicates"] == {"call": 2}
+    # The gateway fixes the record and resends it under the same id: it is rated.
+    callmeter(cm_env, "produce", str(write_events(tmp_path / "b.jsonl", [good])))
+    stats = worker_stats(cm_env)
+    assert stats["rated"] == 1
+    report = ledger_report(cm_env)
+    assert (report["rated_calls"], report["dead_letters"]) == (1, 1)

@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.cli import BackgroundWorker, callmeter, comparable, read_invoices, worker_stats
+from tests.integration.cli import (
+    BackgroundWorker,
+    callmeter,
+    comparable,
+    ledger_report,
+    read_invoices,
+    worker_stats,
+)
 from tests.integration.eventfiles import call, example_catalog, prov, reference_invoices, write_events
 
 pytestmark = pytest.mark.integration
@@ -54,6 +61,13 @@ def test_plan_change_consumed_after_the_calls_it_governs(cm_env: dict[str, str],
     assert _lines(invoice)["included_seconds"] == ("600", "0.00")
     assert _lines(invoice)["overage_seconds"] == ("60", "0.60")
     assert invoice["subtotal"] == "199.60"
+    # The ledger keeps the stream's ratings and adds one correction per re-rated call, with why.
+    report = ledger_report(cm_env)
+    assert report["rated_calls"] == 2
+    assert report["rating_corrections"] == 2
+    assert report["billable_seconds_by_tenant"] == {"t1": 660}
+    callmeter(cm_env, "invoice", "--period", "2026-11", "--out", str(tmp_path / "again"))
+    assert ledger_report(cm_env)["rating_corrections"] == 2  # a re-run adds nothing
 
 
 def test_cancellation_consumed_after_later_calls(cm_env: dict[str, str], tmp_path: Path) -> None:

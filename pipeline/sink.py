@@ -11,6 +11,7 @@ Commit protocol (what a crash at each step means):
    derived from the batch's source offsets. Crash or error here: the Kafka offsets are not committed,
    the batch is redelivered; rows already inserted are either refused by the token (same batch) or
    collapse by key (ReplacingMergeTree, read through FINAL/argMax), so nothing counts twice.
+   (Crash point ``sink-3-inserted``, just after the insert.)
 4. Commit the batch's offsets synchronously. Crash between 3 and 4: as in 3, the batch comes again and
    is absorbed by the keys. A failed flush never reaches this step: the sink stops and the worker exits
    non-zero, so a broken ledger never silently drops records.

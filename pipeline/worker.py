@@ -4,25 +4,32 @@ Commit protocol. Faust (``processing_guarantee="exactly_once"``) keeps one Kafka
 assigned input partition P of ``calls``/``provisioning`` (the two are co-partitioned by tenant, so a
 tenant's calls and provisioning share P and its state lives in partition P of every table):
 
-1. The consumer (read_committed) hands the agent an event from P.
+1. The consumer (read_committed) hands the agent an event from P. From here to its acknowledgement the
+   event is one critical section: no Faust commit can run in the middle of it (pipeline/guard.py).
 2. Undecodable or invalid: a DeadLetter record (original bytes, source topic/partition/offset, reason,
-   message) is sent to ``deadletter`` partition P inside P's transaction. The idempotency key is not
-   consumed, so a corrected resend is still accepted.
+   message) is sent to ``deadletter`` partition P inside P's transaction. A decoded event's key is left
+   with a checksum of its bytes: an identical copy is a duplicate, a corrected resend is processed.
 3. Dedupe: ``seen`` (RocksDB, changelogged) is looked up by ``(kind, tenant_id, event_id)``. A hit is
    counted as a duplicate and writes nothing anywhere.
-4. State writes (``seen``, ``tenants``, ``parked``, ``balances``) append to partition P of their
-   changelog topics inside P's transaction.
-5. Outputs (rated call, accepted provisioning event, dead letter) go to partition P of their topics
-   inside P's transaction (``_send`` picks P's transactional producer explicitly).
-6. Every commit interval Faust adds P's consumed offsets to the transaction and commits it. Only now
-   do 2-5 become visible to read_committed readers: all of them or none.
+4. State writes (``seen``, ``tenants``, ``parked``, ``balances``, ``alerted``) go to RocksDB and, through
+   Faust's producer buffer, to partition P of their changelog topics inside P's transaction.
+   (Crash point ``worker-4-state-written``.)
+5. Outputs (rated call, accepted provisioning event, dead letter, alert) go to partition P of their
+   topics inside P's transaction (``_send`` picks P's transactional producer explicitly). The event is
+   acknowledged and the critical section ends. (Crash points ``worker-5-output-sent``, ``after-event``.)
+6. Every commit interval (and at a rebalance or shutdown) the guard waits for the current event, drains
+   the buffered changelog writes into their transactions, and Faust adds P's consumed offsets and
+   commits. Only now do 2-5 become visible to read_committed readers: all of them or none.
+   (Crash point ``worker-6-committed``, just after.)
 
-   A crash before 6 aborts the transaction (or the restarted worker fences it): changelog writes,
-   outputs and offsets roll back together and the events are processed again from the last commit.
-   RocksDB is only a cache of the changelogs and may still hold writes of the aborted transaction, so
-   the worker marks a clean shutdown and, after an unclean one, deletes its local state and rebuilds
-   it from the changelogs (read_committed) before consuming (``prepare_state_dir``). Without this a
-   call whose dedupe key survived in RocksDB but whose rated record was aborted would be lost.
+   A crash before 6 aborts the transaction (the restarted worker's producers fence it; transactions
+   time out after 10 s): changelog writes, outputs and offsets roll back together and the events are
+   processed again from the last commit. An exception inside an event stops the process at once
+   without any commit (pipeline/guard.py) and ``callmeter worker`` starts a new one. RocksDB is only a
+   cache of the changelogs and may still hold writes of the aborted transaction, so the worker marks a
+   clean shutdown and, after an unclean one, deletes its local state and rebuilds it from the
+   changelogs (read_committed) before consuming (``pipeline/runner.py: prepare_state_dir``). Without this
+   a call whose dedupe key survived in RocksDB but whose rated record was aborted would be lost.
 7. The ledger sink (pipeline/sink.py) reads the outputs read_committed and writes ClickHouse under its
    own numbered protocol; together no crash point loses a call or counts one twice.
 """

@@ -96,3 +96,60 @@ def test_copies_of_an_invalid_event_are_duplicates_and_a_corrected_resend_is_rat
     assert stats["rated"] == 1
     report = ledger_report(cm_env)
     assert (report["rated_calls"], report["dead_letters"]) == (1, 1)
+
+
+def test_poison_input_is_dead_lettered_and_nothing_else_is_disturbed(
+    cm_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Random bytes, truncated Avro, a record of another schema, an empty value and a 500 kB string on the
+    input topics: each becomes one dead letter with its reason; the good events around them are rated."""
+    import os as _os
+    from datetime import UTC, datetime
+
+    from confluent_kafka import Producer
+
+    from pipeline.records import call_to_record
+    from pipeline.settings import Settings
+    from rating.models import CallEvent
+    from schemas.serde import Serde
+    from tests.integration.eventfiles import call, prov, write_events
+
+    sub = prov(
+        "s", "pz", "2026-11-01T00:00:00Z", "SUBSCRIPTION_STARTED", plan_id="starter", tax_region="NONE"
+    )
+    callmeter(
+        cm_env,
+        "produce",
+        str(write_events(tmp_path / "a.jsonl", [sub, call("ok1", "pz", "2026-11-02T10:00:00Z", 60)])),
+    )
+    settings = Settings(topic_prefix=cm_env["CALLMETER_TOPIC_PREFIX"], partitions=3)
+    serde = Serde()
+    at = datetime(2026, 11, 3, 10, tzinfo=UTC)
+    huge = CallEvent("big", "pz", "c", None, "INBOUND", "+1", "+2", at, at, at, "ANSWERED", "g" * 500_000)
+    valid = serde.encode("CallRecord", call_to_record(huge), settings.topics.calls)
+    alert = {
+        "alert_id": "a", "tenant_id": "pz", "kind": "USAGE_THRESHOLD", "period_start": at,
+        "threshold_percent": 75, "used_seconds": 1, "included_seconds": 2, "message": "m", "emitted_at": at,
+    }  # fmt: skip
+    poison = [
+        (settings.topics.calls, _os.urandom(200)),
+        (settings.topics.calls, valid[: len(valid) // 3]),  # truncated Avro
+        (settings.topics.calls, serde.encode("Alert", alert, settings.topics.alerts)),  # wrong schema
+        (settings.topics.provisioning, b""),
+    ]
+    producer = Producer({"bootstrap.servers": cm_env["CALLMETER_KAFKA"], "message.max.bytes": 5_000_000})
+    for topic, value in poison:
+        producer.produce(topic, key=b"pz", value=value)
+    producer.produce(settings.topics.calls, key=b"pz", value=valid)  # a 500 kB string: valid, rated
+    producer.flush(10)
+    callmeter(
+        cm_env,
+        "produce",
+        str(write_events(tmp_path / "b.jsonl", [call("ok2", "pz", "2026-11-04T10:00:00Z", 30)])),
+    )
+    stats = worker_stats(cm_env)
+    assert sum(stats["dead_letters"].values()) == len(poison), stats
+    assert stats["rated"] == 3, stats
+    report = ledger_report(cm_env)
+    assert (report["rated_calls"], report["dead_letters"]) == (3, len(poison))
+    assert report["billable_seconds_by_tenant"] == {"pz": 90}

@@ -530,16 +530,7 @@ def ensure_topics(settings: Settings, bootstrap: str) -> None:
         if name not in counts
     ]
     if new:
-        futures = admin.create_topics(new, operation_timeout=30, request_timeout=45)
-        for name, future in futures.items():
-            try:
-                future.result()
-            except KafkaException as exc:
-                err = exc.args[0] if exc.args else None
-                if isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
-                    continue
-                msg = f"cannot create topic {name} on {bootstrap}: {err.str() if err else exc}"
-                raise BrokerError(msg) from exc
+        _create_topics(admin, new, bootstrap)
         log.info("created topics %s", ", ".join(t.topic for t in new))
     # Someone may have created an input concurrently with another count.
     with contextlib.suppress(KafkaException):
@@ -574,17 +565,23 @@ def ensure_internal_topics(
         if not missing:
             return
         replication = min(3, max(1, len(md.brokers)))
-        new = [NewTopic(n, topics[n][0], replication, config=topics[n][1]) for n in missing]
-        for name, future in admin.create_topics(new, operation_timeout=30, request_timeout=45).items():
-            try:
-                future.result()
-            except KafkaException as exc:
-                err = exc.args[0] if exc.args else None
-                if isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
-                    continue
-                msg = f"cannot create topic {name} on {bootstrap}: {err.str() if err else exc}"
-                raise BrokerError(msg) from exc
+        _create_topics(
+            admin, [NewTopic(n, topics[n][0], replication, config=topics[n][1]) for n in missing], bootstrap
+        )
         if time.monotonic() > deadline:
             msg = f"topics {', '.join(missing)} are still not in the cluster metadata after {timeout:.0f} s"
             raise BrokerError(msg)
         time.sleep(0.2)
+
+
+def _create_topics(admin: AdminClient, new: list[NewTopic], bootstrap: str) -> None:
+    """Create topics; one that already exists (created concurrently) is fine."""
+    for name, future in admin.create_topics(new, operation_timeout=30, request_timeout=45).items():
+        try:
+            future.result()
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                continue
+            msg = f"cannot create topic {name} on {bootstrap}: {err.str() if err else exc}"
+            raise BrokerError(msg) from exc

@@ -15,6 +15,7 @@ from pipeline.settings import Settings
 from schemas.serde import Serde
 from tests.conftest import free_port
 from tests.integration.cli import BackgroundWorker, callmeter, worker_stats
+from tests.integration.eventfiles import prov
 
 pytestmark = pytest.mark.integration
 
@@ -213,20 +214,7 @@ def test_two_workers_answer_every_tenant_from_either_port(cm_env: dict[str, str]
 
 
 def provisioning(tenant: str, event_id: str, action: str, at: str, **fields: str) -> dict[str, Any]:
-    event: dict[str, Any] = {
-        "type": "provisioning",
-        "event_id": event_id,
-        "tenant_id": tenant,
-        "occurred_at": at,
-        "action": action,
-        "plan_id": None,
-        "tax_region": None,
-        "number": None,
-        "number_type": None,
-        "employee_id": None,
-    }
-    event.update(fields)
-    return event
+    return prov(event_id, tenant, at, action, **fields)
 
 
 def test_quota_exceeded_once_per_tenant_period_and_kind(cm_env: dict[str, str], tmp_path: Path) -> None:

@@ -89,25 +89,34 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from pipeline.catalogs import read_catalog
     from pipeline.errors import RetryableError
     from pipeline.guard import EXIT_RETRY
-    from pipeline.runner import run_worker
-    from pipeline.supervisor import is_child, supervise
+    from pipeline.supervisor import child_role, is_child, supervise
 
     if not is_child():
         return supervise(settings, args.argv)
     catalog, text = read_catalog(settings.catalog)
+    role = child_role()
     try:
-        stats = run_worker(
-            settings,
-            kafka(settings),
-            catalog,
-            make_serde(settings),
-            until_idle=args.until_idle,
-            catalog_text=text,
-        )
+        if role == "sink":
+            from pipeline.sink_runner import run_sink
+
+            result = run_sink(settings, kafka(settings), catalog, make_serde(settings), args.until_idle, text)
+        else:
+            from pipeline.runner import run_worker
+
+            stats = run_worker(
+                settings,
+                kafka(settings),
+                catalog,
+                make_serde(settings),
+                until_idle=args.until_idle,
+                catalog_text=text,
+                with_sink=role == "worker",
+            )
+            result = stats.to_dict()
     except RetryableError as exc:
         print(f"callmeter: error: {exc}", file=sys.stderr)
         return EXIT_RETRY
-    print(json.dumps(stats.to_dict(), sort_keys=True))
+    print(json.dumps(result, sort_keys=True))
     return 0
 
 
@@ -279,7 +288,8 @@ def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_ledger(settings: Settings, _args: argparse.Namespace) -> int:
     """Row counts (deduplicated) and dead letters by reason: a quick look for on-call and tests."""
-    from sinks.ledger import COLUMNS, Ledger
+    from sinks.ledger import Ledger
+    from sinks.schema import COLUMNS
 
     ledger = Ledger.open(settings.clickhouse_dsn, _password(settings))
     try:

@@ -84,6 +84,12 @@ LEDGER_INSERT_ERRORS = Counter(
 LEDGER_INSERT_RETRIES = Counter(
     "callmeter_ledger_insert_retries", "Ledger flushes retried after a failure.", registry=REGISTRY
 )
+LEDGER_DUPLICATES = Counter(
+    "callmeter_ledger_duplicates",
+    "Copies of an event the stream accepted but the ledger already held (fresh cluster, past retention).",
+    ["kind"],
+    registry=REGISTRY,
+)
 LEDGER_LAST_WRITE = Gauge(
     "callmeter_ledger_last_write_timestamp_seconds",
     "Unix time of the last successful ledger flush.",

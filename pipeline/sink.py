@@ -5,11 +5,13 @@ Commit protocol (what a crash at each step means):
 1. Poll a batch from ``calls.rated``, ``provisioning.accepted`` and ``deadletter`` with
    ``isolation.level=read_committed``: only outputs of committed worker transactions are seen, so an
    aborted attempt of the worker never reaches the ledger.
-2. Turn every record into ledger rows in memory (``Ledger.add``). Crash here: nothing written, nothing
-   committed; the batch is polled again after restart.
+2. Turn every record into ledger rows in memory (``Ledger.add``), keeping only first-seen copies: a
+   key the ledger already holds from another source record (a resend after a fresh cluster or past
+   the stream's retention) is counted in ``duplicates`` and not written (sinks/ledger.py item 4).
+   Crash here: nothing written, nothing committed; the batch is polled again after restart.
 3. ``Ledger.flush(token)`` inserts the rows, one insert per table, each with a deduplication token
-   derived from the batch's source offsets. Crash or error here: the Kafka offsets are not committed,
-   the batch is redelivered; rows already inserted are either refused by the token (same batch) or
+   derived from the batch's source offsets and content. Crash or error here: the Kafka offsets are not
+   committed, the batch is redelivered; rows already inserted are either refused by the token (same batch) or
    collapse by key (ReplacingMergeTree, read through FINAL/argMax), so nothing counts twice.
    (Crash point ``sink-3-inserted``, just after the insert.)
 4. Commit the batch's offsets synchronously. Crash between 3 and 4: as in 3, the batch comes again and
@@ -23,8 +25,11 @@ import hashlib
 import logging
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
@@ -37,8 +42,22 @@ from schemas.errors import SerdeError
 from schemas.serde import Serde
 from sinks.errors import LedgerError
 from sinks.ledger import Ledger
+from sinks.schema import PROVISIONING_COLUMNS
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+# raw_events' topic column -> the kind the worker's counters use.
+_KIND = {"calls": "call", "provisioning": "provisioning"}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One output record as ledger rows, with the identity the first-seen check needs."""
+
+    key: tuple[str, str, str] | None  # (raw topic, tenant, event id); None for dead letters
+    source: tuple[int, int]  # input partition and offset of the event
+    payload: str
+    rows: list[tuple[str, list[Any]]]
 
 
 def _header(msg: Message, name: str) -> str | None:
@@ -77,6 +96,8 @@ class LedgerSink:
         self._finalized: set[tuple[str, datetime]] = set()
         self._finalized_at = 0.0
         self.rows_written = 0
+        # Copies the ledger already held from another source record (ledger item 4), per kind.
+        self.duplicates: Counter[str] = Counter()
         self.batches = 0
         self.last_progress = time.monotonic()
         self._stop = threading.Event()
@@ -129,6 +150,9 @@ class LedgerSink:
 
     def _write_batch(self, messages: list[Message]) -> None:
         spans: dict[tuple[str, int], list[int]] = {}
+        # The token covers content as well as offsets: a fresh cluster repeats offsets (ledger item 3).
+        digest = hashlib.sha256()
+        entries = []
         for msg in messages:
             err = msg.error()
             if err is not None:
@@ -136,13 +160,27 @@ class LedgerSink:
                     continue
                 text = f"sink consume error: {err}"
                 raise LedgerError(text)
-            self._add_rows(msg)
             topic, partition, offset = str(msg.topic()), int(msg.partition() or 0), int(msg.offset() or 0)
+            value = msg.value() or b""
+            digest.update(f"{topic}:{partition}:{offset}:{len(value)}:".encode())
+            digest.update(value)
+            entries.append(self._entry(msg, topic, value))
             span = spans.setdefault((topic, partition), [offset, offset])
             span[1] = offset
-        token = hashlib.sha256(repr(sorted(spans.items())).encode()).hexdigest()[:32]
+        # Step 2: rows of the first-seen copies only (ledger item 4).
+        for entry in self._retrying("first-seen check", lambda: self._first_seen(entries)):
+            for table, row in entry.rows:
+                self.ledger.add(table, row)
         # Step 3: a failure raises here, before step 4, so the offsets stay uncommitted.
-        self.rows_written += self._flush(token)
+        pending = self.ledger.pending_by_table()
+        started = time.perf_counter()
+        written = self._retrying("insert", lambda: self.ledger.flush(digest.hexdigest()[:32]))
+        metrics.LEDGER_INSERT_SECONDS.observe(time.perf_counter() - started)
+        metrics.LEDGER_BATCH_ROWS.observe(written)
+        metrics.LEDGER_LAST_WRITE.set(time.time())
+        for table, rows in pending.items():
+            metrics.LEDGER_ROWS.labels(table=table).inc(rows)
+        self.rows_written += written
         if _CRASH_AT:
             crash_point("sink-3-inserted")
         # Step 4.
@@ -153,107 +191,103 @@ class LedgerSink:
         self.batches += 1
         self.last_progress = time.monotonic()
 
-    def _flush(self, token: str) -> int:
-        """Insert with bounded retries (a ClickHouse server may blip); the same token makes a retry of a
-        partly applied flush harmless. After the last attempt the error stops the sink."""
-        pending = self.ledger.pending_by_table()
+    def _retrying(self, what: str, action: Callable[[], _T]) -> _T:
+        """Bounded retries (a ClickHouse server may blip); the batch's token makes a retry of a partly
+        applied flush harmless. After the last attempt the error stops the sink."""
         attempts = 3
         for attempt in range(1, attempts + 1):
-            started = time.perf_counter()
             try:
-                written = self.ledger.flush(token)
-            except LedgerError:
+                return action()
+            except LedgerError as exc:
                 metrics.LEDGER_INSERT_ERRORS.inc()
                 if attempt == attempts:
                     raise
+                log.warning("ledger %s failed (attempt %d of %d): %s", what, attempt, attempts, exc)
                 metrics.LEDGER_INSERT_RETRIES.inc()
                 time.sleep(0.5 * attempt)
-                continue
-            metrics.LEDGER_INSERT_SECONDS.observe(time.perf_counter() - started)
-            metrics.LEDGER_BATCH_ROWS.observe(written)
-            metrics.LEDGER_LAST_WRITE.set(time.time())
-            for table, rows in pending.items():
-                metrics.LEDGER_ROWS.labels(table=table).inc(rows)
-            return written
-        return 0
+        text = f"ledger {what} was never attempted"
+        raise LedgerError(text)
 
-    def _add_rows(self, msg: Message) -> None:
-        topic = msg.topic()
-        value = msg.value() or b""
+    def _first_seen(self, entries: list[_Entry]) -> list[_Entry]:
+        """Drop every entry whose key the ledger (or an earlier entry of this batch) already holds from
+        another source record. The same source record again (a redelivered batch) is kept: its rows
+        collapse with the ones written before."""
+        known = self.ledger.known_events(e.key for e in entries if e.key is not None)
+        kept = []
+        for entry in entries:
+            if entry.key is None:
+                kept.append(entry)
+                continue
+            copies = known.setdefault(entry.key, [])
+            mine = (*entry.source, entry.payload)
+            if copies and mine not in copies:
+                self._duplicate(entry, copies[0])
+                continue
+            if not copies:
+                copies.append(mine)
+            kept.append(entry)
+        return kept
+
+    def _duplicate(self, entry: _Entry, first: tuple[int, int, str]) -> None:
+        assert entry.key is not None
+        kind = _KIND[entry.key[0]]
+        self.duplicates[kind] += 1
+        metrics.LEDGER_DUPLICATES.labels(kind=kind).inc()
+        other = "" if first[2] == entry.payload else " with another payload"
+        log.warning(
+            "%s %s/%s from partition %d offset %d is already in the ledger%s (first seen at partition %d "
+            "offset %d): counted as a duplicate, not written",
+            kind,
+            entry.key[1],
+            entry.key[2],
+            entry.source[0],
+            entry.source[1],
+            other,
+            first[0],
+            first[1],
+        )
+
+    def _entry(self, msg: Message, topic: str, value: bytes) -> _Entry:
         now = datetime.now(UTC)
         if topic == self.topics.deadletter:
             record = self._decode(value, "DeadLetter")
             key = record.get("key")
-            self.ledger.add(
-                "dead_letters",
-                [
-                    record["source_topic"],
-                    record["source_partition"],
-                    record["source_offset"],
-                    record["reason"],
-                    record["message"],
-                    key.decode("utf-8", "replace") if isinstance(key, bytes) else key,
-                    bytes(record["value"]).hex(),
-                    record["failed_at"],
-                ],
-            )
-            return
+            original = bytes(record["value"])
+            row = [
+                record["source_topic"],
+                record["source_partition"],
+                record["source_offset"],
+                record["reason"],
+                record["message"],
+                key.decode("utf-8", "replace") if isinstance(key, bytes) else key,
+                original.hex(),
+                record["failed_at"],
+                int.from_bytes(hashlib.blake2b(original, digest_size=8).digest(), "big"),
+            ]
+            source = (int(record["source_partition"]), int(record["source_offset"]))
+            return _Entry(None, source, "", [("dead_letters", row)])
         if topic == self.topics.rated:
             r = self._decode(value, "RatedCall")
             late = bool(r["late"]) or self._is_final(r["tenant_id"], r["period_start"])
             if late:
                 metrics.LATE_EVENTS.inc()
-            self.ledger.add("rated_calls", rated_call_row(r, late=late))
-            self.ledger.add(
-                "raw_events",
-                [
-                    "calls",
-                    r["tenant_id"],
-                    r["event_id"],
-                    "CallRecord",
-                    r["started_at"],
-                    payload_json(r, CALL_FIELDS),
-                    r["source_partition"],
-                    r["source_offset"],
-                    now,
-                ],
-            )
-            return
+            payload = payload_json(r, CALL_FIELDS)
+            source = (int(r["source_partition"]), int(r["source_offset"]))
+            raw = ["calls", r["tenant_id"], r["event_id"], "CallRecord", r["started_at"], payload]
+            rows = [("rated_calls", rated_call_row(r, late=late)), ("raw_events", [*raw, *source, now])]
+            return _Entry(("calls", r["tenant_id"], r["event_id"]), source, payload, rows)
         if topic == self.topics.accepted:
             p = self._decode(value, "ProvisioningEvent")
-            src_partition = int(_header(msg, "source-partition") or msg.partition() or 0)
-            src_offset = int(_header(msg, "source-offset") or msg.offset() or 0)
-            self.ledger.add(
-                "provisioning_events",
-                [
-                    p["tenant_id"],
-                    p["event_id"],
-                    p["occurred_at"],
-                    p["action"],
-                    p.get("plan_id"),
-                    p.get("tax_region"),
-                    p.get("number"),
-                    p.get("number_type"),
-                    p.get("employee_id"),
-                    src_partition,
-                    src_offset,
-                ],
+            source = (
+                int(_header(msg, "source-partition") or msg.partition() or 0),
+                int(_header(msg, "source-offset") or msg.offset() or 0),
             )
-            self.ledger.add(
-                "raw_events",
-                [
-                    "provisioning",
-                    p["tenant_id"],
-                    p["event_id"],
-                    "ProvisioningEvent",
-                    p["occurred_at"],
-                    payload_json(p, PROVISIONING_FIELDS),
-                    src_partition,
-                    src_offset,
-                    now,
-                ],
-            )
-            return
+            payload = payload_json(p, PROVISIONING_FIELDS)
+            fields = [p.get(name) for name in PROVISIONING_COLUMNS[4:9]]
+            prov = [p["tenant_id"], p["event_id"], p["occurred_at"], p["action"], *fields, *source]
+            raw = ["provisioning", p["tenant_id"], p["event_id"], "ProvisioningEvent", p["occurred_at"]]
+            rows = [("provisioning_events", prov), ("raw_events", [*raw, payload, *source, now])]
+            return _Entry(("provisioning", p["tenant_id"], p["event_id"]), source, payload, rows)
         text = f"sink received a record from unexpected topic {topic}"
         raise LedgerError(text)
 

@@ -21,6 +21,9 @@ class Stats:
     revived: int = 0  # dead-lettered NO_SUBSCRIPTION, then rated when later provisioning covered them
     rebalanced: int = 0  # period balances rewritten because provisioning changed how calls rate
     keys_expired: int = 0
+    # Copies the stream accepted (its keys were gone: fresh cluster, past retention) that the ledger
+    # already held; the sink counted them as duplicates and wrote nothing (sinks/ledger.py item 4).
+    duplicates_in_ledger: Counter[str] = field(default_factory=Counter)
     # Per wall-clock minute: [events consumed, duplicates, dead letters], for "the last minutes".
     minutes: dict[int, list[int]] = field(default_factory=dict)
 
@@ -48,6 +51,7 @@ class Stats:
         return {
             "consumed": dict(self.consumed),
             "duplicates": dict(self.duplicates),
+            "duplicates_in_ledger": dict(self.duplicates_in_ledger),
             "dead_letters": dict(self.dead_letters),
             "rated": self.rated,
             "parked": self.parked,

@@ -8,9 +8,14 @@ ClickHouse insert and its Kafka offset commit):
    copies of one record collapse to one row.
 2. Collapsing happens only at merge time, so every query that counts money reads through ``FINAL`` or
    ``argMax(..., catalog_revision)`` grouped by the identity: a not-yet-merged copy is never summed.
-3. Inserts carry an ``insert_deduplication_token`` built from the source offsets of the batch, and the
-   tables raise ``non_replicated_deduplication_window``, so the common case (the same batch resent
-   whole) is refused at insert time and never even reaches a merge.
+3. Inserts carry an ``insert_deduplication_token`` built from the batch's source offsets *and* content
+   (offsets alone repeat on a fresh Kafka cluster, and ClickHouse would silently drop the new batch),
+   and the tables raise ``non_replicated_deduplication_window``, so the common case (the same batch
+   resent whole) is refused at insert time and never even reaches a merge.
+4. First seen wins (spec §2). The stream's dedupe state does not outlive a fresh cluster or a key's
+   retention, so before inserting, the sink asks ``known_events`` whether a key is already in
+   ``raw_events`` from another source record; such a copy is a duplicate and is not written. A row an
+   invoice used is therefore never replaced, whatever the payload of a later copy.
 
 The ledger is append-only (spec §9): a re-rating adds a row with a higher catalog revision; nothing
 is updated or deleted.
@@ -28,236 +33,9 @@ import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
 from sinks.errors import LedgerError
+from sinks.schema import COLUMNS, MIGRATIONS, PROVISIONING_COLUMNS, TS
 
 log = logging.getLogger(__name__)
-
-_TS = "DateTime64(3, 'UTC')"
-_REPLACING = "SETTINGS non_replicated_deduplication_window = 1000"
-
-RAW_EVENT_COLUMNS = (
-    "topic",
-    "tenant_id",
-    "event_id",
-    "event_type",
-    "event_time",
-    "payload",
-    "source_partition",
-    "source_offset",
-    "ingested_at",
-)
-RATED_CALL_COLUMNS = (
-    "tenant_id",
-    "event_id",
-    "call_id",
-    "employee_id",
-    "direction",
-    "from_number",
-    "to_number",
-    "started_at",
-    "answered_at",
-    "ended_at",
-    "disposition",
-    "gateway_id",
-    "period_start",
-    "period_end",
-    "plan_id",
-    "raw_seconds",
-    "billable_seconds",
-    "catalog_revision",
-    "late",
-    "rated_at",
-    "source_partition",
-    "source_offset",
-)
-PROVISIONING_COLUMNS = (
-    "tenant_id",
-    "event_id",
-    "occurred_at",
-    "action",
-    "plan_id",
-    "tax_region",
-    "number",
-    "number_type",
-    "employee_id",
-    "source_partition",
-    "source_offset",
-)
-DEAD_LETTER_COLUMNS = (
-    "source_topic",
-    "source_partition",
-    "source_offset",
-    "reason",
-    "message",
-    "key",
-    "value_hex",
-    "failed_at",
-)
-CATALOG_COLUMNS = ("revision", "sha256", "body", "loaded_at")
-ADJUSTMENT_COLUMNS = (
-    "carried_on_invoice_id",
-    "corrects_invoice_id",
-    "tenant_id",
-    "amount",
-    "reason",
-    "catalog_revision",
-    "status",
-    "generated_at",
-)
-INVOICE_COLUMNS = (
-    "invoice_id",
-    "tenant_id",
-    "period_start",
-    "period_end",
-    "plan_id",
-    "catalog_revision",
-    "currency",
-    "subtotal",
-    "tax",
-    "total",
-    "body",
-    "generated_at",
-    "status",
-)
-INVOICE_LINE_COLUMNS = (
-    "invoice_id",
-    "line_no",
-    "code",
-    "description",
-    "number",
-    "quantity",
-    "unit_price",
-    "amount",
-    "generated_at",
-)
-
-CORRECTION_COLUMNS = (
-    "tenant_id",
-    "event_id",
-    "period_start",
-    "plan_id",
-    "billable_seconds",
-    "catalog_revision",
-    "reason",
-    "corrected_at",
-)
-
-COLUMNS: dict[str, tuple[str, ...]] = {
-    "raw_events": RAW_EVENT_COLUMNS,
-    "rated_calls": RATED_CALL_COLUMNS,
-    "provisioning_events": PROVISIONING_COLUMNS,
-    "dead_letters": DEAD_LETTER_COLUMNS,
-    "invoices": INVOICE_COLUMNS,
-    "invoice_lines": INVOICE_LINE_COLUMNS,
-    "catalogs": CATALOG_COLUMNS,
-    "adjustments": ADJUSTMENT_COLUMNS,
-    "rating_corrections": CORRECTION_COLUMNS,
-}
-
-# Versioned DDL: append a new entry to change the schema; never edit an applied one.
-MIGRATIONS: list[tuple[int, str, list[str]]] = [
-    (
-        1,
-        "ledger tables",
-        [
-            f"""CREATE TABLE IF NOT EXISTS raw_events (
-                topic LowCardinality(String), tenant_id String, event_id String,
-                event_type LowCardinality(String), event_time {_TS}, payload String,
-                source_partition UInt32, source_offset UInt64, ingested_at {_TS}
-            ) ENGINE = ReplacingMergeTree ORDER BY (topic, tenant_id, event_id) {_REPLACING}""",
-            f"""CREATE TABLE IF NOT EXISTS rated_calls (
-                tenant_id String, event_id String, call_id String, employee_id Nullable(String),
-                direction LowCardinality(String), from_number String, to_number String,
-                started_at {_TS}, answered_at Nullable({_TS}), ended_at {_TS},
-                disposition LowCardinality(String), gateway_id LowCardinality(String),
-                period_start {_TS}, period_end {_TS}, plan_id LowCardinality(String),
-                raw_seconds Decimal(18, 3), billable_seconds UInt64, catalog_revision UInt32,
-                late UInt8, rated_at {_TS}, source_partition UInt32, source_offset UInt64
-            ) ENGINE = ReplacingMergeTree ORDER BY (tenant_id, event_id, catalog_revision) {_REPLACING}""",
-            f"""CREATE TABLE IF NOT EXISTS provisioning_events (
-                tenant_id String, event_id String, occurred_at {_TS}, action LowCardinality(String),
-                plan_id Nullable(String), tax_region Nullable(String), number Nullable(String),
-                number_type Nullable(String), employee_id Nullable(String),
-                source_partition UInt32, source_offset UInt64
-            ) ENGINE = ReplacingMergeTree ORDER BY (tenant_id, event_id) {_REPLACING}""",
-            f"""CREATE TABLE IF NOT EXISTS dead_letters (
-                source_topic LowCardinality(String), source_partition UInt32, source_offset UInt64,
-                reason LowCardinality(String), message String, key Nullable(String), value_hex String,
-                failed_at {_TS}
-            ) ENGINE = ReplacingMergeTree ORDER BY (source_topic, source_partition, source_offset)
-            {_REPLACING}""",
-            f"""CREATE TABLE IF NOT EXISTS invoices (
-                invoice_id String, tenant_id String, period_start Date, period_end Date,
-                plan_id String, catalog_revision UInt32, currency String, subtotal Decimal(18, 2),
-                tax Decimal(18, 2), total Decimal(18, 2), body String, generated_at {_TS}
-            ) ENGINE = ReplacingMergeTree(generated_at) ORDER BY (invoice_id)""",
-            f"""CREATE TABLE IF NOT EXISTS invoice_lines (
-                invoice_id String, line_no UInt16, code LowCardinality(String), description String,
-                number Nullable(String), quantity String, unit_price String, amount Decimal(18, 2),
-                generated_at {_TS}
-            ) ENGINE = ReplacingMergeTree(generated_at) ORDER BY (invoice_id, line_no)""",
-        ],
-    ),
-    (
-        2,
-        "catalog revisions, final invoices, adjustments",
-        [
-            # draft | final. A final invoice row is never followed by another row for its id.
-            "ALTER TABLE invoices ADD COLUMN IF NOT EXISTS status LowCardinality(String) DEFAULT 'draft'",
-            # Every catalog revision the ledger has used, verbatim: old charges are recomputed with the
-            # revision that produced them, and one revision number can never mean two catalogs.
-            f"""CREATE TABLE IF NOT EXISTS catalogs (
-                revision UInt32, sha256 String, body String, loaded_at {_TS}
-            ) ENGINE = ReplacingMergeTree ORDER BY revision""",
-            f"""CREATE TABLE IF NOT EXISTS adjustments (
-                carried_on_invoice_id String, corrects_invoice_id String, tenant_id String,
-                amount Decimal(18, 2), reason String, catalog_revision UInt32,
-                status LowCardinality(String), generated_at {_TS}
-            ) ENGINE = ReplacingMergeTree(generated_at)
-            ORDER BY (carried_on_invoice_id, corrects_invoice_id)""",
-        ],
-    ),
-    (
-        3,
-        "rating corrections and each call's current rating",
-        [
-            # The invoice job rates every call against the tenant's whole provisioning history (issue 8).
-            # Where that differs from the stream's rating (provisioning consumed after the call), it
-            # appends a correction here; nothing in rated_calls is edited. period_start is NULL when no
-            # subscription covers the call any more (billable 0).
-            f"""CREATE TABLE IF NOT EXISTS rating_corrections (
-                tenant_id String, event_id String, period_start Nullable({_TS}),
-                plan_id LowCardinality(String), billable_seconds UInt64, catalog_revision UInt32,
-                reason String, corrected_at {_TS}
-            ) ENGINE = ReplacingMergeTree(corrected_at)
-            ORDER BY (tenant_id, event_id, catalog_revision) {_REPLACING}""",
-            # Each call's current rating: the stream's (or a replay's) row with the highest catalog
-            # revision, overridden by the invoice job's latest correction for that revision.
-            """CREATE VIEW IF NOT EXISTS current_ratings AS
-            SELECT r.tenant_id AS tenant_id, r.event_id AS event_id,
-                   if(c.event_id = '', r.ps, c.ps) AS period_start,
-                   if(c.event_id = '', r.plan, c.plan) AS plan_id,
-                   if(c.event_id = '', r.billable, c.billable) AS billable_seconds,
-                   r.rev AS catalog_revision, c.event_id != '' AS corrected,
-                   c.why AS correction_reason
-            FROM (
-                SELECT tenant_id, event_id, max(catalog_revision) AS rev,
-                       toNullable(argMax(period_start, catalog_revision)) AS ps,
-                       argMax(plan_id, catalog_revision) AS plan,
-                       argMax(billable_seconds, catalog_revision) AS billable
-                FROM rated_calls GROUP BY tenant_id, event_id
-            ) AS r
-            LEFT JOIN (
-                SELECT tenant_id, event_id, catalog_revision AS rev,
-                       argMax(period_start, corrected_at) AS ps,
-                       argMax(plan_id, corrected_at) AS plan,
-                       argMax(billable_seconds, corrected_at) AS billable,
-                       argMax(reason, corrected_at) AS why
-                FROM rating_corrections GROUP BY tenant_id, event_id, catalog_revision
-            ) AS c
-            ON r.tenant_id = c.tenant_id AND r.event_id = c.event_id AND r.rev = c.rev""",
-        ],
-    ),
-]
 
 
 def connect(dsn: str, password: str | None = None) -> Client:
@@ -301,7 +79,7 @@ class Ledger:
         try:
             self.client.command(
                 f"CREATE TABLE IF NOT EXISTS schema_migrations (version UInt32, name String, "
-                f"applied_at {_TS}) ENGINE = MergeTree ORDER BY version"
+                f"applied_at {TS}) ENGINE = MergeTree ORDER BY version"
             )
             done = {row[0] for row in self.client.query("SELECT version FROM schema_migrations").result_rows}
             applied = []
@@ -417,6 +195,27 @@ class Ledger:
             for t, e, p, plan, b, rev in rows
         }
 
+    def known_events(
+        self, keys: Iterable[tuple[str, str, str]]
+    ) -> dict[tuple[str, str, str], list[tuple[int, int, str]]]:
+        """``(topic, tenant, event) -> [(source partition, source offset, payload)]`` of the raw events
+        already in the ledger under any of these keys: the sink's first-seen check (pipeline/sink.py).
+        The filter on tenants and ids is a superset of the pairs; the exact pairs are kept here."""
+        wanted = set(keys)
+        if not wanted:
+            return {}
+        rows = self.query(
+            "SELECT topic, tenant_id, event_id, source_partition, source_offset, payload FROM raw_events "
+            "WHERE tenant_id IN {t:Array(String)} AND event_id IN {e:Array(String)}",
+            {"t": sorted({k[1] for k in wanted}), "e": sorted({k[2] for k in wanted})},
+        )
+        out: dict[tuple[str, str, str], list[tuple[int, int, str]]] = {}
+        for topic, tenant, event, partition, offset, payload in rows:
+            key = (str(topic), str(tenant), str(event))
+            if key in wanted:
+                out.setdefault(key, []).append((int(partition), int(offset), str(payload)))
+        return out
+
     def provisioning_rows(self, tenant_id: str | None = None) -> list[dict[str, Any]]:
         where = "WHERE tenant_id = {t:String}" if tenant_id else ""
         rows = self.query(
@@ -521,21 +320,6 @@ class Ledger:
             {"f": started_from, "u": started_to, "t": tenant_id},
         )
         return [(str(p), int(part), int(off)) for p, part, off in rows]
-
-    def current_ratings(
-        self, started_from: datetime, started_to: datetime, tenant_id: str | None
-    ) -> dict[tuple[str, str], tuple[int, int, datetime]]:
-        """(tenant, event) -> (billable seconds, catalog revision, period start) of each call's current
-        rating, for calls that started in [from, to)."""
-        tenant_clause = "AND tenant_id = {t:String}" if tenant_id else ""
-        rows = self.query(
-            "SELECT tenant_id, event_id, argMax(billable_seconds, catalog_revision), max(catalog_revision), "  # noqa: S608
-            "argMax(period_start, catalog_revision) FROM rated_calls "
-            "WHERE started_at >= {f:DateTime64(3, 'UTC')} AND started_at < {u:DateTime64(3, 'UTC')} "
-            f"{tenant_clause} GROUP BY tenant_id, event_id",
-            {"f": started_from, "u": started_to, "t": tenant_id},
-        )
-        return {(t, e): (int(b), int(r), as_utc(p)) for t, e, b, r, p in rows}
 
     def write_rows(self, table: str, rows: Iterable[Sequence[Any]], dedup_token: str | None = None) -> None:
         for row in rows:

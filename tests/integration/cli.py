@@ -136,3 +136,45 @@ def reference_events(path: Path) -> tuple[list[Any], list[Any]]:
         else:
             provisioning.append(provisioning_from_record(record))
     return calls, provisioning
+
+
+def ledger_query(env: dict[str, str], sql: str) -> list[list[Any]]:
+    """Rows of one SQL query against the ledger, from a subprocess: chdb lets one process open a path,
+    and the test process must not hold it while `callmeter` commands run."""
+    code = (
+        "import json, sys\n"
+        "from pipeline.settings import Settings\n"
+        "from sinks.ledger import Ledger\n"
+        "ledger = Ledger.open(Settings().clickhouse_dsn)\n"
+        "print(json.dumps([list(r) for r in ledger.query(sys.argv[1])], default=str))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, sql], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"ledger query failed: {proc.stderr[-2000:]}")
+    rows: list[list[Any]] = json.loads(proc.stdout)
+    return rows
+
+
+def delete_topics(env: dict[str, str]) -> None:
+    """Delete every topic and consumer group of the env's prefix: the pipeline's next run meets a fresh
+    cluster (offsets from 0, no changelogs) while the ledger in the data dir stays."""
+    from confluent_kafka.admin import AdminClient
+
+    from pipeline.settings import Settings
+
+    # Pipeline topics carry the prefix; Faust's changelogs and leader topic carry the app id.
+    prefixes = (
+        env["CALLMETER_TOPIC_PREFIX"],
+        f"{Settings(topic_prefix=env['CALLMETER_TOPIC_PREFIX']).app_id}-",
+    )
+    admin = AdminClient({"bootstrap.servers": env["CALLMETER_KAFKA"]})
+    names = [t for t in admin.list_topics(timeout=10).topics if t.startswith(prefixes)]
+    for future in admin.delete_topics(names, operation_timeout=30).values():
+        future.result()
+    deadline = time.monotonic() + 60
+    while any(t.startswith(prefixes) for t in admin.list_topics(timeout=10).topics):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"topics of {prefixes} still listed 60 s after their deletion")
+        time.sleep(0.5)

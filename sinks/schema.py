@@ -1,0 +1,245 @@
+"""The ledger's tables: their columns and the versioned DDL that creates them (sinks/ledger.py uses both).
+
+Append a migration to change the schema; never edit an applied one.
+"""
+
+from __future__ import annotations
+
+TS = "DateTime64(3, 'UTC')"
+_REPLACING = "SETTINGS non_replicated_deduplication_window = 1000"
+
+RAW_EVENT_COLUMNS = (
+    "topic",
+    "tenant_id",
+    "event_id",
+    "event_type",
+    "event_time",
+    "payload",
+    "source_partition",
+    "source_offset",
+    "ingested_at",
+)
+RATED_CALL_COLUMNS = (
+    "tenant_id",
+    "event_id",
+    "call_id",
+    "employee_id",
+    "direction",
+    "from_number",
+    "to_number",
+    "started_at",
+    "answered_at",
+    "ended_at",
+    "disposition",
+    "gateway_id",
+    "period_start",
+    "period_end",
+    "plan_id",
+    "raw_seconds",
+    "billable_seconds",
+    "catalog_revision",
+    "late",
+    "rated_at",
+    "source_partition",
+    "source_offset",
+)
+PROVISIONING_COLUMNS = (
+    "tenant_id",
+    "event_id",
+    "occurred_at",
+    "action",
+    "plan_id",
+    "tax_region",
+    "number",
+    "number_type",
+    "employee_id",
+    "source_partition",
+    "source_offset",
+)
+DEAD_LETTER_COLUMNS = (
+    "source_topic",
+    "source_partition",
+    "source_offset",
+    "reason",
+    "message",
+    "key",
+    "value_hex",
+    "failed_at",
+    "value_digest",
+)
+CATALOG_COLUMNS = ("revision", "sha256", "body", "loaded_at")
+ADJUSTMENT_COLUMNS = (
+    "carried_on_invoice_id",
+    "corrects_invoice_id",
+    "tenant_id",
+    "amount",
+    "reason",
+    "catalog_revision",
+    "status",
+    "generated_at",
+)
+INVOICE_COLUMNS = (
+    "invoice_id",
+    "tenant_id",
+    "period_start",
+    "period_end",
+    "plan_id",
+    "catalog_revision",
+    "currency",
+    "subtotal",
+    "tax",
+    "total",
+    "body",
+    "generated_at",
+    "status",
+)
+INVOICE_LINE_COLUMNS = (
+    "invoice_id",
+    "line_no",
+    "code",
+    "description",
+    "number",
+    "quantity",
+    "unit_price",
+    "amount",
+    "generated_at",
+)
+
+CORRECTION_COLUMNS = (
+    "tenant_id",
+    "event_id",
+    "period_start",
+    "plan_id",
+    "billable_seconds",
+    "catalog_revision",
+    "reason",
+    "corrected_at",
+)
+
+COLUMNS: dict[str, tuple[str, ...]] = {
+    "raw_events": RAW_EVENT_COLUMNS,
+    "rated_calls": RATED_CALL_COLUMNS,
+    "provisioning_events": PROVISIONING_COLUMNS,
+    "dead_letters": DEAD_LETTER_COLUMNS,
+    "invoices": INVOICE_COLUMNS,
+    "invoice_lines": INVOICE_LINE_COLUMNS,
+    "catalogs": CATALOG_COLUMNS,
+    "adjustments": ADJUSTMENT_COLUMNS,
+    "rating_corrections": CORRECTION_COLUMNS,
+}
+
+# Versioned DDL: append a new entry to change the schema; never edit an applied one.
+MIGRATIONS: list[tuple[int, str, list[str]]] = [
+    (
+        1,
+        "ledger tables",
+        [
+            f"""CREATE TABLE IF NOT EXISTS raw_events (
+                topic LowCardinality(String), tenant_id String, event_id String,
+                event_type LowCardinality(String), event_time {TS}, payload String,
+                source_partition UInt32, source_offset UInt64, ingested_at {TS}
+            ) ENGINE = ReplacingMergeTree ORDER BY (topic, tenant_id, event_id) {_REPLACING}""",
+            f"""CREATE TABLE IF NOT EXISTS rated_calls (
+                tenant_id String, event_id String, call_id String, employee_id Nullable(String),
+                direction LowCardinality(String), from_number String, to_number String,
+                started_at {TS}, answered_at Nullable({TS}), ended_at {TS},
+                disposition LowCardinality(String), gateway_id LowCardinality(String),
+                period_start {TS}, period_end {TS}, plan_id LowCardinality(String),
+                raw_seconds Decimal(18, 3), billable_seconds UInt64, catalog_revision UInt32,
+                late UInt8, rated_at {TS}, source_partition UInt32, source_offset UInt64
+            ) ENGINE = ReplacingMergeTree ORDER BY (tenant_id, event_id, catalog_revision) {_REPLACING}""",
+            f"""CREATE TABLE IF NOT EXISTS provisioning_events (
+                tenant_id String, event_id String, occurred_at {TS}, action LowCardinality(String),
+                plan_id Nullable(String), tax_region Nullable(String), number Nullable(String),
+                number_type Nullable(String), employee_id Nullable(String),
+                source_partition UInt32, source_offset UInt64
+            ) ENGINE = ReplacingMergeTree ORDER BY (tenant_id, event_id) {_REPLACING}""",
+            f"""CREATE TABLE IF NOT EXISTS dead_letters (
+                source_topic LowCardinality(String), source_partition UInt32, source_offset UInt64,
+                reason LowCardinality(String), message String, key Nullable(String), value_hex String,
+                failed_at {TS}
+            ) ENGINE = ReplacingMergeTree ORDER BY (source_topic, source_partition, source_offset)
+            {_REPLACING}""",
+            f"""CREATE TABLE IF NOT EXISTS invoices (
+                invoice_id String, tenant_id String, period_start Date, period_end Date,
+                plan_id String, catalog_revision UInt32, currency String, subtotal Decimal(18, 2),
+                tax Decimal(18, 2), total Decimal(18, 2), body String, generated_at {TS}
+            ) ENGINE = ReplacingMergeTree(generated_at) ORDER BY (invoice_id)""",
+            f"""CREATE TABLE IF NOT EXISTS invoice_lines (
+                invoice_id String, line_no UInt16, code LowCardinality(String), description String,
+                number Nullable(String), quantity String, unit_price String, amount Decimal(18, 2),
+                generated_at {TS}
+            ) ENGINE = ReplacingMergeTree(generated_at) ORDER BY (invoice_id, line_no)""",
+        ],
+    ),
+    (
+        2,
+        "catalog revisions, final invoices, adjustments",
+        [
+            # draft | final. A final invoice row is never followed by another row for its id.
+            "ALTER TABLE invoices ADD COLUMN IF NOT EXISTS status LowCardinality(String) DEFAULT 'draft'",
+            # Every catalog revision the ledger has used, verbatim: old charges are recomputed with the
+            # revision that produced them, and one revision number can never mean two catalogs.
+            f"""CREATE TABLE IF NOT EXISTS catalogs (
+                revision UInt32, sha256 String, body String, loaded_at {TS}
+            ) ENGINE = ReplacingMergeTree ORDER BY revision""",
+            f"""CREATE TABLE IF NOT EXISTS adjustments (
+                carried_on_invoice_id String, corrects_invoice_id String, tenant_id String,
+                amount Decimal(18, 2), reason String, catalog_revision UInt32,
+                status LowCardinality(String), generated_at {TS}
+            ) ENGINE = ReplacingMergeTree(generated_at)
+            ORDER BY (carried_on_invoice_id, corrects_invoice_id)""",
+        ],
+    ),
+    (
+        3,
+        "rating corrections and each call's current rating",
+        [
+            # The invoice job rates every call against the tenant's whole provisioning history (issue 8).
+            # Where that differs from the stream's rating (provisioning consumed after the call), it
+            # appends a correction here; nothing in rated_calls is edited. period_start is NULL when no
+            # subscription covers the call any more (billable 0).
+            f"""CREATE TABLE IF NOT EXISTS rating_corrections (
+                tenant_id String, event_id String, period_start Nullable({TS}),
+                plan_id LowCardinality(String), billable_seconds UInt64, catalog_revision UInt32,
+                reason String, corrected_at {TS}
+            ) ENGINE = ReplacingMergeTree(corrected_at)
+            ORDER BY (tenant_id, event_id, catalog_revision) {_REPLACING}""",
+            # Each call's current rating: the stream's (or a replay's) row with the highest catalog
+            # revision, overridden by the invoice job's latest correction for that revision.
+            """CREATE VIEW IF NOT EXISTS current_ratings AS
+            SELECT r.tenant_id AS tenant_id, r.event_id AS event_id,
+                   if(c.event_id = '', r.ps, c.ps) AS period_start,
+                   if(c.event_id = '', r.plan, c.plan) AS plan_id,
+                   if(c.event_id = '', r.billable, c.billable) AS billable_seconds,
+                   r.rev AS catalog_revision, c.event_id != '' AS corrected,
+                   c.why AS correction_reason
+            FROM (
+                SELECT tenant_id, event_id, max(catalog_revision) AS rev,
+                       toNullable(argMax(period_start, catalog_revision)) AS ps,
+                       argMax(plan_id, catalog_revision) AS plan,
+                       argMax(billable_seconds, catalog_revision) AS billable
+                FROM rated_calls GROUP BY tenant_id, event_id
+            ) AS r
+            LEFT JOIN (
+                SELECT tenant_id, event_id, catalog_revision AS rev,
+                       argMax(period_start, corrected_at) AS ps,
+                       argMax(plan_id, corrected_at) AS plan,
+                       argMax(billable_seconds, corrected_at) AS billable,
+                       argMax(reason, corrected_at) AS why
+                FROM rating_corrections GROUP BY tenant_id, event_id, catalog_revision
+            ) AS c
+            ON r.tenant_id = c.tenant_id AND r.event_id = c.event_id AND r.rev = c.rev""",
+        ],
+    ),
+    (
+        4,
+        "dead letters keyed by content as well as source offset",
+        [
+            # A fresh Kafka cluster starts its offsets at 0 again: a new dead letter at an offset an old
+            # one had must be a second row, not replace the first. Rows from before have digest 0.
+            "ALTER TABLE dead_letters ADD COLUMN IF NOT EXISTS value_digest UInt64, "
+            "MODIFY ORDER BY (source_topic, source_partition, source_offset, value_digest)",
+        ],
+    ),
+]

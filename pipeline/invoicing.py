@@ -122,13 +122,6 @@ def rate_facts(
     return RatedFacts(dict(usage), dict(revision), dict(late), ratings)
 
 
-def compute_invoices(
-    ledger: Ledger, catalog: Catalog, period: str, tenant: str | None = None
-) -> list[Invoice]:
-    """Drafts as the rules say today (no finalization, no adjustments): the reference view."""
-    return _compute(ledger, catalog, period, tenant)[0]
-
-
 def _compute(
     ledger: Ledger, catalog: Catalog, period: str, tenant: str | None
 ) -> tuple[list[Invoice], RatedFacts]:

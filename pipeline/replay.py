@@ -218,7 +218,9 @@ def _replay(
     args: argparse.Namespace,
 ) -> int:
     timelines = timelines_from_ledger(ledger, args.tenant)
-    current = ledger.current_ratings(ts_from, ts_to, args.tenant)  # event -> (seconds, revision, period)
+    # Each call's current rating (corrections included), the one the ledger's usage totals count:
+    # event -> (period start or None, plan, billable seconds, catalog revision).
+    current = ledger.current_rating_of(ts_from, ts_to, args.tenant)
     seen: set[tuple[str, str]] = set()
     rated: list[tuple[SourcedCall, RatedCall]] = []
     skipped: dict[str, int] = defaultdict(int)
@@ -242,13 +244,21 @@ def _replay(
     after: dict[tuple[str, datetime], int] = defaultdict(int)
     revisions: dict[tuple[str, datetime], int] = defaultdict(int)
     for item, result in rated:
-        old = current.get((item.call.tenant_id, item.call.event_id))
-        key = (item.call.tenant_id, result.period.start)
-        before.setdefault(key, usage.get(key, 0))
-        after.setdefault(key, usage.get(key, 0))
+        tenant_id = item.call.tenant_id
+        key = (tenant_id, result.period.start)
+        old = current.get((tenant_id, item.call.event_id))
+        old_key = (tenant_id, old[0]) if old is not None and old[0] is not None else None
+        for k in (key, old_key):
+            if k is not None:
+                before.setdefault(k, usage.get(k, 0))
+                after.setdefault(k, usage.get(k, 0))
         if old is not None:
-            after[key] -= old[0]
-            revisions[key] = max(revisions[key], old[1])
+            revisions[key] = max(revisions[key], old[3])
+            if old_key is not None:
+                # The old seconds leave the period they are counted in now, which a correction may
+                # have moved away from the period the new rating puts the call in.
+                after[old_key] -= old[2]
+                revisions[old_key] = max(revisions[old_key], old[3])
         after[key] += result.billable_seconds
 
     total = len(rated)

@@ -10,7 +10,8 @@ each event one critical section with respect to commits:
    before releasing it, so a commit sees either all of an event (writes, outputs, offset) or none.
 2. Every Faust commit (``Consumer.force_commit``) takes the same lock first, then drains Faust's
    buffer of table writes into the transaction (``_drain_table_writes``: Faust itself does not).
-3. An exception (or a cancellation) in the middle of an event *poisons* the guard: no commit happens
+3. A rebalance commits every transaction before partitions are revoked (``_commit_then_revoke``).
+4. An exception (or a cancellation) in the middle of an event *poisons* the guard: no commit happens
    after that, and the process leaves at once with ``EXIT_RETRY`` without writing its clean-shutdown
    marker. The open transactions are aborted by the broker when the next worker's producers fence them
    (same transactional ids), and the next start rebuilds local state from the changelogs, exactly as
@@ -65,7 +66,7 @@ class CommitGuard:
 
 
 def die(reason: str, exc: BaseException | None = None) -> None:
-    """Leave now, without committing anything or marking local state clean (see step 3)."""
+    """Leave now, without committing anything or marking local state clean (see step 4)."""
     if exc is not None:
         log.error("fatal: %s", reason, exc_info=exc)
     sys.stderr.write(f"callmeter: error: {reason}; restarting from the last commit\n")
@@ -108,11 +109,37 @@ async def _guarded_force_commit(self: Any, *args: Any, **kwargs: Any) -> bool:
 
 faust_consumer.Consumer.force_commit = _guarded_force_commit  # type: ignore[method-assign]
 
+_original_on_partitions_revoked = faust_consumer.Consumer.on_partitions_revoked
+
+
+async def _commit_then_revoke(self: Any, revoked: Any) -> None:
+    """Step 3 of the protocol: commit every transaction before a rebalance takes partitions away.
+
+    Under ``exactly_once`` Faust forgets the acked offsets of revoked partitions and stops their
+    transactional producers without committing (the next owner fences them and the broker aborts the
+    open transactions), while RocksDB keeps those transactions' table writes. A partition that came
+    back to this worker later in the run then held dedupe keys of calls whose rated records were
+    rolled back: lost calls, and a stall while the orphaned transactions timed out. Committing first
+    leaves nothing in flight: the next owner starts exactly where this worker stopped, and the local
+    state of every partition matches what was committed. (The eager protocol revokes every partition
+    at each rebalance, so this is one commit per rebalance.)"""
+    guard: CommitGuard | None = getattr(self.app, "callmeter_guard", None)
+    if guard is not None and not guard.poisoned and self.app.in_transaction:
+        try:
+            await self.force_commit()
+        except Exception as exc:  # a commit that fails here must not leave the state half-trusted
+            guard.poisoned = True
+            die(f"commit before a rebalance failed: {type(exc).__name__}: {exc}", exc)
+    await _original_on_partitions_revoked(self, revoked)
+
+
+faust_consumer.Consumer.on_partitions_revoked = _commit_then_revoke  # type: ignore[method-assign]
+
 # A worker that died mid-transaction leaves it open, and read_committed readers (the next worker's
 # changelog recovery, the sink) cannot pass it until the broker aborts it: after aiokafka's default
 # 60 s. Transactions here last about one commit interval (1 s), so 10 s is ample and a restart after a
 # fault waits seconds, not a minute. A transaction that did exceed it is aborted by the broker and its
-# commit fails, which stops the worker and restarts it from the last commit (step 3 above).
+# commit fails, which stops the worker and restarts it from the last commit (step 4 above).
 TRANSACTION_TIMEOUT_MS = 10_000
 _original_settings_extra = faust_aiokafka.Producer._settings_extra
 

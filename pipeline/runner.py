@@ -17,6 +17,7 @@ from typing import Any
 
 import faust
 import faust.tables.recovery as faust_recovery
+import faust.transport.drivers.aiokafka as faust_aiokafka
 
 from pipeline.errors import RetryableError
 from pipeline.settings import Settings
@@ -69,6 +70,19 @@ class _QuickRecoveryPoll:
 faust_recovery.asyncio = _QuickRecoveryPoll()  # type: ignore[assignment]
 
 
+async def _stable_highwaters(self: Any, partitions: Any) -> Any:
+    """Changelog ends for recovery, asked of the broker. Under exactly_once Faust reads the consumer's
+    cached last stable offset, which is unknown (-1) for a partition not fetched since it was assigned:
+    recovery then either crashes ("persisted offset is higher than the highwater") or, with no
+    persisted offset, takes the changelog for empty and skips it, leaving dedupe keys and
+    subscriptions out of the table after a rebalance. The consumer is read_committed, so ListOffsets
+    answers the last stable offset itself."""
+    return await self._ensure_consumer().end_offsets(list(partitions))
+
+
+faust_aiokafka.AIOKafkaConsumerThread._highwaters = _stable_highwaters  # type: ignore[method-assign]
+
+
 class _Worker(faust.Worker):
     """Faust's worker, telling the meter when start-up (recovery included) has finished."""
 
@@ -94,30 +108,28 @@ def run_worker(
     serde: Serde,
     until_idle: bool,
     catalog_text: str = "",
+    with_sink: bool = True,
 ) -> Stats:
-    """Run the worker in this process until SIGTERM/SIGINT, or until idle. Raises on a sink failure."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    ledger = Ledger.open(settings.clickhouse_dsn, _secret(settings))
-    if catalog_text:
-        from pipeline.catalogs import register_catalog
+    """Run the worker in this process until SIGTERM/SIGINT, or until idle. Raises on a sink failure.
 
-        try:
-            register_catalog(ledger, catalog, catalog_text)
-        except Exception:
-            ledger.close()
-            raise
-    prepare_state_dir(settings.data_dir / "worker")
+    ``with_sink``: this process also runs the ledger sink (one worker process). With several worker
+    processes the sink is a process of its own (pipeline/sink_runner.py): chdb opens a path in one
+    process only, and the sink's inserts then never compete with an event loop for the GIL."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    ledger = open_ledger(settings, catalog, catalog_text) if with_sink else None
+    prepare_state_dir(settings.worker_state_dir)
     meter = Meter(settings, bootstrap, catalog, serde)
     from pipeline.broker import ensure_internal_topics
 
     try:
         ensure_internal_topics(bootstrap, meter.internal_topics())
     except Exception:
-        ledger.close()
+        if ledger is not None:
+            ledger.close()
         raise
     from pipeline.sink import LedgerSink
 
-    sink = LedgerSink(settings, bootstrap, serde, ledger)
+    sink = LedgerSink(settings, bootstrap, serde, ledger) if ledger is not None else None
     # stdout is the command's result (JSON stats); Faust's console output goes to stderr.
     worker = _Worker(
         meter.app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False, stdout=sys.stderr
@@ -128,10 +140,18 @@ def run_worker(
     def stop_soon() -> None:
         loop.call_soon_threadsafe(worker._schedule_shutdown, signal.SIGTERM)
 
-    watch = IdleWatch(meter, sink, bootstrap, stop_soon) if until_idle else None
+    def progress() -> tuple[int, int]:
+        return meter.stats.total(), sink.rows_written if sink is not None else 0
+
+    watch = (
+        IdleWatch(settings, bootstrap, stop_soon, progress=progress, ready=meter.ready.is_set, sink=sink)
+        if until_idle
+        else None
+    )
     lag = LagMonitor(meter, bootstrap)
     lag.start()
-    sink.start()
+    if sink is not None:
+        sink.start()
     if watch is not None:
         watch.start()
     exit_code: object = 0
@@ -143,9 +163,12 @@ def run_worker(
         if watch is not None:
             watch.halt()
         lag.halt()
-        sink.stop()
-        ledger.close()
-    if sink.error is not None:
+        if sink is not None:
+            sink.stop()
+            meter.stats.duplicates_in_ledger.update(sink.duplicates)
+        if ledger is not None:
+            ledger.close()
+    if sink is not None and sink.error is not None:
         msg = f"ledger sink failed: {sink.error}"
         raise RetryableError(msg) from sink.error
     if exit_code not in (0, None):
@@ -158,9 +181,25 @@ def run_worker(
         # local state may hold writes of a transaction that never committed. Do not vouch for it.
         log.warning("not marking local state clean after %d client error(s)", meter.faults)
     else:
-        mark_clean(settings.data_dir / "worker")
-    (settings.data_dir / "worker-stats.json").write_text(json.dumps(meter.stats.to_dict(), indent=2))
+        mark_clean(settings.worker_state_dir)
+    (settings.worker_state_dir.with_name(f"{settings.worker_state_dir.name}-stats.json")).write_text(
+        json.dumps(meter.stats.to_dict(), indent=2)
+    )
     return meter.stats
+
+
+def open_ledger(settings: Settings, catalog: Catalog, catalog_text: str) -> Ledger:
+    """Open (and migrate) the ledger and record the catalog revision in use."""
+    ledger = Ledger.open(settings.clickhouse_dsn, _secret(settings))
+    if catalog_text:
+        from pipeline.catalogs import register_catalog
+
+        try:
+            register_catalog(ledger, catalog, catalog_text)
+        except Exception:
+            ledger.close()
+            raise
+    return ledger
 
 
 def _secret(settings: Settings) -> str | None:

@@ -36,6 +36,12 @@ class Settings(BaseSettings):
     kafka_version: str = KAFKA_VERSION
     cache_dir: Path = Path.home() / ".cache" / "callmeter"
     worker_web_port: int = 6066
+    # Stream worker processes `callmeter worker` runs. With more than one, the ledger sink runs as a
+    # process of its own beside them (chdb opens a path in one process only). Process i serves its
+    # web API on worker_web_port + i and keeps its local state in <data_dir>/worker-<i>.
+    worker_processes: int = 1
+    # Set by `callmeter worker` for each process it starts; not an operator setting.
+    worker_index: int = 0
     sink_batch_rows: int = 20000
     # Worker producers (changelogs, outputs) batch this long: fewer, larger produce requests. It adds
     # at most this much to the time before output is committed; balances read local state at once.
@@ -50,6 +56,10 @@ class Settings(BaseSettings):
     # The instant the invoice job takes as "now" (which periods have ended, the settlement window):
     # unset is the wall clock. For rehearsing a month end and for tests of fixtures dated in the future.
     clock_now: datetime | None = None
+
+    @property
+    def worker_state_dir(self) -> Path:
+        return self.data_dir / ("worker" if self.worker_index == 0 else f"worker-{self.worker_index}")
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"

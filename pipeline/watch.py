@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import TopicPartition
@@ -16,6 +17,8 @@ from pipeline.guard import die
 from pipeline.offsets import GroupOffsets
 
 if TYPE_CHECKING:
+    from pipeline.settings import Settings
+    from pipeline.sink import LedgerSink
     from pipeline.worker import Meter
 
 log = logging.getLogger(__name__)
@@ -124,35 +127,48 @@ def meter_status(meter: Meter) -> dict[str, Any]:
 
 
 class IdleWatch(threading.Thread):
-    """--until-idle: stop once inputs are committed to their end, the sink has caught up, and nothing
-    changed for ``idle_seconds``."""
+    """--until-idle: stop once inputs are committed to their end (by the whole consumer group), the
+    sink (when this process runs one) has written the outputs up to theirs, and nothing changed for
+    ``idle_seconds``."""
 
-    def __init__(self, meter: Meter, sink: Any, bootstrap: str, on_idle: Any) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        bootstrap: str,
+        on_idle: Callable[[], None],
+        *,
+        progress: Callable[[], tuple[int, int]],
+        ready: Callable[[], bool],
+        sink: LedgerSink | None,
+    ) -> None:
         super().__init__(name="idle-watch", daemon=True)
-        self.meter = meter
-        self.sink = sink
+        self.settings = settings
         self.on_idle = on_idle
+        self.progress = progress
+        self.ready = ready
+        self.sink = sink
         self.admin = AdminClient({"bootstrap.servers": bootstrap})
-        self.offsets = GroupOffsets(bootstrap, meter.settings.app_id)
-        self.settings = meter.settings
+        self.offsets = GroupOffsets(bootstrap, settings.app_id)
         self._halt = threading.Event()
 
     def halt(self) -> None:
         self._halt.set()
 
     def caught_up(self) -> bool:
-        """Inputs committed by the worker up to their ends, and outputs written by the sink up to theirs:
-        one metadata, one list-offsets and one group-offsets request per check."""
-        positions = self.sink.positions()
-        if positions is None or not self.meter.ready.is_set():
+        """Inputs committed by the stream workers up to their ends, and outputs written by this
+        process's sink up to theirs: one metadata, one list-offsets and one group-offsets request."""
+        positions: dict[tuple[str, int], int] = {}
+        if self.sink is not None:
+            sink_positions = self.sink.positions()
+            if sink_positions is None:
+                return False
+            positions = sink_positions
+        if not self.ready():
             return False
         topics = self.settings.topics
+        outputs = (topics.rated, topics.accepted, topics.deadletter) if self.sink is not None else ()
         meta = self.admin.list_topics(timeout=10)
-        tps = [
-            TopicPartition(t, p)
-            for t in (*topics.inputs, topics.rated, topics.accepted, topics.deadletter)
-            for p in meta.topics[t].partitions
-        ]
+        tps = [TopicPartition(t, p) for t in (*topics.inputs, *outputs) for p in meta.topics[t].partitions]
         ends = self.admin.list_offsets({tp: OffsetSpec.latest() for tp in tps}, request_timeout=10)
         high = {(tp.topic, tp.partition): f.result().offset for tp, f in ends.items()}
         committed = self.offsets.committed([key for key in high if key[0] in topics.inputs])
@@ -164,18 +180,21 @@ class IdleWatch(threading.Thread):
                 return False
         return True
 
+    def _sink_failed(self) -> bool:
+        return self.sink is not None and self.sink.error is not None
+
     def run(self) -> None:
         quiet_since: float | None = None
         last_seen = (-1, -1)
         while not self._halt.wait(0.25):
             try:
-                progress = (self.meter.stats.total(), self.sink.rows_written)
-                done = self.sink.error is None and self.caught_up()
+                progress = self.progress()
+                done = not self._sink_failed() and self.caught_up()
             except Exception:
                 log.debug("idle check failed", exc_info=True)
                 done = False
                 progress = last_seen
-            if self.sink.error is not None:
+            if self._sink_failed():
                 self.on_idle()
                 return
             if not done or progress != last_seen:

@@ -64,7 +64,6 @@ from schemas.errors import SerdeError
 from schemas.serde import Serde
 
 log = logging.getLogger(__name__)
-TP = tuple[str, int]
 
 _ROCKSDICT = {"driver": "rocksdict"}
 _ACTIONS_NEEDING = {
@@ -136,7 +135,7 @@ class Meter(Parking, Balances):
         self.catalog = catalog
         self.serde = serde
         self.stats = Stats()
-        self.state_dir = settings.data_dir / "worker"
+        self.state_dir = settings.worker_state_dir
         n = settings.partitions
         self.app = faust.App(
             settings.app_id,

@@ -1,0 +1,80 @@
+"""The ledger sink as a process of its own, beside several stream worker processes.
+
+`callmeter worker` starts it when ``worker_processes`` > 1 (pipeline/supervisor.py). It is the only
+process that opens the ledger: chdb allows one process per path, and a sink thread inside a worker
+would fight that worker's event loop for the GIL. Its commit protocol is the sink's
+(pipeline/sink.py); running apart from the stream workers changes none of its steps.
+
+With ``--until-idle`` it stops once every input is committed by the stream workers' group, every
+output is written, and nothing moved for ``idle_seconds``: the stream workers exit when the inputs are
+done, and the sink drains what they committed last.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from collections import Counter
+from types import FrameType
+from typing import Any
+
+from pipeline.errors import RetryableError
+from pipeline.runner import open_ledger
+from pipeline.settings import Settings
+from pipeline.sink import LedgerSink
+from pipeline.watch import IdleWatch
+from rating.catalog import Catalog
+from schemas.serde import Serde
+
+log = logging.getLogger(__name__)
+
+
+def run_sink(
+    settings: Settings, bootstrap: str, catalog: Catalog, serde: Serde, until_idle: bool, catalog_text: str
+) -> dict[str, Any]:
+    """Run the sink until SIGTERM/SIGINT (or idle); return its counters. Raises RetryableError when
+    the ledger refused a batch (its offsets stay uncommitted; a new process takes it again)."""
+    ledger = open_ledger(settings, catalog, catalog_text)
+    sink = LedgerSink(settings, bootstrap, serde, ledger)
+    done = threading.Event()
+
+    def stop(_signum: int, _frame: FrameType | None) -> None:
+        done.set()
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    watch = (
+        IdleWatch(
+            settings,
+            bootstrap,
+            done.set,
+            progress=lambda: (sink.rows_written, sink.batches),
+            ready=lambda: True,
+            sink=sink,
+        )
+        if until_idle
+        else None
+    )
+    sink.start()
+    if watch is not None:
+        watch.start()
+    try:
+        while not done.wait(0.5):
+            if sink.error is not None:
+                break
+    finally:
+        if watch is not None:
+            watch.halt()
+        sink.stop()
+        ledger.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if sink.error is not None:
+        msg = f"ledger sink failed: {sink.error}"
+        raise RetryableError(msg) from sink.error
+    return {"duplicates_in_ledger": dict(Counter(sink.duplicates)), "ledger_rows_written": sink.rows_written}
+
+
+def print_result(result: dict[str, Any]) -> None:
+    print(json.dumps(result, sort_keys=True), flush=True)

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     # Set by `callmeter worker` for each process it starts; not an operator setting.
     worker_index: int = 0
     sink_batch_rows: int = 20000
+    # The sink retries a ledger that refuses inserts (server restarting, disk full) this long before it
+    # stops the worker with an error; nothing is committed meanwhile.
+    ledger_outage_seconds: float = 300.0
     # Worker producers (changelogs, outputs) batch this long: fewer, larger produce requests. It adds
     # at most this much to the time before output is committed; balances read local state at once.
     producer_linger_ms: int = 100

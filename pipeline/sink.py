@@ -15,8 +15,9 @@ Commit protocol (what a crash at each step means):
    collapse by key (ReplacingMergeTree, read through FINAL/argMax), so nothing counts twice.
    (Crash point ``sink-3-inserted``, just after the insert.)
 4. Commit the batch's offsets synchronously. Crash between 3 and 4: as in 3, the batch comes again and
-   is absorbed by the keys. A failed flush never reaches this step: the sink stops and the worker exits
-   non-zero, so a broken ledger never silently drops records.
+   is absorbed by the keys. A failed flush never reaches this step: the sink retries for up to
+   ``ledger_outage_seconds``, then stops and the worker exits non-zero, so a broken ledger never
+   silently drops records.
 """
 
 from __future__ import annotations
@@ -192,21 +193,25 @@ class LedgerSink:
         self.last_progress = time.monotonic()
 
     def _retrying(self, what: str, action: Callable[[], _T]) -> _T:
-        """Bounded retries (a ClickHouse server may blip); the batch's token makes a retry of a partly
-        applied flush harmless. After the last attempt the error stops the sink."""
-        attempts = 3
-        for attempt in range(1, attempts + 1):
+        """Retry while the ledger is unavailable (a server restarting, a full disk being freed), with
+        growing pauses, for up to ``ledger_outage_seconds``. Nothing is committed meanwhile: the batch's
+        offsets wait, the stream workers go on, and the batch's token makes a retry of a partly applied
+        flush harmless. Past the limit the error stops the sink and the worker exits non-zero."""
+        deadline = time.monotonic() + self.settings.ledger_outage_seconds
+        pause = 0.5
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 return action()
             except LedgerError as exc:
                 metrics.LEDGER_INSERT_ERRORS.inc()
-                if attempt == attempts:
+                if time.monotonic() + pause > deadline or self._stop.is_set():
                     raise
-                log.warning("ledger %s failed (attempt %d of %d): %s", what, attempt, attempts, exc)
+                log.warning("ledger %s failed (try %d, again in %.1f s): %s", what, attempt, pause, exc)
                 metrics.LEDGER_INSERT_RETRIES.inc()
-                time.sleep(0.5 * attempt)
-        text = f"ledger {what} was never attempted"
-        raise LedgerError(text)
+                time.sleep(pause)
+                pause = min(pause * 2, 10.0)
 
     def _first_seen(self, entries: list[_Entry]) -> list[_Entry]:
         """Drop every entry whose key the ledger (or an earlier entry of this batch) already holds from

@@ -47,7 +47,7 @@ lint: setup
 # Worker throughput and peak memory on BENCH_CALLS (default 1,000,000) simulated call records, then
 # balance latency p50/p99 under simulator load and produce-to-balance freshness.
 bench: setup
-	$(BIN)/python -m pipeline.bench
+	$(BIN)/python -m pipeline.bench --processes 1,2
 	$(BIN)/python -m pipeline.bench --balance --calls 100000
 
 clean:

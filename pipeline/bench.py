@@ -186,6 +186,9 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=int(os.environ.get("BENCH_CALLS", "1000000")))
     parser.add_argument("--tenants", type=int, default=50)
     parser.add_argument("--partitions", type=int, default=6)
+    parser.add_argument(
+        "--processes", default="1", help="stream worker processes; a comma list runs each, side by side"
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="callmeter-bench-"))
@@ -201,7 +204,7 @@ def main() -> int:
         env["CALLMETER_KAFKA"] = LocalKafka(Settings(data_dir=Path(".callmeter"))).up()
     if args.balance:
         env.setdefault("CALLMETER_WORKER_WEB_PORT", "6099")
-        from pipeline.broker import ensure_topics
+        from pipeline.topics import ensure_topics
 
         ensure_topics(
             Settings(topic_prefix=env["CALLMETER_TOPIC_PREFIX"], partitions=args.partitions),
@@ -209,6 +212,21 @@ def main() -> int:
         )
         print(json.dumps(balance_bench(env, args.requests, min(args.calls, 200000)), indent=2))
         return 0
+
+    results = [throughput(env, args, work, int(n)) for n in args.processes.split(",")]
+    print(json.dumps(results if len(results) > 1 else results[0], indent=2))
+    return 0
+
+
+def throughput(env: dict[str, str], args: argparse.Namespace, work: Path, processes: int) -> dict[str, Any]:
+    """Produce the simulated month on fresh topics, then time `worker --until-idle` with ``processes``
+    stream worker processes. Each count gets its own topics and data dir, on the same broker."""
+    env = dict(
+        env,
+        CALLMETER_DATA_DIR=str(work / f"data-{processes}"),
+        CALLMETER_TOPIC_PREFIX=f"bench{uuid.uuid4().hex[:6]}.",
+        CALLMETER_WORKER_PROCESSES=str(processes),
+    )
 
     def cli(*argv: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(  # noqa: S603 - our own CLI, fixed argv
@@ -237,22 +255,23 @@ def main() -> int:
     t1 = time.monotonic()
     proc = cli("worker", "--until-idle")
     worker_s = time.monotonic() - t1
+    # The largest child so far (the kernel keeps the maximum over all waited-for descendants).
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     stats = json.loads(proc.stdout.strip().splitlines()[-1])
     consumed = sum(stats["consumed"].values())
-    result = {
+    return {
+        "worker_processes": processes,
         "call_records": args.calls,
         "events_consumed": consumed,
         "produce_seconds": round(produce_s, 1),
         "worker_until_idle_seconds": round(worker_s, 1),
         "events_per_second": round(consumed / worker_s),
-        "peak_rss_mib": round(peak_kib / 1024),
+        "peak_rss_mib_largest_process": round(peak_kib / 1024),
         "rated": stats["rated"],
         "duplicates": stats["duplicates"],
+        "duplicates_in_ledger": stats.get("duplicates_in_ledger", {}),
         "dead_letters": stats["dead_letters"],
     }
-    print(json.dumps(result, indent=2))
-    return 0
 
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ def make_serde(settings: Settings) -> Any:
 
 
 def kafka(settings: Settings, create_topics: bool = True) -> str:
-    from pipeline.broker import bootstrap_servers, ensure_topics
+    from pipeline.cluster import bootstrap_servers
+    from pipeline.topics import ensure_topics
 
     bootstrap = bootstrap_servers(settings)
     if create_topics:
@@ -55,10 +56,21 @@ def kafka(settings: Settings, create_topics: bool = True) -> str:
 
 
 # -- commands ------------------------------------------------------------------------------------------
-def cmd_up(settings: Settings, _args: argparse.Namespace) -> int:
-    from pipeline.broker import LocalKafka, ensure_topics
+def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
+    from pipeline.broker import LocalKafka
+    from pipeline.cluster import LocalKafkaCluster
+    from pipeline.topics import ensure_topics
 
-    bootstrap = settings.kafka or LocalKafka(settings).up()
+    if settings.kafka:
+        bootstrap = settings.kafka
+    elif args.brokers > 1 or LocalKafkaCluster.existing(settings) is not None:
+        cluster = LocalKafkaCluster.existing(settings) or LocalKafkaCluster(settings, args.brokers)
+        if args.brokers > 1 and len(cluster.nodes) != args.brokers:
+            msg = f"the local cluster in {cluster.dir} has {len(cluster.nodes)} brokers; remove it first"
+            raise InputError(msg)
+        bootstrap = cluster.up()
+    else:
+        bootstrap = LocalKafka(settings).up()
     ensure_topics(settings, bootstrap)
     print(f"kafka ready at {bootstrap}")
     return 0
@@ -66,7 +78,11 @@ def cmd_up(settings: Settings, _args: argparse.Namespace) -> int:
 
 def cmd_down(settings: Settings, _args: argparse.Namespace) -> int:
     from pipeline.broker import LocalKafka
+    from pipeline.cluster import LocalKafkaCluster
 
+    cluster = LocalKafkaCluster.existing(settings)
+    if cluster is not None:
+        cluster.down()
     LocalKafka(settings).down()
     print("kafka stopped")
     return 0
@@ -327,7 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", type=Path, help="state, broker and embedded ClickHouse (./.callmeter)")
     parser.add_argument("--catalog", type=Path, help="pricing catalog YAML (the shipped sample)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    sub.add_parser("up", help="start the local Kafka broker in the background (idempotent)")
+    p = sub.add_parser("up", help="start the local Kafka broker in the background (idempotent)")
+    p.add_argument(
+        "--brokers", type=int, default=1, help="run a KRaft cluster of N brokers (replication 3, min ISR 2)"
+    )
     sub.add_parser("down", help="stop the local Kafka broker; data stays")
     p = sub.add_parser("produce", help="publish JSON-lines events")
     p.add_argument("files", nargs="+")

@@ -1,7 +1,8 @@
 """Crash points for the fault-injection tests (``make chaos``): ``CALLMETER_CRASH_AT=step:n[:mode]``.
 
 When the named step of a commit protocol is reached for the n-th time in this process, ``raise``
-throws inside it (an agent exception) and ``kill`` sends SIGKILL to the process (a power cut). Unset,
+throws inside it (an agent exception), ``kill`` sends SIGKILL to the process (a power cut) and ``hang``
+blocks the thread for an hour (a worker alive but stuck: heartbeats go on, nothing commits). Unset,
 callers skip the call behind a module constant, so the hot path pays one truthiness test.
 
 Steps: ``worker-4-state-written`` (dedupe key and balance written, output not yet sent),
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections import Counter
 
 from pipeline.errors import PipelineError
@@ -35,5 +37,7 @@ def crash_point(step: str, _hint: int = 0) -> None:
         return
     if len(parts) > 2 and parts[2] == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if len(parts) > 2 and parts[2] == "hang":
+        time.sleep(3600)
     msg = f"injected crash at {step} (#{_reached[step]})"
     raise InjectedCrash(msg)

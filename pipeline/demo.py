@@ -50,11 +50,12 @@ def summary_table(invoices: list[Invoice]) -> str:
 def run_demo(settings: Settings, catalog: Catalog, args: argparse.Namespace) -> int:
     from datetime import timedelta
 
-    from pipeline.broker import LocalKafka, ensure_topics
+    from pipeline.broker import LocalKafka
     from pipeline.cli import make_serde
     from pipeline.invoicing import run_invoices, write_outputs
     from pipeline.produce import produce_files
     from pipeline.simulate import SimulationConfig, write_file
+    from pipeline.topics import ensure_topics
     from sinks.ledger import Ledger
 
     t0 = time.monotonic()

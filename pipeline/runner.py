@@ -119,7 +119,7 @@ def run_worker(
     ledger = open_ledger(settings, catalog, catalog_text) if with_sink else None
     prepare_state_dir(settings.worker_state_dir)
     meter = Meter(settings, bootstrap, catalog, serde)
-    from pipeline.broker import ensure_internal_topics
+    from pipeline.topics import ensure_internal_topics
 
     try:
         ensure_internal_topics(bootstrap, meter.internal_topics())

@@ -55,14 +55,13 @@ def topic_prefix() -> str:
     return f"t{uuid4().hex[:8]}."
 
 
-@pytest.fixture
-def cm_env(kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> dict[str, str]:
-    """Environment for running the `callmeter` CLI in a subprocess against the test broker."""
+def pipeline_env(bootstrap: str, topic_prefix: str, data_dir: Path) -> dict[str, str]:
+    """Environment for running the `callmeter` CLI in a subprocess against a broker."""
     env = dict(os.environ)
     env.update(
-        CALLMETER_KAFKA=kafka_bootstrap,
+        CALLMETER_KAFKA=bootstrap,
         CALLMETER_TOPIC_PREFIX=topic_prefix,
-        CALLMETER_DATA_DIR=str(tmp_path / "data"),
+        CALLMETER_DATA_DIR=str(data_dir),
         CALLMETER_PARTITIONS="3",
         # The fixtures are dated 2026 while dedupe retention is measured against the wall clock (capped
         # event time): keep every key so resending an old file stays a duplicate whenever the suite
@@ -77,3 +76,9 @@ def cm_env(kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> dict[str,
         CALLMETER_CLOCK_NOW="2027-01-15T00:00:00Z",
     )
     return env
+
+
+@pytest.fixture
+def cm_env(kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> dict[str, str]:
+    """Environment for running the `callmeter` CLI in a subprocess against the test broker."""
+    return pipeline_env(kafka_bootstrap, topic_prefix, tmp_path / "data")

@@ -12,9 +12,11 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from pipeline.broker import LocalKafka, bootstrap_servers, ensure_topics
+from pipeline.broker import LocalKafka
+from pipeline.cluster import bootstrap_servers
 from pipeline.errors import BrokerError
 from pipeline.settings import Settings
+from pipeline.topics import ensure_topics
 
 pytestmark = pytest.mark.integration
 

@@ -21,7 +21,7 @@ from pipeline.broker import LocalKafka
 from pipeline.completeness import ledger_lag
 from pipeline.settings import Settings
 from pipeline.simulate import SimulationConfig, write_file
-from tests.conftest import free_port
+from tests.conftest import pipeline_env
 from tests.integration.cli import callmeter
 from tests.integration.test_faults_e2e import assert_every_event_once
 
@@ -31,17 +31,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 def test_worker_rides_out_a_broker_kill_and_restart(tmp_path: Path) -> None:
     broker = LocalKafka(Settings(data_dir=tmp_path / "kafka", kafka=None))
     bootstrap = broker.up()
-    env = dict(
-        os.environ,
-        CALLMETER_KAFKA=bootstrap,
-        CALLMETER_TOPIC_PREFIX="loss.",
-        CALLMETER_DATA_DIR=str(tmp_path / "data"),
-        CALLMETER_PARTITIONS="3",
-        CALLMETER_DEDUPE_RETENTION_DAYS="36500",
-        CALLMETER_WORKER_WEB_PORT=str(free_port()),
-        CALLMETER_SETTLEMENT_WINDOW_HOURS="876000",
-        CALLMETER_CLOCK_NOW="2027-01-15T00:00:00Z",
-    )
+    env = pipeline_env(bootstrap, "loss.", tmp_path / "data")
     try:
         events = tmp_path / "events.jsonl"
         write_file(

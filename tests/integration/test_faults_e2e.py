@@ -11,6 +11,7 @@ computation. The slow scenarios (broker kill, rebalance storms, ...) are in `mak
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,28 @@ def assert_every_event_once(env: dict[str, str], events: Path) -> dict[str, Any]
     accepted = report["rated_calls"] + report["provisioning_events"]
     assert accepted + sum(dead.values()) == _unique(events, "call") + _unique(events, "provisioning"), report
     assert pipeline_invoices(env, events.with_name("out"), "2026-10") == reference_invoices(events, 2026, 10)
+    _record_counts(events, report)
     return report
+
+
+def _record_counts(events: Path, report: dict[str, Any]) -> None:
+    """With CALLMETER_SCENARIO_COUNTS=FILE, append the scenario's counts (for the issue note's table):
+    generated = rated + dead-lettered + duplicates."""
+    target = os.environ.get("CALLMETER_SCENARIO_COUNTS")
+    if not target:
+        return
+    generated = len(events.read_text().splitlines())
+    unique = _unique(events, "call") + _unique(events, "provisioning")
+    row = {
+        "scenario": os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0],
+        "generated": generated,
+        "rated_calls": report["rated_calls"],
+        "provisioning_accepted": report["provisioning_events"],
+        "dead_lettered": sum(report["dead_letters_by_reason"].values()),
+        "duplicates": generated - unique,
+    }
+    with Path(target).open("a") as out:
+        out.write(json.dumps(row) + "\n")
 
 
 def _month(tmp_path: Path, seed: int) -> Path:
@@ -74,6 +96,20 @@ def test_fault_at_a_protocol_step_loses_and_doubles_nothing(
     stats = worker_stats(cm_env)
     assert stats["rated"] == 0
     assert ledger_report(cm_env) == before
+
+
+def test_a_worker_stuck_mid_event_is_stopped_and_replaced(cm_env: dict[str, str], tmp_path: Path) -> None:
+    """Finding 3: a worker alive but stuck (heartbeats on, nothing committed) must not hang the run.
+    The stall watchdog stops it with a line naming the partitions; its replacement finishes."""
+    events = _month(tmp_path, seed=606)
+    callmeter(cm_env, "produce", str(events))
+    env = dict(
+        cm_env, CALLMETER_CRASH_AT="worker-5-output-sent:400:hang", CALLMETER_STALL_TIMEOUT_SECONDS="8"
+    )
+    proc = callmeter(env, "worker", "--until-idle", timeout=600)
+    assert "no input committed for" in proc.stderr, proc.stderr[-2000:]
+    assert "restarting" in proc.stderr
+    assert_every_event_once(cm_env, events)
 
 
 def test_copies_of_an_invalid_event_are_duplicates_and_a_corrected_resend_is_rated(

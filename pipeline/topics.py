@@ -1,0 +1,113 @@
+"""The pipeline's topics: created when missing, with the right partition counts, before anyone uses them.
+
+Works on any cluster (`callmeter up`'s broker or cluster, or ``CALLMETER_KAFKA``). Replication factor is
+min(3, brokers in the cluster).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from pipeline.errors import BrokerError
+from pipeline.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def _input_partitions(settings: Settings, counts: dict[str, int]) -> int | None:
+    existing = {t: counts[t] for t in settings.topics.inputs if t in counts}
+    if len(set(existing.values())) > 1:
+        detail = ", ".join(f"{t} has {n}" for t, n in existing.items())
+        msg = f"input topics must be co-partitioned (same partition count): {detail}"
+        raise BrokerError(msg)
+    return next(iter(existing.values()), None)
+
+
+def ensure_topics(settings: Settings, bootstrap: str) -> None:
+    """Create the pipeline's topics that are missing. Idempotent.
+
+    New topics get ``settings.partitions`` partitions, except that a missing input topic gets the partition
+    count of the existing other input topic (inputs must be co-partitioned); inputs that already disagree
+    raise :class:`BrokerError`. Replication factor is ``min(3, number of brokers)``.
+    """
+    if settings.partitions < 1:
+        msg = f"partitions must be at least 1, not {settings.partitions}"
+        raise BrokerError(msg)
+    conf: dict[str, Any] = {"bootstrap.servers": bootstrap, "error_cb": lambda _err: None, "log_level": 0}
+    admin = AdminClient(conf)
+    try:
+        md = admin.list_topics(timeout=15)
+    except KafkaException as exc:
+        msg = f"cannot reach Kafka at {bootstrap}: {exc.args[0] if exc.args else exc}"
+        raise BrokerError(msg) from exc
+    counts = {name: len(t.partitions) for name, t in md.topics.items() if t.error is None}
+    inputs = settings.topics.inputs
+    input_partitions = _input_partitions(settings, counts) or settings.partitions
+    replication = min(3, max(1, len(md.brokers)))
+    new = [
+        NewTopic(name, input_partitions if name in inputs else settings.partitions, replication)
+        for name in settings.topics.all
+        if name not in counts
+    ]
+    if new:
+        _create_topics(admin, new, bootstrap)
+        log.info("created topics %s", ", ".join(t.topic for t in new))
+    # Someone may have created an input concurrently with another count.
+    with contextlib.suppress(KafkaException):
+        md = admin.list_topics(timeout=15)
+        _input_partitions(settings, {n: len(t.partitions) for n, t in md.topics.items() if t.error is None})
+
+
+def ensure_internal_topics(
+    bootstrap: str, topics: dict[str, tuple[int, dict[str, str]]], timeout: float = 60.0
+) -> None:
+    """Create the worker's internal topics (table changelogs, Faust's leader topic) that are missing,
+    then wait until the cluster's metadata shows every one with its partition count.
+
+    Faust creates them itself, but on a fresh cluster its agents could start before the new topics
+    were in the client's metadata ("changelog topic ... has 0 partitions") and crash mid-event (issue 9).
+    A changelog with another partition count than the inputs is refused: state would be mis-assigned."""
+    conf: dict[str, Any] = {"bootstrap.servers": bootstrap, "error_cb": lambda _err: None, "log_level": 0}
+    admin = AdminClient(conf)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            md = admin.list_topics(timeout=10)
+        except KafkaException as exc:
+            msg = f"cannot reach Kafka at {bootstrap}: {exc.args[0] if exc.args else exc}"
+            raise BrokerError(msg) from exc
+        counts = {name: len(t.partitions) for name, t in md.topics.items() if t.error is None}
+        for name, (partitions, _config) in topics.items():
+            if name in counts and counts[name] != partitions:
+                msg = f"topic {name} has {counts[name]} partitions, the worker needs {partitions}"
+                raise BrokerError(msg)
+        missing = [name for name in topics if name not in counts]
+        if not missing:
+            return
+        replication = min(3, max(1, len(md.brokers)))
+        _create_topics(
+            admin, [NewTopic(n, topics[n][0], replication, config=topics[n][1]) for n in missing], bootstrap
+        )
+        if time.monotonic() > deadline:
+            msg = f"topics {', '.join(missing)} are still not in the cluster metadata after {timeout:.0f} s"
+            raise BrokerError(msg)
+        time.sleep(0.2)
+
+
+def _create_topics(admin: AdminClient, new: list[NewTopic], bootstrap: str) -> None:
+    """Create topics; one that already exists (created concurrently) is fine."""
+    for name, future in admin.create_topics(new, operation_timeout=30, request_timeout=45).items():
+        try:
+            future.result()
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                continue
+            msg = f"cannot create topic {name} on {bootstrap}: {err.str() if err else exc}"
+            raise BrokerError(msg) from exc

@@ -445,6 +445,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `callmeter alerts | head`: the reader left; not an error of ours.
         sys.stderr.close()
         return 0
+    except OSError as exc:
+        # A file or directory named on the command line that cannot be read or written (`--out`).
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"callmeter: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
     logging.getLogger(__name__).debug("%s took %.1fs", args.command, time.monotonic() - started)
     return code
 

@@ -48,8 +48,38 @@ def connect(dsn: str, password: str | None = None) -> Client:
             kwargs["password"] = password
         return clickhouse_connect.get_client(**kwargs)
     except Exception as exc:  # the driver raises many kinds; the caller needs one
-        msg = f"cannot open the ClickHouse ledger at {dsn.split('@')[-1]}: {_one_line(exc)}"
+        path = dsn.removeprefix("chdb://")
+        holders = _processes_holding(path) if dsn.startswith("chdb:") else []
+        if holders:
+            pids = ", ".join(map(str, holders))
+            msg = (
+                f"the embedded ledger at {path} is open in another process (pid {pids}, a running "
+                "`callmeter worker`?): chdb lets one process open it; stop that process or set "
+                "CALLMETER_CLICKHOUSE_URL to a ClickHouse server"
+            )
+        else:
+            msg = f"cannot open the ClickHouse ledger at {dsn.split('@')[-1]}: {_one_line(exc)}"
         raise LedgerError(msg) from exc
+
+
+def _processes_holding(path: str) -> list[int]:
+    """Pids (other than ours) with a file under ``path`` open, from /proc; empty where there is none."""
+    import os
+
+    root = os.path.realpath(path)
+    found = []
+    try:
+        pids = [int(name) for name in os.listdir("/proc") if name.isdigit() and int(name) != os.getpid()]
+    except OSError:
+        return []
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}").startswith(root + os.sep) for fd in fds):
+                found.append(pid)
+        except OSError:
+            continue
+    return found
 
 
 def _one_line(exc: BaseException) -> str:

@@ -4,6 +4,8 @@ source coordinates and a reason, and the ledger keeps it for analysts."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -148,3 +150,31 @@ def test_bad_flags_and_missing_files_exit_non_zero_with_one_line(
         check=False,
     )
     assert proc.returncode == 1 and "nope.yaml" in proc.stderr and proc.stderr.count("\n") == 1
+    # An --out that is a file, not a directory: one line, not a traceback.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    proc = callmeter(
+        cm_env, "simulate", "--tenants", "1", "--calls", "3", "--out", str(blocker / "x.jsonl"), check=False
+    )
+    assert proc.returncode == 1 and "a-file" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_a_ledger_held_by_another_process_is_named_in_one_line(cm_env: dict[str, str]) -> None:
+    settings = Settings(data_dir=Path(cm_env["CALLMETER_DATA_DIR"]))
+    code = (
+        "import sys, time\n"
+        "from sinks.ledger import Ledger\n"
+        f"ledger = Ledger.open({settings.clickhouse_dsn!r})\n"
+        "print('open', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        proc = callmeter(cm_env, "ledger", check=False)
+        assert proc.returncode == 1
+        line = [ln for ln in proc.stderr.splitlines() if ln.startswith("callmeter: error:")]
+        assert len(line) == 1 and f"pid {holder.pid}" in line[0], proc.stderr
+    finally:
+        holder.kill()
+        holder.wait()

@@ -180,6 +180,15 @@ def _answers(bootstrap: str, timeout: float = 2.0) -> bool:
     return bool(md.brokers)
 
 
+def read_state_file(path: Path) -> dict[str, Any]:
+    """A JSON state file written by this module (or pipeline/cluster.py); {} when missing or unreadable."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 class LocalKafka:
     """A single-node Kafka (broker + controller) on loopback, run as a detached ``java`` process."""
 
@@ -321,11 +330,7 @@ class LocalKafka:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def _read_state(self) -> dict[str, Any]:
-        try:
-            data = json.loads(self.state_file.read_text())
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
+        return read_state_file(self.state_file)
 
     def _write_state(self, state: dict[str, Any]) -> None:
         tmp = self.state_file.with_suffix(".json.tmp")

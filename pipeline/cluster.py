@@ -27,6 +27,7 @@ from pipeline.broker import (
     _port_free,
     _quiet_client_config,
     _random_cluster_id,
+    read_state_file,
 )
 from pipeline.errors import BrokerError
 from pipeline.settings import Settings
@@ -83,12 +84,8 @@ class LocalKafkaCluster:
     @classmethod
     def existing(cls, settings: Settings) -> LocalKafkaCluster | None:
         """The cluster `up --brokers` made in this data dir, if any."""
-        state_file = settings.data_dir.expanduser().resolve() / CLUSTER_DIR / "cluster.json"
-        try:
-            state = json.loads(state_file.read_text())
-        except (OSError, ValueError):
-            return None
-        return cls(settings, int(state["size"]))
+        state = read_state_file(settings.data_dir.expanduser().resolve() / CLUSTER_DIR / "cluster.json")
+        return cls(settings, int(state["size"])) if "size" in state else None
 
     def running_bootstrap(self) -> str:
         """Addresses of the nodes that run now ("" if none)."""
@@ -151,11 +148,7 @@ class LocalKafkaCluster:
             node._wait_exit(int(state["pid"]), 30)
 
     def _read_state(self) -> dict[str, Any]:
-        try:
-            data = json.loads(self.state_file.read_text())
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
+        return read_state_file(self.state_file)
 
     def _ports(self, cluster: dict[str, Any]) -> list[tuple[int, int]]:
         """Each node keeps its ports across restarts (the voters list names them) unless taken."""

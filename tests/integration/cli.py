@@ -31,6 +31,19 @@ def callmeter(
     return proc
 
 
+def worker_in_background(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """`callmeter worker --until-idle` in its own session, stderr to ``log``, stdout (its JSON result
+    line) on a pipe: for tests that do something to the world while it runs."""
+    with log.open("wb") as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "worker", "--until-idle"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            start_new_session=True,
+        )
+
+
 def ledger_report(env: dict[str, str]) -> dict[str, Any]:
     return json.loads(callmeter(env, "ledger").stdout)
 

@@ -6,8 +6,6 @@ of its own (`callmeter up --brokers 3`), not the session's broker."""
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +15,7 @@ from pipeline.cluster import LocalKafkaCluster
 from pipeline.settings import Settings
 from pipeline.simulate import SimulationConfig, write_file
 from tests.conftest import pipeline_env
-from tests.integration.cli import callmeter, worker_stats
+from tests.integration.cli import callmeter, worker_in_background, worker_stats
 from tests.integration.test_faults_e2e import assert_every_event_once
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
@@ -33,14 +31,7 @@ def test_worker_rides_out_losing_one_broker_of_three(tmp_path: Path) -> None:
         )
         callmeter(env, "produce", str(events))
         log = tmp_path / "worker.log"
-        with log.open("wb") as err:
-            worker = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.cli", "worker", "--until-idle"],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                start_new_session=True,
-            )
+        worker = worker_in_background(env, log)
         try:
             time.sleep(12)  # consuming (8,000 calls take it well over half a minute)
             assert worker.poll() is None, log.read_text(errors="replace")[-3000:]

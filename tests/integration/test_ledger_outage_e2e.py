@@ -11,13 +11,12 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.integration.cli import callmeter, ledger_query, worker_stats
+from tests.integration.cli import callmeter, ledger_query, worker_in_background, worker_stats
 from tests.integration.eventfiles import prov, write_events
 from tests.integration.test_faults_e2e import _month, assert_every_event_once
 
@@ -51,14 +50,7 @@ def test_sink_rides_out_a_ledger_that_refuses_inserts(cm_env: dict[str, str], tm
     log = tmp_path / "worker.log"
     _chattr("+i", paths)
     try:
-        with log.open("wb") as err:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.cli", "worker", "--until-idle"],
-                env=cm_env,
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-                start_new_session=True,
-            )
+        proc = worker_in_background(cm_env, log)
         deadline = time.monotonic() + 120
         while "ledger insert failed" not in log.read_text(errors="replace"):
             assert proc.poll() is None, log.read_text(errors="replace")[-3000:]

@@ -13,13 +13,12 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.integration.cli import callmeter, ledger_report, worker_stats
+from tests.integration.cli import callmeter, ledger_report, worker_in_background, worker_stats
 from tests.integration.test_faults_e2e import _month, assert_every_event_once
 
 pytestmark = pytest.mark.integration
@@ -62,28 +61,21 @@ def test_rebalance_storm_three_processes_killed_and_rejoining(cm_env: dict[str, 
     callmeter(env, "produce", str(events))
     log = tmp_path / "worker.log"
     rng = random.Random(303)
-    with log.open("wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "worker", "--until-idle"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            start_new_session=True,
-        )
-        kills = 0
-        try:
-            # Each kill -9 leaves the group (after the session timeout) and the supervisor's replacement
-            # joins again: two rebalances per kill, while the others keep processing.
-            while proc.poll() is None and kills < 4:
-                time.sleep(rng.uniform(3.0, 8.0))
-                children = _stream_children(proc.pid)
-                if children and proc.poll() is None:
-                    os.kill(rng.choice(children), signal.SIGKILL)
-                    kills += 1
-            out, _ = proc.communicate(timeout=900)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+    proc = worker_in_background(env, log)
+    kills = 0
+    try:
+        # Each kill -9 leaves the group (after the session timeout) and the supervisor's replacement
+        # joins again: two rebalances per kill, while the others keep processing.
+        while proc.poll() is None and kills < 4:
+            time.sleep(rng.uniform(3.0, 8.0))
+            children = _stream_children(proc.pid)
+            if children and proc.poll() is None:
+                os.kill(rng.choice(children), signal.SIGKILL)
+                kills += 1
+        out, _ = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     text = log.read_text(errors="replace")
     assert proc.returncode == 0, text[-3000:]
     assert kills >= 2, f"the run ended after {kills} kill(s); make the month longer"

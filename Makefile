@@ -31,7 +31,7 @@ demo: setup
 
 # The fault-injection scenarios marked `chaos` are slow; make test runs their fast subset.
 test: setup promtool
-	$(BIN)/pytest -q -m "not chaos"
+	$(BIN)/pytest -q -m "not chaos" --durations=15
 
 chaos: setup
 	$(BIN)/pytest -q -m chaos

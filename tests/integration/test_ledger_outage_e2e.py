@@ -22,6 +22,7 @@ from tests.integration.test_faults_e2e import _month, assert_every_event_once
 
 pytestmark = [
     pytest.mark.integration,
+    pytest.mark.chaos,
     pytest.mark.skipif(shutil.which("chattr") is None, reason="needs chattr (e2fsprogs)"),
 ]
 

@@ -38,6 +38,7 @@ def _stream_children(supervisor: int) -> list[int]:
     return pids
 
 
+@pytest.mark.chaos
 def test_two_worker_processes_share_the_partitions_exactly_once(
     cm_env: dict[str, str], tmp_path: Path
 ) -> None:

@@ -9,6 +9,10 @@ Steps: ``worker-4-state-written`` (dedupe key and balance written, output not ye
 ``worker-5-output-sent`` (output sent, event not yet acknowledged), ``after-event`` (whole event done,
 before its offset is committed), ``worker-6-committed`` (a transaction just committed),
 ``sink-3-inserted`` (ledger rows inserted, offsets not committed).
+
+``recovery-short`` is a fault of another kind (mode ``short``, see ``armed``): the first changelog
+recovery of the process loses the last record of every batch it applies to the tables, as when Faust
+ended a partition's recovery before the records it had fetched reached the table (pipeline/recovery.py).
 """
 
 from __future__ import annotations
@@ -26,6 +30,16 @@ _reached: Counter[str] = Counter()
 
 class InjectedCrash(PipelineError):
     """Thrown by a ``raise`` crash point."""
+
+
+def armed(step: str) -> bool:
+    """For faults that are not a crash: True when ``step`` is reached for the n-th time in this process
+    and CALLMETER_CRASH_AT names it; the caller injects the fault itself."""
+    parts = CRASH_AT.split(":")
+    if parts[0] != step:
+        return False
+    _reached[step] += 1
+    return _reached[step] == int(parts[1] if len(parts) > 1 else 1)
 
 
 def crash_point(step: str, _hint: int = 0) -> None:

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import shutil
@@ -13,11 +12,8 @@ import signal
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import faust
-import faust.tables.recovery as faust_recovery
-import faust.transport.drivers.aiokafka as faust_aiokafka
 
 from pipeline.errors import RetryableError
 from pipeline.settings import Settings
@@ -50,37 +46,6 @@ def prepare_state_dir(state_dir: Path) -> bool:
 
 def mark_clean(state_dir: Path) -> None:
     (state_dir / _CLEAN_MARKER).write_text(datetime.now(UTC).isoformat())
-
-
-class _QuickRecoveryPoll:
-    """Faust's changelog recovery waits on its queue with a hard-coded 5 s timeout and, under
-    exactly_once, needs two empty waits before it notices that the only thing left before the high
-    watermark is a transaction marker — a ~10-15 s stall on every start. Ending recovery still requires
-    the consumer position to have reached the high watermark (``detect_aborted_tx``), so a shorter
-    wait cannot end recovery early; it only stops waiting on an idle queue for so long."""
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(asyncio, name)
-
-    @staticmethod
-    async def wait_for(aw: Any, timeout: float | None = None) -> Any:
-        return await asyncio.wait_for(aw, timeout=min(timeout, 0.5) if timeout else timeout)
-
-
-faust_recovery.asyncio = _QuickRecoveryPoll()  # type: ignore[assignment]
-
-
-async def _stable_highwaters(self: Any, partitions: Any) -> Any:
-    """Changelog ends for recovery, asked of the broker. Under exactly_once Faust reads the consumer's
-    cached last stable offset, which is unknown (-1) for a partition not fetched since it was assigned:
-    recovery then either crashes ("persisted offset is higher than the highwater") or, with no
-    persisted offset, takes the changelog for empty and skips it, leaving dedupe keys and
-    subscriptions out of the table after a rebalance. The consumer is read_committed, so ListOffsets
-    answers the last stable offset itself."""
-    return await self._ensure_consumer().end_offsets(list(partitions))
-
-
-faust_aiokafka.AIOKafkaConsumerThread._highwaters = _stable_highwaters  # type: ignore[method-assign]
 
 
 class _Worker(faust.Worker):
@@ -118,6 +83,9 @@ def run_worker(
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     ledger = open_ledger(settings, catalog, catalog_text) if with_sink else None
     prepare_state_dir(settings.worker_state_dir)
+    from pipeline import recovery
+
+    recovery.install(bootstrap)
     meter = Meter(settings, bootstrap, catalog, serde)
     from pipeline.topics import ensure_internal_topics
 

@@ -47,6 +47,7 @@ class LagMonitor(threading.Thread):
         )
         self._halt = threading.Event()
         self._progress_at = time.monotonic()
+        self._was_ready = False
         self._last_committed: dict[TP, int] = {}
 
     def halt(self) -> None:
@@ -59,6 +60,10 @@ class LagMonitor(threading.Thread):
         ends = self.admin.list_offsets({tp: OffsetSpec.latest() for tp in tps}, request_timeout=10)
         high = {(tp.topic, tp.partition): f.result().offset for tp, f in ends.items()}
         committed = {key: max(offset, 0) for key, offset in self.offsets.committed(list(high)).items()}
+        # Judge progress on these fresh offsets, before the peeks below (up to 2 s per lagging
+        # partition): judged after them, offsets read seconds earlier stopped a worker that was
+        # committing (a needless restart, seen in make chaos).
+        self._watch_progress(high, committed)
         oldest_age = 0.0
         for key, end in high.items():
             done_to = committed.get(key, 0)
@@ -72,7 +77,6 @@ class LagMonitor(threading.Thread):
                     _kind, ts_ms = msg.timestamp()
                     oldest_age = max(oldest_age, time.time() - ts_ms / 1000)
         metrics.EVENT_TIME_LAG.set(round(oldest_age, 3))
-        self._watch_progress(high, committed)
 
     def _watch_progress(
         self, high: dict[tuple[str, int], int], committed: dict[tuple[str, int], int]
@@ -88,8 +92,13 @@ class LagMonitor(threading.Thread):
         self._check_stall(behind)
 
     def _check_stall(self, behind: dict[tuple[str, int], tuple[int, int]] | None) -> None:
-        # Start-up recovery (rebuilding tables from changelogs) commits nothing: allow it longer.
-        limit = self.meter.settings.stall_timeout_seconds * (1 if self.meter.ready.is_set() else 3)
+        # Start-up recovery (rebuilding tables from changelogs) commits nothing: allow it longer, and
+        # start the shorter clock of a running worker only when it is ready.
+        ready = self.meter.ready.is_set()
+        if ready and not self._was_ready:
+            self._was_ready = True
+            self._progress_at = time.monotonic()
+        limit = self.meter.settings.stall_timeout_seconds * (1 if ready else 3)
         stalled = time.monotonic() - self._progress_at
         if stalled < limit:
             return

@@ -1,0 +1,171 @@
+"""Changelog recovery that ends where the committed changelog ends, and is checked before any event.
+
+Local table state (RocksDB) is a cache of the changelog topics; a worker that starts after an unclean
+stop, or is assigned a partition, rebuilds it from them (read_committed) before it consumes input.
+Faust decides that a partition is recovered by comparing what it applied with a "highwater". Under
+``exactly_once`` it took that from the consumer's last stable offset, which counts the commit marker
+after the last record, so the last record never reaches it and Faust ends such partitions by a
+heuristic (``detect_aborted_tx``: the consumer *position* passed the highwater while the changelog
+queue stayed empty). The position moves when records are fetched, not when they are applied, so
+records still on their way (or dropped at a rebalance) could be skipped: seen in ``make chaos`` (the
+stuck-worker scenario), where a replacement worker recovered the ``tenants`` table without two
+tenants' subscriptions and parked 57 calls of subscribed tenants; ``--until-idle`` exited 0 with them
+neither rated nor dead-lettered (issue 9).
+
+Two parts:
+
+1. ``_committed_highwaters``: recovery's end is the offset of the last record of a committed
+   transaction in each changelog partition (found by reading the partition's tail read_committed), so
+   Faust's own "applied up to the highwater" test ends recovery and the heuristic has nothing to do.
+2. ``_verified_on_recovery_completed``: before the worker resumes its input, every assigned changelog
+   partition must have been applied exactly up to that offset (the store's persisted offset). Short of
+   it (records skipped) or past it (local state holding writes no committed transaction made, e.g. state
+   kept from another cluster), the process stops with ``EXIT_RETRY`` and without its clean-shutdown
+   marker, so the next start rebuilds the state from the changelogs: a restart, never a lost call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import faust.stores.rocksdb as faust_rocksdb
+import faust.tables.recovery as faust_recovery
+import faust.transport.drivers.aiokafka as faust_aiokafka
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+from pipeline.crashpoints import CRASH_AT, armed
+from pipeline.errors import RetryableError
+from pipeline.guard import die
+
+TP = tuple[str, int]
+_bootstrap = ""
+
+
+def committed_tails(
+    bootstrap: str, tps: Iterable[TP], timeout_seconds: float = 60.0
+) -> dict[TP, tuple[int, int | None]]:
+    """Per partition: its first offset and the offset of its last record that a committed transaction
+    wrote (None when it has none). Reads only the tail: a window before the end that grows until it
+    holds a committed record or reaches the start. An open transaction at the end (a worker that died
+    mid-transaction) is waited out by the read_committed reader, as recovery itself would."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "callmeter-recovery-check",  # never joins nor commits: assign() only
+            "isolation.level": "read_committed",
+            "enable.partition.eof": True,
+            "enable.auto.commit": False,
+            "log_level": 0,
+        }
+    )
+    deadline = time.monotonic() + timeout_seconds
+    try:
+        bounds = {}
+        for topic, partition in tps:
+            where = TopicPartition(topic, partition)
+            low, high = consumer.get_watermark_offsets(where, timeout=10, cached=False)
+            bounds[(topic, partition)] = (int(low), int(high))
+        result: dict[TP, tuple[int, int | None]] = {tp: (low, None) for tp, (low, _high) in bounds.items()}
+        pending = {tp: b for tp, b in bounds.items() if b[1] > b[0]}
+        window = 64
+        while pending:
+            starts = {tp: max(low, high - window) for tp, (low, high) in pending.items()}
+            last = _read_to_end(consumer, starts, deadline)
+            for tp, start in starts.items():
+                low = pending[tp][0]
+                if last.get(tp) is not None or start == low:
+                    result[tp] = (low, last.get(tp))
+                    del pending[tp]
+            window *= 16
+        return result
+    finally:
+        consumer.close()
+
+
+def _read_to_end(consumer: Consumer, starts: dict[TP, int], deadline: float) -> dict[TP, int]:
+    consumer.assign([TopicPartition(t, p, offset) for (t, p), offset in starts.items()])
+    last: dict[TP, int] = {}
+    at_end: set[TP] = set()
+    while len(at_end) < len(starts):
+        if time.monotonic() > deadline:
+            missing = ", ".join(f"{t}/{p}" for t, p in sorted(set(starts) - at_end))
+            text = f"could not read the end of changelog partitions {missing}"
+            raise RetryableError(text)
+        record = consumer.poll(0.5)
+        if record is None:
+            continue
+        tp = (str(record.topic()), int(record.partition() or 0))
+        err = record.error()
+        if err is not None:
+            if err.code() == KafkaError._PARTITION_EOF:
+                at_end.add(tp)
+                continue
+            text = f"reading changelog {tp[0]}/{tp[1]}: {err}"
+            raise RetryableError(text)
+        last[tp] = max(last.get(tp, -1), int(record.offset() or 0))
+    consumer.unassign()
+    return last
+
+
+async def _tails(tps: Iterable[Any]) -> dict[TP, tuple[int, int | None]]:
+    keys = [(tp.topic, tp.partition) for tp in tps]
+    return await asyncio.get_running_loop().run_in_executor(None, committed_tails, _bootstrap, keys)
+
+
+async def _committed_highwaters(self: Any, partitions: Any) -> Any:
+    """Part 1. Faust subtracts one from what this returns (its "highwater" is the last offset to apply)."""
+    tails = await _tails(partitions)
+    ends = {}
+    for tp in partitions:
+        low, last = tails[(tp.topic, tp.partition)]
+        ends[tp] = low if last is None else last + 1
+    return ends
+
+
+_original_on_recovery_completed = faust_recovery.Recovery.on_recovery_completed
+
+
+async def _verified_on_recovery_completed(self: Any, generation_id: int = 0) -> None:
+    """Part 2."""
+    if self.app.consumer_generation_id == generation_id and self.active_tps:
+        tps = sorted(self.active_tps)
+        tails = await _tails(tps)
+        wrong = []
+        for tp in tps:
+            applied = self.tp_to_table[tp].persisted_offset(tp)
+            last = tails[(tp.topic, tp.partition)][1]
+            if applied != last:
+                wrong.append(f"{tp.topic}/{tp.partition} applied to {applied}, committed to {last}")
+        if wrong:
+            die(f"changelog recovery incomplete: {'; '.join(wrong[:3])}")
+    global _skip_last_records
+    _skip_last_records = False
+    await _original_on_recovery_completed(self, generation_id)
+
+
+# Fault injection (crash point ``recovery-short``): the first recovery of the process loses the last
+# record of every batch it applies, as when Faust skipped records it had fetched.
+_skip_last_records = False
+_original_apply_changelog_batch = faust_rocksdb.Store.apply_changelog_batch
+
+
+def _apply_changelog_batch(self: Any, batch: Any, *args: Any, **kwargs: Any) -> None:
+    if _skip_last_records:
+        events = list(batch)
+        last = {event.message.tp: i for i, event in enumerate(events)}
+        batch = [event for i, event in enumerate(events) if i != last[event.message.tp]]
+    _original_apply_changelog_batch(self, batch, *args, **kwargs)
+
+
+def install(bootstrap: str) -> None:
+    """Patch Faust's recovery for this process (the stream worker's) against ``bootstrap``."""
+    global _bootstrap, _skip_last_records  # one broker per worker process
+    _bootstrap = bootstrap
+    if CRASH_AT and armed("recovery-short"):
+        _skip_last_records = True
+        faust_rocksdb.Store.apply_changelog_batch = _apply_changelog_batch  # type: ignore[method-assign]
+    faust_aiokafka.AIOKafkaConsumerThread._highwaters = _committed_highwaters  # type: ignore[method-assign]
+    faust_recovery.Recovery.on_recovery_completed = _verified_on_recovery_completed  # type: ignore[method-assign]

@@ -322,6 +322,19 @@ def cmd_ledger(settings: Settings, _args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sql(settings: Settings, args: argparse.Namespace) -> int:
+    """Read-only SQL against the ledger (sinks/query.py), through the process holding it if any."""
+    from sinks.query import render, run_sql
+
+    query = sys.stdin.read() if args.query == "-" else args.query
+    if not query.strip():
+        msg = "sql: the query is empty"
+        raise InputError(msg)
+    columns, rows = run_sql(settings.clickhouse_dsn, _password(settings), query)
+    sys.stdout.write(render(columns, rows, args.format))
+    return 0
+
+
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     from pipeline.demo import run_demo
 
@@ -393,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write JSON lines here")
     p.add_argument("--produce", action="store_true", help="publish directly instead of writing a file")
     sub.add_parser("ledger", help="ledger row counts and dead letters by reason, as JSON")
+    p = sub.add_parser("sql", help="read-only SQL over the ledger (docs/ledger.md), even while a worker runs")
+    p.add_argument("query", help="one statement, or - to read it from stdin")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p = sub.add_parser("demo", help="the whole pipeline end to end with a summary")
     p.add_argument("--calls", type=int, default=3000)
     p.add_argument("--tenants", type=int, default=5)
@@ -410,6 +426,7 @@ COMMANDS = {
     "status": cmd_status,
     "simulate": cmd_simulate,
     "ledger": cmd_ledger,
+    "sql": cmd_sql,
     "replay": cmd_replay,
     "demo": cmd_demo,
 }

@@ -43,6 +43,7 @@ from schemas.errors import SerdeError
 from schemas.serde import Serde
 from sinks.errors import LedgerError
 from sinks.ledger import Ledger
+from sinks.query import QueryServer, serve_queries
 from sinks.schema import PROVISIONING_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -107,13 +108,18 @@ class LedgerSink:
         # a batch not yet written; the lock and _busy make "caught up" mean "written".
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="ledger-sink", daemon=True)
+        self._queries: QueryServer | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
         self.consumer.subscribe([self.topics.rated, self.topics.accepted, self.topics.deadletter])
         self._thread.start()
+        # This process holds the ledger: analysts' read-only queries go through it (`callmeter sql`).
+        self._queries = serve_queries(self.ledger, self.settings.clickhouse_dsn)
 
     def stop(self) -> None:
+        if self._queries is not None:
+            self._queries.stop()
         self._stop.set()
         self._thread.join(timeout=60)
 

@@ -24,6 +24,7 @@ is updated or deleted.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -92,6 +93,8 @@ class Ledger:
 
     def __init__(self, client: Client) -> None:
         self.client = client
+        # One client, used by the sink thread and by the read-only SQL endpoint (sinks/query.py).
+        self.lock = threading.RLock()
         self._buffers: dict[str, list[Sequence[Any]]] = {name: [] for name in COLUMNS}
 
     @classmethod
@@ -150,7 +153,8 @@ class Ledger:
                 continue
             settings = {"insert_deduplication_token": f"{dedup_token}:{table}"} if dedup_token else None
             try:
-                self.client.insert(table, rows, column_names=list(COLUMNS[table]), settings=settings)
+                with self.lock:
+                    self.client.insert(table, rows, column_names=list(COLUMNS[table]), settings=settings)
             except Exception as exc:
                 msg = f"ledger insert into {table} failed ({len(rows)} rows): {_one_line(exc)}"
                 raise LedgerError(msg) from exc
@@ -165,7 +169,8 @@ class Ledger:
     # -- queries --------------------------------------------------------------------------------------
     def query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
         try:
-            return [tuple(r) for r in self.client.query(sql, parameters=parameters).result_rows]
+            with self.lock:
+                return [tuple(r) for r in self.client.query(sql, parameters=parameters).result_rows]
         except Exception as exc:
             msg = f"ledger query failed: {_one_line(exc)}"
             raise LedgerError(msg) from exc

@@ -242,4 +242,84 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             "MODIFY ORDER BY (source_topic, source_partition, source_offset, value_digest)",
         ],
     ),
+    (
+        5,
+        "analyst views: money read through FINAL/argMax so a query cannot count a copy twice",
+        [
+            # Every call once, with its current rating (current_ratings) and the call's own fields.
+            """CREATE VIEW IF NOT EXISTS call_ratings AS
+            SELECT r.tenant_id AS tenant_id, r.event_id AS event_id, d.call_id AS call_id,
+                   d.employee_id AS employee_id, d.direction AS direction, d.gateway_id AS gateway_id,
+                   d.started_at AS started_at, d.answered_at AS answered_at, d.ended_at AS ended_at,
+                   d.disposition AS disposition, d.raw_seconds AS raw_seconds,
+                   r.period_start AS period_start, r.plan_id AS plan_id,
+                   r.billable_seconds AS billable_seconds, r.catalog_revision AS catalog_revision,
+                   r.corrected AS corrected, r.correction_reason AS correction_reason, d.late AS late
+            FROM current_ratings AS r
+            INNER JOIN (
+                SELECT tenant_id, event_id, any(call_id) AS call_id, any(employee_id) AS employee_id,
+                       any(direction) AS direction, any(gateway_id) AS gateway_id,
+                       any(started_at) AS started_at, any(answered_at) AS answered_at,
+                       any(ended_at) AS ended_at, any(disposition) AS disposition,
+                       any(raw_seconds) AS raw_seconds, max(late) AS late
+                FROM rated_calls GROUP BY tenant_id, event_id
+            ) AS d ON r.tenant_id = d.tenant_id AND r.event_id = d.event_id""",
+            # Calls and seconds per tenant and UTC day the call started.
+            """CREATE VIEW IF NOT EXISTS usage_daily AS
+            SELECT tenant_id, toDate(started_at, 'UTC') AS day, count() AS calls,
+                   sum(billable_seconds) AS billable_seconds, sum(raw_seconds) AS connected_seconds
+            FROM call_ratings GROUP BY tenant_id, day""",
+            # Each invoice as last generated (draft or final) and its lines of that generation.
+            """CREATE VIEW IF NOT EXISTS latest_invoices AS
+            SELECT invoice_id, tenant_id, period_start, period_end, plan_id, catalog_revision, currency,
+                   subtotal, tax, total, status, generated_at
+            FROM invoices FINAL""",
+            """CREATE VIEW IF NOT EXISTS latest_invoice_lines AS
+            SELECT l.invoice_id AS invoice_id, i.tenant_id AS tenant_id, i.period_start AS period_start,
+                   l.line_no AS line_no, l.code AS code, l.description AS description,
+                   l.number AS number, l.quantity AS quantity, l.unit_price AS unit_price,
+                   l.amount AS amount
+            FROM invoice_lines AS l FINAL
+            INNER JOIN latest_invoices AS i
+                ON l.invoice_id = i.invoice_id AND l.generated_at = i.generated_at""",
+            # Per tenant and billing period: live usage from the ledger, and the allowance split from
+            # the period's latest invoice (zero and invoiced = 0 until one is generated).
+            """CREATE VIEW IF NOT EXISTS usage_by_period AS
+            SELECT u.tenant_id AS tenant_id, u.ps AS period_start, u.plan AS plan_id,
+                   u.n AS calls, u.billable AS billable_seconds,
+                   v.invoice_id != '' AS invoiced, v.status AS invoice_status,
+                   v.included_seconds AS included_seconds, v.overage_seconds AS overage_seconds,
+                   v.blocked_seconds AS blocked_seconds
+            FROM (
+                SELECT tenant_id, assumeNotNull(period_start) AS ps, any(plan_id) AS plan,
+                       count() AS n, sum(billable_seconds) AS billable
+                FROM call_ratings WHERE period_start IS NOT NULL GROUP BY tenant_id, ps
+            ) AS u
+            LEFT JOIN (
+                SELECT i.tenant_id AS tenant_id, i.period_start AS period_start,
+                       i.invoice_id AS invoice_id, i.status AS status,
+                       sumIf(toUInt64OrZero(l.quantity), l.code = 'included_seconds') AS included_seconds,
+                       sumIf(toUInt64OrZero(l.quantity), l.code = 'overage_seconds') AS overage_seconds,
+                       sumIf(toUInt64OrZero(l.quantity), l.code = 'blocked_overage_seconds')
+                           AS blocked_seconds
+                FROM latest_invoices AS i
+                LEFT JOIN latest_invoice_lines AS l ON l.invoice_id = i.invoice_id
+                GROUP BY i.tenant_id, i.period_start, i.invoice_id, i.status
+            ) AS v ON u.tenant_id = v.tenant_id AND toDate(u.ps, 'UTC') = v.period_start""",
+            # Invoiced money per period start and plan, by invoice status (draft | final).
+            """CREATE VIEW IF NOT EXISTS revenue_by_plan AS
+            SELECT period_start, plan_id, status, currency, count() AS invoices,
+                   sum(subtotal) AS subtotal, sum(tax) AS tax, sum(total) AS total
+            FROM latest_invoices GROUP BY period_start, plan_id, status, currency""",
+            # Corrections of final invoices, carried on later invoices, with their reasons.
+            """CREATE VIEW IF NOT EXISTS adjustments_current AS
+            SELECT carried_on_invoice_id, corrects_invoice_id, tenant_id, amount, reason,
+                   catalog_revision, status, generated_at
+            FROM adjustments FINAL""",
+            """CREATE VIEW IF NOT EXISTS dead_letters_by_reason AS
+            SELECT source_topic, reason, count() AS dead_letters, min(failed_at) AS first_at,
+                   max(failed_at) AS last_at
+            FROM dead_letters FINAL GROUP BY source_topic, reason""",
+        ],
+    ),
 ]

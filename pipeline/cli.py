@@ -12,20 +12,15 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from pydantic import ValidationError
 
+from pipeline.cliargs import build_parser
 from pipeline.errors import InputError, PipelineError
 from pipeline.settings import Settings
 from rating.catalog import Catalog
 from rating.errors import CallmeterError
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # One line, not argparse's usage block: scripts read stderr.
-        self.exit(2, f"callmeter: error: {message} (see callmeter --help)\n")
 
 
 def load_catalog(path: Path) -> Catalog:
@@ -349,70 +344,6 @@ def _month(text: str) -> tuple[int, int]:
 
 def _password(settings: Settings) -> str | None:
     return settings.clickhouse_password.get_secret_value() if settings.clickhouse_password else None
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="callmeter", description="Usage metering for AI phone agents.")
-    parser.add_argument("--data-dir", type=Path, help="state, broker and embedded ClickHouse (./.callmeter)")
-    parser.add_argument("--catalog", type=Path, help="pricing catalog YAML (the shipped sample)")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    p = sub.add_parser("up", help="start the local Kafka broker in the background (idempotent)")
-    p.add_argument(
-        "--brokers", type=int, default=1, help="run a KRaft cluster of N brokers (replication 3, min ISR 2)"
-    )
-    sub.add_parser("down", help="stop the local Kafka broker; data stays")
-    p = sub.add_parser("produce", help="publish JSON-lines events")
-    p.add_argument("files", nargs="+")
-    p = sub.add_parser("worker", help="run the stream worker")
-    p.add_argument("--until-idle", action="store_true", help="exit once everything is consumed and written")
-    p = sub.add_parser("invoice", help="write invoices for periods starting in a month")
-    p.add_argument("--period", required=True, help="YYYY-MM")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--tenant")
-    p.add_argument("--finalize", action="store_true", help="make these invoices final (never rewritten)")
-    p.add_argument(
-        "--allow-incomplete",
-        action="store_true",
-        help="write drafts, marked incomplete, even if the pipeline has not consumed and written everything",
-    )
-    p = sub.add_parser("replay", help="re-rate calls that started in a time range with the current catalog")
-    p.add_argument("--from", dest="ts_from", required=True, help="RFC 3339, inclusive")
-    p.add_argument("--to", dest="ts_to", required=True, help="RFC 3339, exclusive")
-    p.add_argument("--tenant")
-    p.add_argument("--dry-run", action="store_true", help="show the money difference, write nothing")
-    p.add_argument("--source", choices=["auto", "kafka", "ledger"], default="auto")
-    p.add_argument("--batch-size", type=int, default=5000, help="calls per ledger write")
-    p = sub.add_parser("balance", help="print a tenant's live balance (needs a running worker)")
-    p.add_argument("tenant")
-    p.add_argument("--at", help="RFC 3339 time: the balance of the period containing it (default now)")
-    p.add_argument(
-        "--url", help="any worker's base URL (default http://127.0.0.1:$CALLMETER_WORKER_WEB_PORT)"
-    )
-    p = sub.add_parser("alerts", help="print usage and quota alerts readably")
-    p.add_argument("--follow", action="store_true", help="keep printing new alerts")
-    p = sub.add_parser("status", help="on-call summary; exit 1 when unhealthy")
-    p.add_argument("--url", help="a worker's base URL")
-    p.add_argument("--max-lag", type=int, default=10000)
-    p.add_argument("--max-duplicate-ratio", type=float, default=0.0001)
-    p.add_argument("--max-ledger-age", type=float, default=300.0, help="seconds")
-    p = sub.add_parser("simulate", help="synthetic gateway traffic")
-    p.add_argument("--tenants", type=int, default=5)
-    p.add_argument("--calls", type=int, default=2000)
-    p.add_argument("--month", default="2026-10", help="YYYY-MM of the simulated billing periods")
-    p.add_argument("--duplicate-rate", type=float, default=0.02)
-    p.add_argument("--late-rate", type=float, default=0.01)
-    p.add_argument("--invalid-rate", type=float, default=0.002)
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--out", help="write JSON lines here")
-    p.add_argument("--produce", action="store_true", help="publish directly instead of writing a file")
-    sub.add_parser("ledger", help="ledger row counts and dead letters by reason, as JSON")
-    p = sub.add_parser("sql", help="read-only SQL over the ledger (docs/ledger.md), even while a worker runs")
-    p.add_argument("query", help="one statement, or - to read it from stdin")
-    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    p = sub.add_parser("demo", help="the whole pipeline end to end with a summary")
-    p.add_argument("--calls", type=int, default=3000)
-    p.add_argument("--tenants", type=int, default=5)
-    return parser
 
 
 COMMANDS = {

@@ -249,13 +249,14 @@ def cmd_alerts(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
-    from pipeline.status import kafka_lag, render, worker_status
+    from pipeline.status import kafka_lag, ledger_figures, render, worker_status
 
     url = _worker_url(settings, args)
     text, health = render(
         settings,
         kafka_lag(settings, kafka(settings, create_topics=False)),
         worker_status(url),
+        ledger_figures(settings),
         url,
         max_lag=args.max_lag,
         max_duplicate_ratio=args.max_duplicate_ratio,

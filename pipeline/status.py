@@ -1,7 +1,8 @@
 """`callmeter status`: the on-call summary, readable at a glance, non-zero when unhealthy.
 
-Lag comes straight from Kafka (so it works while the worker is down); duplicate rate, dead letters,
-event-time lag and ledger freshness come from the worker's ``/status``. Thresholds mirror the
+Lag comes straight from Kafka and the ledger's figures from the ledger (read-only, so both work while
+the worker is down); duplicate rate, recent dead letters, event-time lag and ledger freshness come
+from the worker's ``/status``. Thresholds mirror the
 Prometheus alerts in ``deploy/prometheus/alert_rules.yml``.
 """
 
@@ -56,10 +57,37 @@ def worker_status(url: str) -> dict[str, Any] | None:
         return None
 
 
+_LEDGER_FIGURES = """
+SELECT
+    (SELECT count() FROM current_ratings) AS rated_calls,
+    (SELECT count() FROM provisioning_events FINAL) AS provisioning_events,
+    (SELECT toUnixTimestamp64Milli(max(ingested_at)) FROM raw_events) AS last_event_ms,
+    (SELECT groupArray((reason, n)) FROM (SELECT reason, sum(dead_letters) AS n
+        FROM dead_letters_by_reason GROUP BY reason ORDER BY reason)) AS dead_letters
+"""
+
+
+def ledger_figures(settings: Settings) -> dict[str, Any] | str:
+    """What the ledger holds, read-only (through the process holding it, if any); a one-line reason
+    instead when it cannot be read. Works whether or not a worker runs."""
+    from sinks.errors import LedgerError
+    from sinks.query import run_sql
+
+    password = settings.clickhouse_password.get_secret_value() if settings.clickhouse_password else None
+    try:
+        columns, rows = run_sql(settings.clickhouse_dsn, password, _LEDGER_FIGURES, timeout_seconds=30)
+    except LedgerError as exc:
+        return str(exc)
+    figures = dict(zip(columns, rows[0], strict=True))
+    figures["dead_letters"] = {str(reason): int(n) for reason, n in figures["dead_letters"]}
+    return figures
+
+
 def render(
     settings: Settings,
     lag: dict[tuple[str, int], int],
     status: dict[str, Any] | None,
+    ledger: dict[str, Any] | str,
     url: str,
     max_lag: int,
     max_duplicate_ratio: float,
@@ -79,7 +107,7 @@ def render(
     health.check(total_lag <= max_lag, f"consumer lag {total_lag} > {max_lag}")
     if status is None:
         lines.append("")
-        lines.append("worker: NOT REACHABLE")
+        lines.append(f"worker: DOWN (nothing answers at {url}); the figures below are the ledger's")
         health.problems.append(f"no worker answering at {url}")
     else:
         window = status.get("last_5_minutes", {})
@@ -113,6 +141,19 @@ def render(
             )
         else:
             lines.append("ledger: no write yet by this worker")
+    lines.append("")
+    if isinstance(ledger, str):
+        lines.append(f"ledger: cannot be read: {ledger}")
+        health.problems.append("ledger cannot be read")
+    else:
+        last_ms = ledger.get("last_event_ms") or 0
+        last = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(last_ms / 1000)) if last_ms else "never"
+        dead = ledger["dead_letters"]
+        lines += [
+            f"ledger: {ledger['rated_calls']} rated calls, {ledger['provisioning_events']} provisioning "
+            f"events; last event written {last}",
+            f"ledger dead letters by reason: {json.dumps(dead, sort_keys=True) if dead else 'none'}",
+        ]
     lines.append("")
     lines.append("HEALTHY" if not health.problems else "UNHEALTHY: " + "; ".join(health.problems))
     return "\n".join(lines), health

@@ -76,5 +76,10 @@ def test_metrics_count_injected_duplicates_and_bad_records(cm_env: dict[str, str
         assert '"NEGATIVE_DURATION": 3' in status.stdout
         healthy = callmeter(cm_env, "status", "--max-duplicate-ratio", "1", check=False)
         assert healthy.returncode == 1  # dead letters still count against health
+        # The ledger's own figures, read through the worker that holds the embedded ledger.
+        assert f"ledger: {len(calls)} rated calls" in status.stdout, status.stdout
     down = callmeter(cm_env, "status", check=False)
-    assert down.returncode == 1 and "NOT REACHABLE" in down.stdout
+    assert down.returncode == 1 and "worker: DOWN" in down.stdout
+    # With the worker down, status still says what the ledger holds (issue 11).
+    assert f"ledger: {len(calls)} rated calls" in down.stdout, down.stdout
+    assert 'ledger dead letters by reason: {"NEGATIVE_DURATION": 3, "UNKNOWN_SCHEMA": 2}' in down.stdout

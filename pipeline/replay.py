@@ -11,7 +11,7 @@ Protocol (idempotent, so a killed replay is simply run again):
 4. Unless ``--dry-run``, append one rated row per call with the current catalog revision, in batches
    with insert-deduplication tokens. Rows are keyed by (tenant_id, event_id, catalog_revision): a
    second run, or the rest of a killed run, writes rows identical to the first; nothing is edited.
-5. Print, per tenant period touched, the charges before and after and the difference.
+5. Print, per tenant period touched, the subtotal (before tax) before and after and the difference.
 
 The live worker's balances are not touched (they count seconds; prices live in the catalog), and
 finalized invoices are not rewritten: the next invoice carries the difference as an adjustment.
@@ -315,7 +315,7 @@ def _progress(written: int, total: int) -> None:
 
 
 def format_table(rows: list[tuple[str, str, Decimal, Decimal, Decimal]]) -> str:
-    header = f"{'tenant':<16}{'period':<12}{'old charges':>14}{'new charges':>14}{'difference':>13}"
+    header = f"{'tenant':<16}{'period':<12}{'old subtotal':>14}{'new subtotal':>14}{'difference':>13}"
     lines = [header, "-" * len(header)]
     for tenant, period, old, new, diff in rows:
         sign = "+" if diff > 0 else ""
@@ -325,4 +325,7 @@ def format_table(rows: list[tuple[str, str, Decimal, Decimal, Decimal]]) -> str:
     total = sum((r[4] for r in rows), Decimal("0"))
     lines.append("-" * len(header))
     lines.append(f"{'total':<28}{'':>28}{('+' if total > 0 else '') + money_text(total):>13}")
+    # The demo and invoices show totals with tax; an adjustment is carried before tax and taxed on the
+    # invoice that carries it, so this table speaks in subtotals and says so.
+    lines.append("(subtotals: amounts before tax, as carried by the adjustment on the next invoice)")
     return "\n".join(lines)

@@ -331,6 +331,21 @@ def cmd_sql(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_usage(settings: Settings, args: argparse.Namespace) -> int:
+    """A tenant's usage review (pipeline/usage.py) from the ledger and the alerts topic."""
+    from datetime import UTC, datetime
+
+    from pipeline.usage import render_json, render_text, review, sent_alerts
+
+    month = _month(args.period) if args.period else None
+    catalog = load_catalog(settings.catalog)
+    alerts = sent_alerts(settings, kafka(settings, create_topics=False), make_serde(settings), args.tenant)
+    now = settings.clock_now or datetime.now(UTC)
+    result = review(settings, catalog, args.tenant, month, now, alerts)
+    sys.stdout.write(render_json(result) if args.json else render_text(result))
+    return 0
+
+
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     from pipeline.demo import run_demo
 
@@ -359,6 +374,7 @@ COMMANDS = {
     "simulate": cmd_simulate,
     "ledger": cmd_ledger,
     "sql": cmd_sql,
+    "usage": cmd_usage,
     "replay": cmd_replay,
     "demo": cmd_demo,
 }

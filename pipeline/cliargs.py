@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sql", help="read-only SQL over the ledger (docs/ledger.md), even while a worker runs")
     p.add_argument("query", help="one statement, or - to read it from stdin")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p = sub.add_parser(
+        "usage", help="a tenant's period so far, forecast, daily trend, alerts and top drivers"
+    )
+    p.add_argument("tenant")
+    p.add_argument("--period", help="YYYY-MM: the tenant's period starting in that month (default: current)")
+    p.add_argument("--json", action="store_true", help="one JSON document instead of the readable review")
     p = sub.add_parser("demo", help="the whole pipeline end to end with a summary")
     p.add_argument("--calls", type=int, default=3000)
     p.add_argument("--tenants", type=int, default=5)

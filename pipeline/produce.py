@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,9 +18,26 @@ from schemas.json_events import parse_json_event
 from schemas.serde import Serde
 
 
+class _TransientKafkaWarnings(logging.Filter):
+    """librdkafka warns while a brand-new cluster's coordinator loads ("Coordinator load in progress:
+    retrying") and retries by itself; a user producing to a fresh broker has nothing to do about it.
+    Anything else the client logs still reaches stderr."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage().lower()
+        return not (
+            "retrying" in text and ("load in progress" in text or "coordinator not available" in text)
+        )
+
+
+KAFKA_LOG = logging.getLogger("callmeter.kafka")
+KAFKA_LOG.addFilter(_TransientKafkaWarnings())
+
+
 def producer_config(bootstrap: str) -> dict[str, Any]:
     return {
         "bootstrap.servers": bootstrap,
+        "logger": KAFKA_LOG,
         # Idempotence keeps per-partition order through retries, so "file order per tenant" holds.
         "enable.idempotence": True,
         # The Java client's partitioner: every producer of calls and provisioning must hash tenants

@@ -165,6 +165,11 @@ def _expected(events: Path) -> dict[str, list[dict[str, Any]]]:
             "Q10": q10, "Q11": []}  # fmt: skip
 
 
+def _reference_invoices(events: Path, month: int) -> list[Any]:
+    calls, provisioning = reference_events(events)
+    return invoices_for_month(calls, provisioning, load_catalog(SAMPLE_CATALOG), 2026, month)
+
+
 def sql(env: dict[str, str], query: str) -> list[dict[str, Any]]:
     return list(json.loads(callmeter(env, "sql", query, "--format", "json").stdout))
 
@@ -183,6 +188,33 @@ def test_the_docs_ready_queries_answer_what_the_batch_computation_says(
     assert expected["Q4"] and expected["Q7"] and any(r["overage_seconds"] for r in expected["Q3"])
     for name, query in queries.items():
         assert sql(cm_env, query) == expected[name], name
+
+    # The usage review of a tenant's October period (ended: its own forecast), against rating/.
+    review = json.loads(callmeter(cm_env, "usage", "acme", "--period", "2026-10", "--json").stdout)
+    october, september = (next(r for r in expected["Q1"] if r["tenant_id"] == "acme" and r["period"] == p)
+                          for p in ("2026-10-01", "2026-09-01"))  # fmt: skip
+    invoice = next(i for i in _reference_invoices(events, 10) if i.tenant_id == "acme")
+    assert review["period"]["billable_seconds"] == october["billable_seconds"]
+    assert review["period"]["forecast_billable_seconds"] == october["billable_seconds"]
+    assert review["period"]["overage_seconds_so_far"] == october["overage_seconds"]
+    assert (review["period"]["subtotal_so_far"], review["period"]["total_so_far"]) == (
+        str(invoice.subtotal),
+        str(invoice.total),
+    )
+    assert review["previous_period"]["billable_seconds"] == september["billable_seconds"]
+    assert review["top_employees"] == [
+        {"employee": "e1", "calls": october["calls"], "billable": october["billable_seconds"]}
+    ]
+    assert sum(int(d["billable"]) for d in review["daily"]) == october["billable_seconds"]
+    crossed = [t for t in (75, 90, 100) if october["billable_seconds"] * 100 >= t * 18000]
+    assert [a["threshold_percent"] for a in review["alerts"]] == crossed
+    # Mid-period (the clock set to 20 October): a linear forecast to the period's end.
+    midway = dict(cm_env, CALLMETER_CLOCK_NOW="2026-10-20T00:00:00Z")
+    review = json.loads(callmeter(midway, "usage", "acme", "--json").stdout)
+    assert review["period"]["start"] == "2026-10-01T00:00:00+00:00"
+    assert review["period"]["forecast_billable_seconds"] == round(october["billable_seconds"] * 31 / 19)
+    text = callmeter(midway, "usage", "acme").stdout
+    assert "usage of acme: period 2026-10-01 to 2026-11-01 (plan starter, 61.3 % elapsed)" in text, text
 
     # Read-only, refused by ClickHouse itself, one line, nothing changed.
     before = sql(cm_env, "SELECT count() AS n FROM rated_calls")

@@ -18,7 +18,13 @@ from rating.subscription import TenantTimeline
 
 class Balances(MeterParts):
     async def _usage_alerts(
-        self, tenant: str, period_start: datetime, included: int, before: int, after: int
+        self,
+        tenant: str,
+        period_start: datetime,
+        included: int,
+        before: int,
+        after: int,
+        crossed_at: datetime,
     ) -> None:
         """75/90/100 % alerts crossed by moving from ``before`` to ``after``; each threshold once per
         tenant and period even when a correction (issue 8) moves usage down and up again."""
@@ -36,6 +42,7 @@ class Balances(MeterParts):
                 included,
                 f"{tenant} used {after} of {included} included seconds ({percent} % threshold) "
                 f"in the period starting {period_start.date()}",
+                crossed_at=crossed_at,
             )
 
     async def _alert(
@@ -48,6 +55,8 @@ class Balances(MeterParts):
         included: int,
         message: str,
         subject: str = "",
+        *,
+        crossed_at: datetime,
     ) -> None:
         """Sent in the current partition's transaction with the state change that caused it, so a
         restart, a rebalance or a duplicate record can never send it twice (spec §8). The id is
@@ -63,6 +72,7 @@ class Balances(MeterParts):
             "included_seconds": included,
             "message": message,
             "emitted_at": datetime.now(UTC),
+            "crossed_at": crossed_at,
         }
         await self._send(
             self.topics.alerts, tenant.encode(), self.serde.encode("Alert", record, self.topics.alerts)
@@ -103,6 +113,7 @@ class Balances(MeterParts):
                 limit,
                 f"{event.tenant_id} has {active} active {what}; plan {plan_id} allows {limit}",
                 subject=what,
+                crossed_at=event.occurred_at,
             )
 
     def remembered_calls(self, tenant: str) -> list[tuple[datetime, Decimal]]:
@@ -120,7 +131,7 @@ class Balances(MeterParts):
                 calls.append((started, Decimal(fact[2]) / 1000))
         return calls
 
-    async def rerate_balances(self, tenant: str, timeline: TenantTimeline) -> None:
+    async def rerate_balances(self, tenant: str, timeline: TenantTimeline, at: datetime) -> None:
         """A provisioning event changed how the tenant's calls rate (plan, cancellation, anchor): set
         every period balance to the re-rated sum, in this event's transaction (issue 8). Parked and
         revivable calls hold keys too, but no subscription covers them, so they count for nothing."""
@@ -142,4 +153,4 @@ class Balances(MeterParts):
             plan_id = timeline.plan_for_period(timeline.period_at(start))
             if plan_id is not None:
                 included = self.catalog.plan_for(plan_id, start).included_seconds
-                await self._usage_alerts(tenant, start, included, before, after)
+                await self._usage_alerts(tenant, start, included, before, after, crossed_at=at)

@@ -360,7 +360,9 @@ class Meter(Parking, Balances):
         await self._send(self.topics.rated, tenant.encode(), value)
         metrics.RATED_RECORDS_PRODUCED.inc()
         included = self.catalog.plan_for(rated.plan_id, rated.period.start).included_seconds
-        await self._usage_alerts(tenant, rated.period.start, included, before, after)
+        await self._usage_alerts(
+            tenant, rated.period.start, included, before, after, crossed_at=rated.call.ended_at
+        )
 
     def _timeline(self, tenant_id: str) -> TenantTimeline | None:
         cached = self._timelines.get(tenant_id)
@@ -418,7 +420,7 @@ class Meter(Parking, Balances):
             if held:
                 await self._release_parked(event.tenant_id, held, timeline)
             if event.action in _RERATING_ACTIONS:
-                await self.rerate_balances(event.tenant_id, timeline)
+                await self.rerate_balances(event.tenant_id, timeline, event.occurred_at)
 
     async def _dead(self, src: tuple[Any, ...], reason: str, message: str) -> None:
         topic, partition, offset, key, raw = src

@@ -114,8 +114,18 @@ def test_threshold_alerts_exactly_once_across_duplicates_and_restart(
     stats = worker_stats(cm_env)
     assert stats["duplicates"] == {"call": 1}
     assert len(read_alerts(cm_env)) == 3
-    printed = callmeter(cm_env, "alerts").stdout.splitlines()
-    assert len(printed) == 3 and "100 % of included seconds used (18000/18000)" in printed[2]
+    # Each alert carries the event time of its crossing: the end of the call that crossed it.
+    assert [a["crossed_at"] for a in alerts] == [
+        T0 + timedelta(seconds=13500),
+        T0 + timedelta(days=1, seconds=2700),
+        T0 + timedelta(days=2, seconds=1800),
+    ]
+    tau = "tau              period 2026-11-01"
+    assert callmeter(cm_env, "alerts").stdout.splitlines() == [
+        f"2026-11-02 12:45:00Z  {tau}   75 % of included seconds used (13500/18000)",
+        f"2026-11-03 09:45:00Z  {tau}   90 % of included seconds used (16200/18000)",
+        f"2026-11-04 09:30:00Z  {tau}  100 % of included seconds used (18000/18000)",
+    ]
 
 
 def test_block_plan_disallows_exactly_when_the_allowance_is_used(

@@ -2,7 +2,8 @@
 
 When the named step of a commit protocol is reached for the n-th time in this process, ``raise``
 throws inside it (an agent exception), ``kill`` sends SIGKILL to the process (a power cut) and ``hang``
-blocks the thread for an hour (a worker alive but stuck: heartbeats go on, nothing commits). Unset,
+stops there for an hour (a worker alive but stuck: heartbeats go on, nothing commits; in the stream
+agent it awaits, so the worker still answers /metrics, in the sink it blocks the sink's thread). Unset,
 callers skip the call behind a module constant, so the hot path pays one truthiness test.
 
 Steps: ``worker-4-state-written`` (dedupe key and balance written, output not yet sent),
@@ -17,6 +18,7 @@ ended a partition's recovery before the records it had fetched reached the table
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -40,6 +42,19 @@ def armed(step: str) -> bool:
         return False
     _reached[step] += 1
     return _reached[step] == int(parts[1] if len(parts) > 1 else 1)
+
+
+async def acrash_point(step: str) -> None:
+    """``crash_point`` for the stream agent: ``hang`` awaits instead of blocking the thread, so the
+    worker is stuck exactly like an agent awaiting something that never comes — its event loop still
+    answers /metrics and /status, while nothing is processed or committed."""
+    parts = CRASH_AT.split(":")
+    if len(parts) > 2 and parts[0] == step and parts[2] == "hang":
+        _reached[step] += 1
+        if _reached[step] == int(parts[1]):
+            await asyncio.sleep(3600)
+        return
+    crash_point(step)
 
 
 def crash_point(step: str, _hint: int = 0) -> None:

@@ -6,6 +6,8 @@ tenant_id (per-tenant views come from the balance API and from ClickHouse, not f
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 # *_created series double the exposition for no dashboard or alert use.
@@ -110,3 +112,12 @@ ALERTS_EMITTED = Counter(
 LATE_EVENTS = Counter(
     "callmeter_late_events", "Calls whose period was already finalized when they arrived.", registry=REGISTRY
 )
+
+
+def initialize(input_topics: Iterable[str]) -> None:
+    """Create the per-topic counters at 0. A labelled counter otherwise appears at its first increment,
+    already above 0, and rate()/increase() cannot see that first step: a burst of duplicates right after
+    a start would never raise CallmeterDuplicateRateHigh (seen with a real Prometheus, issue 11)."""
+    for topic in input_topics:
+        EVENTS_CONSUMED.labels(topic=topic)
+        DUPLICATES.labels(topic=topic)

@@ -49,7 +49,7 @@ import faust
 from pipeline import metrics
 from pipeline.balances import Balances
 from pipeline.crashpoints import CRASH_AT as _CRASH_AT
-from pipeline.crashpoints import crash_point
+from pipeline.crashpoints import acrash_point
 from pipeline.errors import PipelineError
 from pipeline.guard import CommitGuard
 from pipeline.parking import Parking
@@ -181,6 +181,7 @@ class Meter(Parking, Balances):
         # memory: a threshold is crossed by exactly one balance update).
         self.alerted = app.Table("alerted", partitions=n, key_type=str, value_type=int, options=_ROCKSDICT)
         self.guard = CommitGuard()
+        metrics.initialize(self.topics.inputs)
         # ERROR records of the Kafka/Faust client libraries seen during this run (see run_worker).
         self.faults = 0
         fault_counter = _FaultCounter(self)
@@ -222,7 +223,7 @@ class Meter(Parking, Balances):
             async with self.guard.event(event):
                 await self.handle(event)
                 if _CRASH_AT:
-                    crash_point("after-event")
+                    await acrash_point("after-event")
 
     def internal_topics(self) -> dict[str, tuple[int, dict[str, str]]]:
         """Changelog topics (compacted, one partition per input partition) and Faust's leader topic."""
@@ -341,7 +342,7 @@ class Meter(Parking, Balances):
         self.seen[dedupe_key] = _call_fact(call)
         await self._emit_rated(src, result)
         if _CRASH_AT:
-            crash_point("worker-5-output-sent")
+            await acrash_point("worker-5-output-sent")
 
     async def _emit_rated(self, src: tuple[Any, ...], rated: RatedCall) -> None:
         topic, partition, offset, _key, _raw = src
@@ -353,7 +354,7 @@ class Meter(Parking, Balances):
         after = before + rated.billable_seconds
         self.balances[balance_key] = after
         if _CRASH_AT:
-            crash_point("worker-4-state-written")
+            await acrash_point("worker-4-state-written")
         self.stats.rated += 1
         metrics.RATED_CALLS.inc()
         metrics.BILLABLE_SECONDS.inc(rated.billable_seconds)

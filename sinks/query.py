@@ -38,10 +38,11 @@ Result = tuple[list[str], list[list[Any]]]
 _MAX_QUERY_BYTES = 1_000_000
 
 
-def readonly_query(client: Client, sql: str) -> Result:
-    """Column names and rows (JSON-ready values) of one read-only query; a refusal is a LedgerError."""
+def readonly_query(client: Client, sql: str, parameters: dict[str, Any] | None = None) -> Result:
+    """Column names and rows (JSON-ready values) of one read-only query; a refusal is a LedgerError.
+    ``parameters`` fill ``{name:Type}`` placeholders server-side (never pasted into the text)."""
     try:
-        result = client.query(sql, settings=READONLY)
+        result = client.query(sql, parameters=parameters, settings=READONLY)
     except Exception as exc:  # the driver raises many kinds; the caller needs one line
         raise LedgerError(_refusal(exc)) from exc
     return list(result.column_names), [[_plain(v) for v in row] for row in result.result_rows]
@@ -81,21 +82,29 @@ def endpoint_file(dsn: str) -> Path | None:
     return Path(dsn.removeprefix("chdb://").rstrip("/") + ".query.json")
 
 
-def run_sql(dsn: str, password: str | None, sql: str, timeout_seconds: float = 300.0) -> Result:
+def run_sql(
+    dsn: str,
+    password: str | None,
+    sql: str,
+    timeout_seconds: float = 300.0,
+    parameters: dict[str, Any] | None = None,
+) -> Result:
     """Run ``sql`` read-only against the ledger at ``dsn``, through the process holding it if any."""
     announced = endpoint_file(dsn)
     if announced is not None and announced.exists():
-        served = _ask_holder(announced, sql, timeout_seconds)
+        served = _ask_holder(announced, sql, parameters, timeout_seconds)
         if served is not None:
             return served
     client = connect(dsn, password)
     try:
-        return readonly_query(client, sql)
+        return readonly_query(client, sql, parameters)
     finally:
         client.close()
 
 
-def _ask_holder(announced: Path, sql: str, timeout_seconds: float) -> Result | None:
+def _ask_holder(
+    announced: Path, sql: str, parameters: dict[str, Any] | None, timeout_seconds: float
+) -> Result | None:
     """The holder's answer, or None when the file is stale (its process is gone)."""
     try:
         endpoint = json.loads(announced.read_text())
@@ -103,7 +112,9 @@ def _ask_holder(announced: Path, sql: str, timeout_seconds: float) -> Result | N
     except (OSError, ValueError, KeyError, TypeError):
         return None
     request = urllib.request.Request(
-        f"http://127.0.0.1:{int(endpoint['port'])}/sql", data=sql.encode(), method="POST"
+        f"http://127.0.0.1:{int(endpoint['port'])}/sql",
+        data=json.dumps({"query": sql, "parameters": parameters or {}}).encode(),
+        method="POST",
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout_seconds) as response:  # noqa: S310
@@ -132,12 +143,17 @@ class QueryServer:
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 if self.path != "/sql" or not 0 < length <= _MAX_QUERY_BYTES:
-                    self._reply(400, {"error": "POST /sql with the query as the body"})
+                    self._reply(400, {"error": "POST /sql with {query, parameters} as the body"})
                     return
-                sql = self.rfile.read(length).decode("utf-8", "replace")
+                try:
+                    body = json.loads(self.rfile.read(length))
+                    sql, parameters = str(body["query"]), dict(body.get("parameters") or {})
+                except (ValueError, KeyError, TypeError):
+                    self._reply(400, {"error": "POST /sql with {query, parameters} as the body"})
+                    return
                 try:
                     with ledger_ref.lock:
-                        columns, rows = readonly_query(ledger_ref.client, sql)
+                        columns, rows = readonly_query(ledger_ref.client, sql, parameters or None)
                 except LedgerError as exc:
                     self._reply(400, {"error": str(exc)})
                     return

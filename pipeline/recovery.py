@@ -1,4 +1,4 @@
-"""Changelog recovery that ends where the committed changelog ends, and is checked before any event.
+"""Changelog recovery, checked before the worker consumes any input (issue 9).
 
 Local table state (RocksDB) is a cache of the changelog topics; a worker that starts after an unclean
 stop, or is assigned a partition, rebuilds it from them (read_committed) before it consumes input.
@@ -12,14 +12,21 @@ stuck-worker scenario), where a replacement worker recovered the ``tenants`` tab
 tenants' subscriptions and parked 57 calls of subscribed tenants; ``--until-idle`` exited 0 with them
 neither rated nor dead-lettered (issue 9).
 
-Two parts:
+Three parts:
 
-1. ``_committed_highwaters``: recovery's end is the offset of the last record of a committed
-   transaction in each changelog partition (found by reading the partition's tail read_committed), so
-   Faust's own "applied up to the highwater" test ends recovery and the heuristic has nothing to do.
-2. ``_verified_on_recovery_completed``: before the worker resumes its input, every assigned changelog
-   partition must have been applied exactly up to that offset (the store's persisted offset). Short of
-   it (records skipped) or past it (local state holding writes no committed transaction made, e.g. state
+1. ``_stable_highwaters``: each changelog's end is asked of the broker (ListOffsets, read_committed).
+   Faust read the consumer's cached last stable offset, unknown (-1) for a partition not fetched since
+   it was assigned: recovery then crashed ("persisted offset is higher than the highwater") or took
+   the changelog for empty.
+2. ``_QuickRecoveryPoll``: Faust waits on its changelog queue with a hard-coded 5 s timeout and needs
+   two empty waits before the heuristic ends a partition whose last record is a transaction marker, a
+   10-15 s stall on every start; the wait is 0.5 s here. (A highwater at the last committed record
+   instead, which needs no heuristic, ended recovery so early that the worker sometimes never resumed
+   its input afterwards: reverted.)
+3. ``_verified_on_recovery_completed``: before the worker resumes its input, every assigned changelog
+   partition must have been applied exactly up to its last committed record (the store's persisted
+   offset against the partition's tail, read read_committed by ``committed_tails``). Short of it
+   (records skipped) or past it (local state holding writes no committed transaction made, e.g. state
    kept from another cluster), the process stops with ``EXIT_RETRY`` and without its clean-shutdown
    marker, so the next start rebuilds the state from the changelogs: a restart, never a lost call.
 """
@@ -115,21 +122,29 @@ async def _tails(tps: Iterable[Any]) -> dict[TP, tuple[int, int | None]]:
     return await asyncio.get_running_loop().run_in_executor(None, committed_tails, _bootstrap, keys)
 
 
-async def _committed_highwaters(self: Any, partitions: Any) -> Any:
-    """Part 1. Faust subtracts one from what this returns (its "highwater" is the last offset to apply)."""
-    tails = await _tails(partitions)
-    ends = {}
-    for tp in partitions:
-        low, last = tails[(tp.topic, tp.partition)]
-        ends[tp] = low if last is None else last + 1
-    return ends
+class _QuickRecoveryPoll:
+    """Part 2: Faust's recovery module sees this instead of ``asyncio``; only ``wait_for`` differs.
+    Ending recovery still requires the consumer position to have reached the highwater, and part 3
+    checks what was applied, so a shorter wait cannot end recovery with records missing unnoticed."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(asyncio, name)
+
+    @staticmethod
+    async def wait_for(aw: Any, timeout: float | None = None) -> Any:
+        return await asyncio.wait_for(aw, timeout=min(timeout, 0.5) if timeout else timeout)
+
+
+async def _stable_highwaters(self: Any, partitions: Any) -> Any:
+    """Part 1. The consumer is read_committed, so ListOffsets answers the last stable offset itself."""
+    return await self._ensure_consumer().end_offsets(list(partitions))
 
 
 _original_on_recovery_completed = faust_recovery.Recovery.on_recovery_completed
 
 
 async def _verified_on_recovery_completed(self: Any, generation_id: int = 0) -> None:
-    """Part 2."""
+    """Part 3."""
     if self.app.consumer_generation_id == generation_id and self.active_tps:
         tps = sorted(self.active_tps)
         tails = await _tails(tps)
@@ -167,5 +182,6 @@ def install(bootstrap: str) -> None:
     if CRASH_AT and armed("recovery-short"):
         _skip_last_records = True
         faust_rocksdb.Store.apply_changelog_batch = _apply_changelog_batch  # type: ignore[method-assign]
-    faust_aiokafka.AIOKafkaConsumerThread._highwaters = _committed_highwaters  # type: ignore[method-assign]
+    faust_recovery.asyncio = _QuickRecoveryPoll()  # type: ignore[assignment]
+    faust_aiokafka.AIOKafkaConsumerThread._highwaters = _stable_highwaters  # type: ignore[method-assign]
     faust_recovery.Recovery.on_recovery_completed = _verified_on_recovery_completed  # type: ignore[method-assign]

@@ -10,10 +10,6 @@ from __future__ import annotations
 import json
 import random
 import re
-import signal
-import subprocess
-import sys
-import time
 from collections import Counter, defaultdict
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -26,7 +22,7 @@ from pipeline.cli import load_catalog
 from pipeline.settings import SAMPLE_CATALOG
 from rating.batch import dedupe, invoices_for_month, timelines_from
 from rating.calls import RatedCall, rate_call
-from tests.integration.cli import callmeter, reference_events
+from tests.integration.cli import BackgroundWorker, callmeter, reference_events
 from tests.integration.eventfiles import call, prov, write_events
 
 pytestmark = pytest.mark.integration
@@ -229,25 +225,12 @@ def test_the_docs_ready_queries_answer_what_the_batch_computation_says(
     assert sql(cm_env, "SELECT count() AS n FROM rated_calls") == before
 
     # While a worker holds the embedded ledger, the query is served through it, read-only as well.
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "worker"],
-        env=cm_env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        announced = Path(cm_env["CALLMETER_DATA_DIR"]) / "clickhouse.query.json"
-        deadline = time.monotonic() + 120
-        while not announced.exists():
-            assert worker.poll() is None and time.monotonic() < deadline, "the worker never opened the ledger"
-            time.sleep(0.5)
-        assert json.loads(announced.read_text())["pid"] != worker.pid  # the worker's child holds it
+    announced = Path(cm_env["CALLMETER_DATA_DIR"]) / "clickhouse.query.json"
+    with BackgroundWorker(cm_env) as worker:  # returns once the worker is ready: its sink holds the ledger
+        assert worker.proc is not None
+        assert json.loads(announced.read_text())["pid"] != worker.proc.pid  # the worker's child holds it
         assert sql(cm_env, queries["Q8"]) == expected["Q8"]
         proc = callmeter(cm_env, "sql", "DROP TABLE rated_calls", check=False)
         assert proc.returncode == 1 and "refused: the ledger is read-only" in proc.stderr, proc.stderr
-    finally:
-        worker.send_signal(signal.SIGTERM)
-        worker.wait(timeout=120)
     assert not announced.exists()
     assert sql(cm_env, "SELECT count() AS n FROM rated_calls") == before

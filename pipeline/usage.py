@@ -143,6 +143,7 @@ def _period_usage(
         return out
     plan = catalog.plan_for(plan_id, period.start)
     out["included_seconds"] = plan.included_seconds
+    out["overage_mode"] = plan.overage  # "charge", or "block": seconds past the allowance are refused
     for name, seconds in (("so_far", billable), ("forecast", forecast)):
         invoice = build_invoice(
             tenant_id=tenant_id,
@@ -226,7 +227,7 @@ def render_text(result: dict[str, Any]) -> str:
     if "included_seconds" in cur:
         lines.append(
             row(
-                "overage seconds",
+                "blocked seconds" if cur["overage_mode"] == "block" else "overage seconds",
                 cur["overage_seconds_so_far"],
                 cur["overage_seconds_forecast"],
                 p.get("overage_seconds_so_far", "-"),

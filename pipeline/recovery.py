@@ -147,7 +147,10 @@ async def _verified_on_recovery_completed(self: Any, generation_id: int = 0) -> 
     """Part 3."""
     if self.app.consumer_generation_id == generation_id and self.active_tps:
         tps = sorted(self.active_tps)
-        tails = await _tails(tps)
+        try:
+            tails = await _tails(tps)
+        except Exception as exc:  # inside Faust's recovery task an exception would only stop recovery
+            die(f"cannot check changelog recovery: {type(exc).__name__}: {exc}", exc)
         wrong = []
         for tp in tps:
             applied = self.tp_to_table[tp].persisted_offset(tp)

@@ -78,7 +78,8 @@ def _month(tmp_path: Path, seed: int) -> Path:
         pytest.param("worker-5-output-sent:700:raise", marks=pytest.mark.chaos),
         pytest.param("after-event:500:raise", marks=pytest.mark.chaos),
         pytest.param("worker-4-state-written:900:kill", marks=pytest.mark.chaos),  # SIGKILL mid-event
-        "worker-6-committed:2:kill",  # SIGKILL right after a commit: no table write may be left behind
+        # SIGKILL right after a commit: no table write may be left behind
+        pytest.param("worker-6-committed:2:kill", marks=pytest.mark.chaos),
         "sink-3-inserted:1:kill",  # SIGKILL between the ledger insert and the offset commit
     ],
 )

@@ -140,7 +140,7 @@ def cmd_invoice(settings: Settings, args: argparse.Namespace) -> int:
 
     catalog, text = read_catalog(settings.catalog)
     incomplete = _ledger_incomplete(settings, args)
-    ledger = Ledger.open(settings.clickhouse_dsn, _password(settings))
+    ledger = Ledger.open(settings.clickhouse_dsn, settings.clickhouse_secret)
     try:
         register_catalog(ledger, catalog, text)
         outputs = run_invoices(
@@ -303,7 +303,7 @@ def cmd_ledger(settings: Settings, _args: argparse.Namespace) -> int:
     from sinks.ledger import Ledger
     from sinks.schema import COLUMNS
 
-    ledger = Ledger.open(settings.clickhouse_dsn, _password(settings))
+    ledger = Ledger.open(settings.clickhouse_dsn, settings.clickhouse_secret)
     try:
         report: dict[str, Any] = {table: ledger.count(table) for table in COLUMNS}
         report["dead_letters_by_reason"] = ledger.dead_letter_counts()
@@ -326,7 +326,7 @@ def cmd_sql(settings: Settings, args: argparse.Namespace) -> int:
     if not query.strip():
         msg = "sql: the query is empty"
         raise InputError(msg)
-    columns, rows = run_sql(settings.clickhouse_dsn, _password(settings), query)
+    columns, rows = run_sql(settings.clickhouse_dsn, settings.clickhouse_secret, query)
     sys.stdout.write(render(columns, rows, args.format))
     return 0
 
@@ -356,10 +356,6 @@ def _month(text: str) -> tuple[int, int]:
     from rating.periods import parse_month
 
     return parse_month(text)
-
-
-def _password(settings: Settings) -> str | None:
-    return settings.clickhouse_password.get_secret_value() if settings.clickhouse_password else None
 
 
 COMMANDS = {

@@ -158,7 +158,7 @@ def run_worker(
 
 def open_ledger(settings: Settings, catalog: Catalog, catalog_text: str) -> Ledger:
     """Open (and migrate) the ledger and record the catalog revision in use."""
-    ledger = Ledger.open(settings.clickhouse_dsn, _secret(settings))
+    ledger = Ledger.open(settings.clickhouse_dsn, settings.clickhouse_secret)
     if catalog_text:
         from pipeline.catalogs import register_catalog
 
@@ -168,7 +168,3 @@ def open_ledger(settings: Settings, catalog: Catalog, catalog_text: str) -> Ledg
             ledger.close()
             raise
     return ledger
-
-
-def _secret(settings: Settings) -> str | None:
-    return settings.clickhouse_password.get_secret_value() if settings.clickhouse_password else None

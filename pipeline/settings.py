@@ -77,6 +77,11 @@ class Settings(BaseSettings):
         return f"callmeter-{suffix}" if suffix else "callmeter"
 
     @property
+    def clickhouse_secret(self) -> str | None:
+        """The ClickHouse password in clear, for the client that needs it (never logged)."""
+        return self.clickhouse_password.get_secret_value() if self.clickhouse_password else None
+
+    @property
     def clickhouse_dsn(self) -> str:
         if self.clickhouse_url:
             return self.clickhouse_url

@@ -55,8 +55,9 @@ class _Ledger:
 
     def rows(self, sql: str, **parameters: Any) -> list[dict[str, Any]]:
         settings = self.settings
-        password = settings.clickhouse_password.get_secret_value() if settings.clickhouse_password else None
-        columns, rows = run_sql(settings.clickhouse_dsn, password, sql, parameters=parameters)
+        columns, rows = run_sql(
+            settings.clickhouse_dsn, settings.clickhouse_secret, sql, parameters=parameters
+        )
         return [dict(zip(columns, row, strict=True)) for row in rows]
 
 

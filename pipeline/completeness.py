@@ -31,7 +31,7 @@ def ledger_lag(settings: Settings, bootstrap: str, cutoff: datetime, timeout: fl
     topics = settings.topics
     groups = {
         settings.app_id: topics.inputs,
-        f"{settings.app_id}-ledger": [topics.rated, topics.accepted, topics.deadletter],
+        f"{settings.app_id}-ledger": topics.ledger_inputs,
     }
     conf: dict[str, Any] = {"bootstrap.servers": bootstrap}
     admin = AdminClient(conf)

@@ -15,6 +15,7 @@ from schemas.serde import Serde
 class MeterParts:
     """What the Meter's parts need of it, declared for readers and type checkers (pipeline/worker.py)."""
 
+    app: Any  # the faust.App
     settings: Settings
     topics: Any
     _parking_swept: dict[int, int]

@@ -99,6 +99,7 @@ class Topics:
         self.accepted = p("provisioning.accepted")
         self.alerts = p("alerts")
         self.deadletter = p("deadletter")
+        self.duplicates = p("duplicates")
 
     @property
     def inputs(self) -> list[str]:
@@ -106,4 +107,9 @@ class Topics:
 
     @property
     def all(self) -> list[str]:
-        return [self.calls, self.provisioning, self.rated, self.accepted, self.alerts, self.deadletter]
+        return [*self.inputs, self.rated, self.accepted, self.alerts, self.deadletter, self.duplicates]
+
+    @property
+    def ledger_inputs(self) -> list[str]:
+        """The worker outputs the ledger sink writes to ClickHouse."""
+        return [self.rated, self.accepted, self.deadletter, self.duplicates]

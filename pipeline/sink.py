@@ -2,12 +2,13 @@
 
 Commit protocol (what a crash at each step means):
 
-1. Poll a batch from ``calls.rated``, ``provisioning.accepted`` and ``deadletter`` with
+1. Poll a batch from ``calls.rated``, ``provisioning.accepted``, ``deadletter`` and ``duplicates`` with
    ``isolation.level=read_committed``: only outputs of committed worker transactions are seen, so an
    aborted attempt of the worker never reaches the ledger.
 2. Turn every record into ledger rows in memory (``Ledger.add``), keeping only first-seen copies: a
    key the ledger already holds from another source record (a resend after a fresh cluster or past
-   the stream's retention) is counted in ``duplicates`` and not written (sinks/ledger.py item 4).
+   the stream's retention) is counted in ``duplicates`` and written only as a ``duplicates`` row
+   (sinks/ledger.py item 4).
    Crash here: nothing written, nothing committed; the batch is polled again after restart.
 3. ``Ledger.flush(token)`` inserts the rows, one insert per table, each with a deduplication token
    derived from the batch's source offsets and content. Crash or error here: the Kafka offsets are not
@@ -44,7 +45,7 @@ from schemas.serde import Serde
 from sinks.errors import LedgerError
 from sinks.ledger import Ledger
 from sinks.query import QueryServer, serve_queries
-from sinks.schema import PROVISIONING_COLUMNS
+from sinks.schema import DUPLICATE_COLUMNS, PROVISIONING_COLUMNS
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -56,10 +57,14 @@ _KIND = {"calls": "call", "provisioning": "provisioning"}
 class _Entry:
     """One output record as ledger rows, with the identity the first-seen check needs."""
 
-    key: tuple[str, str, str] | None  # (raw topic, tenant, event id); None for dead letters
+    key: tuple[str, str, str] | None  # (raw topic, tenant, event id); None for dead letters, duplicates
     source: tuple[int, int]  # input partition and offset of the event
     payload: str
     rows: list[tuple[str, list[Any]]]
+    gateway_id: str = ""
+    # The output record's Kafka timestamp: the same on every redelivery, so a duplicate the ledger finds
+    # is one row however often its batch is written.
+    written_at: datetime | None = None
 
 
 def _header(msg: Message, name: str) -> str | None:
@@ -112,7 +117,7 @@ class LedgerSink:
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
-        self.consumer.subscribe([self.topics.rated, self.topics.accepted, self.topics.deadletter])
+        self.consumer.subscribe(self.topics.ledger_inputs)
         self._thread.start()
         # This process holds the ledger: analysts' read-only queries go through it (`callmeter sql`).
         self._queries = serve_queries(self.ledger, self.settings.clickhouse_dsn)
@@ -232,14 +237,15 @@ class LedgerSink:
             copies = known.setdefault(entry.key, [])
             mine = (*entry.source, entry.payload)
             if copies and mine not in copies:
-                self._duplicate(entry, copies[0])
+                kept.append(self._duplicate(entry, copies[0]))
                 continue
             if not copies:
                 copies.append(mine)
             kept.append(entry)
         return kept
 
-    def _duplicate(self, entry: _Entry, first: tuple[int, int, str]) -> None:
+    def _duplicate(self, entry: _Entry, first: tuple[int, int, str]) -> _Entry:
+        """Count a copy the ledger already holds and record it in ``duplicates`` (detected_by 'ledger')."""
         assert entry.key is not None
         kind = _KIND[entry.key[0]]
         self.duplicates[kind] += 1
@@ -257,9 +263,21 @@ class LedgerSink:
             first[0],
             first[1],
         )
+        topic = self.topics.calls if kind == "call" else self.topics.provisioning
+        at = entry.written_at or datetime.now(UTC)
+        row = [topic, *entry.source, kind, entry.key[1], entry.key[2], entry.gateway_id, at, "ledger", at]
+        return _Entry(None, entry.source, "", [("duplicates", row)])
 
     def _entry(self, msg: Message, topic: str, value: bytes) -> _Entry:
         now = datetime.now(UTC)
+        kind_ms, ms = msg.timestamp()
+        written_at = datetime.fromtimestamp(ms / 1000, UTC) if kind_ms and ms > 0 else now
+        if topic == self.topics.duplicates:
+            d = self._decode(value, "Duplicate")
+            row = [d[name] for name in DUPLICATE_COLUMNS[:8]] + ["worker", d["detected_at"]]
+            return _Entry(
+                None, (int(d["source_partition"]), int(d["source_offset"])), "", [("duplicates", row)]
+            )
         if topic == self.topics.deadletter:
             record = self._decode(value, "DeadLetter")
             key = record.get("key")
@@ -274,6 +292,7 @@ class LedgerSink:
                 original.hex(),
                 record["failed_at"],
                 int.from_bytes(hashlib.blake2b(original, digest_size=8).digest(), "big"),
+                *self._identity(original),
             ]
             source = (int(record["source_partition"]), int(record["source_offset"]))
             return _Entry(None, source, "", [("dead_letters", row)])
@@ -286,7 +305,8 @@ class LedgerSink:
             source = (int(r["source_partition"]), int(r["source_offset"]))
             raw = ["calls", r["tenant_id"], r["event_id"], "CallRecord", r["started_at"], payload]
             rows = [("rated_calls", rated_call_row(r, late=late)), ("raw_events", [*raw, *source, now])]
-            return _Entry(("calls", r["tenant_id"], r["event_id"]), source, payload, rows)
+            call_key = ("calls", r["tenant_id"], r["event_id"])
+            return _Entry(call_key, source, payload, rows, r["gateway_id"], written_at)
         if topic == self.topics.accepted:
             p = self._decode(value, "ProvisioningEvent")
             source = (
@@ -298,9 +318,20 @@ class LedgerSink:
             prov = [p["tenant_id"], p["event_id"], p["occurred_at"], p["action"], *fields, *source]
             raw = ["provisioning", p["tenant_id"], p["event_id"], "ProvisioningEvent", p["occurred_at"]]
             rows = [("provisioning_events", prov), ("raw_events", [*raw, payload, *source, now])]
-            return _Entry(("provisioning", p["tenant_id"], p["event_id"]), source, payload, rows)
+            prov_key = ("provisioning", p["tenant_id"], p["event_id"])
+            return _Entry(prov_key, source, payload, rows, "", written_at)
         text = f"sink received a record from unexpected topic {topic}"
         raise LedgerError(text)
+
+    def _identity(self, original: bytes) -> tuple[str, str, str]:
+        """Tenant, event id and gateway of a dead letter's original bytes, or blanks when they do not
+        decode (the reason the record is a dead letter at all, often)."""
+        try:
+            _name, record = self.serde.decode(original)
+        except SerdeError:
+            return ("", "", "")
+        fields = (record.get("tenant_id"), record.get("event_id"), record.get("gateway_id"))
+        return tuple(value if isinstance(value, str) else "" for value in fields)  # type: ignore[return-value]
 
     def _is_final(self, tenant_id: str, period_start: datetime) -> bool:
         if time.monotonic() - self._finalized_at > 10:

@@ -63,7 +63,9 @@ SELECT
     (SELECT count() FROM provisioning_events FINAL) AS provisioning_events,
     (SELECT toUnixTimestamp64Milli(max(ingested_at)) FROM raw_events) AS last_event_ms,
     (SELECT groupArray((reason, n)) FROM (SELECT reason, sum(dead_letters) AS n
-        FROM dead_letters_by_reason GROUP BY reason ORDER BY reason)) AS dead_letters
+        FROM dead_letters_by_reason GROUP BY reason ORDER BY reason)) AS dead_letters,
+    (SELECT groupArray((kind, n)) FROM (SELECT kind, sum(duplicates) AS n
+        FROM duplicates_by_gateway GROUP BY kind ORDER BY kind)) AS duplicates
 """
 
 
@@ -73,13 +75,15 @@ def ledger_figures(settings: Settings) -> dict[str, Any] | str:
     from sinks.errors import LedgerError
     from sinks.query import run_sql
 
-    password = settings.clickhouse_password.get_secret_value() if settings.clickhouse_password else None
     try:
-        columns, rows = run_sql(settings.clickhouse_dsn, password, _LEDGER_FIGURES, timeout_seconds=30)
+        columns, rows = run_sql(
+            settings.clickhouse_dsn, settings.clickhouse_secret, _LEDGER_FIGURES, timeout_seconds=30
+        )
     except LedgerError as exc:
         return str(exc)
     figures = dict(zip(columns, rows[0], strict=True))
     figures["dead_letters"] = {str(reason): int(n) for reason, n in figures["dead_letters"]}
+    figures["duplicates"] = {str(kind): int(n) for kind, n in figures["duplicates"]}
     return figures
 
 
@@ -148,11 +152,12 @@ def render(
     else:
         last_ms = ledger.get("last_event_ms") or 0
         last = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(last_ms / 1000)) if last_ms else "never"
-        dead = ledger["dead_letters"]
+        dead, dups = ledger["dead_letters"], ledger["duplicates"]
         lines += [
             f"ledger: {ledger['rated_calls']} rated calls, {ledger['provisioning_events']} provisioning "
             f"events; last event written {last}",
             f"ledger dead letters by reason: {json.dumps(dead, sort_keys=True) if dead else 'none'}",
+            f"ledger duplicates by kind: {json.dumps(dups, sort_keys=True) if dups else 'none'}",
         ]
     lines.append("")
     lines.append("HEALTHY" if not health.problems else "UNHEALTHY: " + "; ".join(health.problems))

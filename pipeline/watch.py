@@ -175,7 +175,7 @@ class IdleWatch(threading.Thread):
         if not self.ready():
             return False
         topics = self.settings.topics
-        outputs = (topics.rated, topics.accepted, topics.deadletter) if self.sink is not None else ()
+        outputs = tuple(topics.ledger_inputs) if self.sink is not None else ()
         meta = self.admin.list_topics(timeout=10)
         tps = [TopicPartition(t, p) for t in (*topics.inputs, *outputs) for p in meta.topics[t].partitions]
         ends = self.admin.list_offsets({tp: OffsetSpec.latest() for tp in tps}, request_timeout=10)

@@ -10,11 +10,12 @@ tenant's calls and provisioning share P and its state lives in partition P of ev
    message) is sent to ``deadletter`` partition P inside P's transaction. A decoded event's key is left
    with a checksum of its bytes: an identical copy is a duplicate, a corrected resend is processed.
 3. Dedupe: ``seen`` (RocksDB, changelogged) is looked up by ``(kind, tenant_id, event_id)``. A hit is
-   counted as a duplicate and writes nothing anywhere.
+   counted as a duplicate: no state write, only a Duplicate record to ``duplicates`` partition P (step 5)
+   so the ledger can count duplicates per gateway.
 4. State writes (``seen``, ``tenants``, ``parked``, ``balances``, ``alerted``) go to RocksDB and, through
    Faust's producer buffer, to partition P of their changelog topics inside P's transaction.
    (Crash point ``worker-4-state-written``.)
-5. Outputs (rated call, accepted provisioning event, dead letter, alert) go to partition P of their
+5. Outputs (rated call, accepted provisioning event, dead letter, duplicate, alert) go to partition P of their
    topics inside P's transaction (``_send`` picks P's transactional producer explicitly). The event is
    acknowledged and the critical section ends. (Crash points ``worker-5-output-sent``, ``after-event``.)
 6. Every commit interval (and at a rebalance or shutdown) the guard waits for the current event, drains
@@ -41,7 +42,7 @@ import logging
 import threading
 import time
 import zlib
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import faust
@@ -50,8 +51,8 @@ from pipeline import metrics
 from pipeline.balances import Balances
 from pipeline.crashpoints import CRASH_AT as _CRASH_AT
 from pipeline.crashpoints import acrash_point
-from pipeline.errors import PipelineError
 from pipeline.guard import CommitGuard
+from pipeline.outputs import Outputs
 from pipeline.parking import Parking
 from pipeline.records import call_from_record, provisioning_from_record, rated_to_record
 from pipeline.settings import Settings
@@ -126,7 +127,7 @@ class _FaultCounter(logging.Handler):
         self.meter.faults += 1
 
 
-class Meter(Parking, Balances):
+class Meter(Outputs, Parking, Balances):
     """Builds the Faust app: one agent over both input topics and four co-partitioned tables."""
 
     def __init__(self, settings: Settings, bootstrap: str, catalog: Catalog, serde: Serde) -> None:
@@ -268,9 +269,7 @@ class Meter(Parking, Balances):
         if known is not None and not _dead_copy_differs(known, raw):
             # A copy of an event already accepted, or of an invalid one already dead-lettered (the same
             # bytes): a duplicate either way. A corrected resend of an invalid event is processed anew.
-            self.stats.duplicates[kind] += 1
-            metrics.DUPLICATES.labels(topic=topic).inc()
-            self.stats.tick(duplicates=1)
+            await self._duplicate(src, kind, record, event_time)
             return
         if kind == "call":
             await self._on_call(src, record, dedupe_key)
@@ -422,39 +421,3 @@ class Meter(Parking, Balances):
                 await self._release_parked(event.tenant_id, held, timeline)
             if event.action in _RERATING_ACTIONS:
                 await self.rerate_balances(event.tenant_id, timeline, event.occurred_at)
-
-    async def _dead(self, src: tuple[Any, ...], reason: str, message: str) -> None:
-        topic, partition, offset, key, raw = src
-        self.stats.dead_letters[str(reason)] += 1
-        metrics.DEAD_LETTERS.labels(reason=str(reason)).inc()
-        self.stats.tick(dead=1)
-        record = {
-            "source_topic": topic,
-            "source_partition": partition,
-            "source_offset": offset,
-            "key": key,
-            "value": raw,
-            "reason": str(reason),
-            "message": message,
-            "failed_at": datetime.now(UTC),
-        }
-        await self._send(
-            self.topics.deadletter, key, self.serde.encode("DeadLetter", record, self.topics.deadletter)
-        )
-
-    async def _send(
-        self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]] | None = None
-    ) -> None:
-        """Send inside the transaction of the input partition being processed (protocol step 5).
-
-        Faust's own TransactionManager.send picks the transaction from the *destination* topic's group,
-        which only exists for topics this app consumes; output topics are not among them, so we name the
-        source partition's transactional producer ourselves (same id format Faust uses).
-        """
-        event = faust.current_event()
-        if event is None:
-            msg = "output sent outside of an event"
-            raise PipelineError(msg)
-        src_topic, partition = event.message.topic, event.message.partition
-        tid = f"{self.app.conf.id}-{self.app.assignor.group_for_topic(src_topic)}-{partition}"
-        await self.app.producer.send(topic, key, value, partition, None, headers, transactional_id=tid)

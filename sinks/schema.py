@@ -66,6 +66,9 @@ DEAD_LETTER_COLUMNS = (
     "value_hex",
     "failed_at",
     "value_digest",
+    "tenant_id",
+    "event_id",
+    "gateway_id",
 )
 CATALOG_COLUMNS = ("revision", "sha256", "body", "loaded_at")
 ADJUSTMENT_COLUMNS = (
@@ -105,6 +108,19 @@ INVOICE_LINE_COLUMNS = (
     "generated_at",
 )
 
+DUPLICATE_COLUMNS = (
+    "source_topic",
+    "source_partition",
+    "source_offset",
+    "kind",
+    "tenant_id",
+    "event_id",
+    "gateway_id",
+    "event_time",
+    "detected_by",
+    "detected_at",
+)
+
 CORRECTION_COLUMNS = (
     "tenant_id",
     "event_id",
@@ -126,6 +142,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "catalogs": CATALOG_COLUMNS,
     "adjustments": ADJUSTMENT_COLUMNS,
     "rating_corrections": CORRECTION_COLUMNS,
+    "duplicates": DUPLICATE_COLUMNS,
 }
 
 # Versioned DDL: append a new entry to change the schema; never edit an applied one.
@@ -320,6 +337,38 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             SELECT source_topic, reason, count() AS dead_letters, min(failed_at) AS first_at,
                    max(failed_at) AS last_at
             FROM dead_letters FINAL GROUP BY source_topic, reason""",
+        ],
+    ),
+    (
+        6,
+        "duplicates and dead letters by gateway and tenant",
+        [
+            # What a dead letter's original bytes say, when they decode: '' for undecodable records and
+            # for provisioning events (no gateway). Rows from before have ''.
+            "ALTER TABLE dead_letters ADD COLUMN IF NOT EXISTS tenant_id String DEFAULT '', "
+            "ADD COLUMN IF NOT EXISTS event_id String DEFAULT '', "
+            "ADD COLUMN IF NOT EXISTS gateway_id LowCardinality(String) DEFAULT ''",
+            # Every copy of an event already processed: found by the worker (idempotency key in its
+            # state, detected_by 'worker') or by the ledger sink (a key the ledger already holds from
+            # another source record, 'ledger'). detected_at comes from the Kafka record, so a batch the
+            # sink writes again collapses onto the same rows.
+            f"""CREATE TABLE IF NOT EXISTS duplicates (
+                source_topic LowCardinality(String), source_partition UInt32, source_offset UInt64,
+                kind LowCardinality(String), tenant_id String, event_id String,
+                gateway_id LowCardinality(String), event_time {TS},
+                detected_by LowCardinality(String), detected_at {TS}
+            ) ENGINE = ReplacingMergeTree
+            ORDER BY (source_topic, source_partition, source_offset, tenant_id, event_id, detected_at)
+            {_REPLACING}""",
+            """CREATE VIEW IF NOT EXISTS dead_letters_by_gateway AS
+            SELECT source_topic, reason, gateway_id, count() AS dead_letters,
+                   min(failed_at) AS first_at, max(failed_at) AS last_at
+            FROM dead_letters FINAL GROUP BY source_topic, reason, gateway_id""",
+            """CREATE VIEW IF NOT EXISTS duplicates_by_gateway AS
+            SELECT kind, gateway_id, count() AS duplicates,
+                   countIf(detected_by = 'ledger') AS found_by_ledger,
+                   min(detected_at) AS first_at, max(detected_at) AS last_at
+            FROM duplicates FINAL GROUP BY kind, gateway_id""",
         ],
     ),
 ]

@@ -112,6 +112,16 @@ def test_bad_records_reach_the_dead_letter_topic_with_reason(cm_env: dict[str, s
     }
     assert report["rated_calls"] == 1
     assert report["billable_seconds_by_tenant"] == {"zeta": 60}
+    # Who sent each dead letter, as far as its bytes tell (issue 11: dead letters by gateway).
+    rows = callmeter(
+        cm_env, "sql", "SELECT reason, tenant_id, event_id, gateway_id FROM dead_letters ORDER BY reason",
+        "--format", "json",
+    ).stdout  # fmt: skip
+    assert json.loads(rows) == [
+        {"reason": "ENDED_BEFORE_ANSWERED", "tenant_id": "zeta", "event_id": "x1", "gateway_id": "gw-1"},
+        {"reason": "UNDECODABLE", "tenant_id": "", "event_id": "", "gateway_id": ""},
+        {"reason": "UNKNOWN_PLAN", "tenant_id": "omega", "event_id": "s2", "gateway_id": ""},
+    ]
 
 
 def test_produce_rejects_a_bad_file_with_one_line_and_publishes_nothing(

@@ -133,7 +133,7 @@ def test_copies_of_an_invalid_event_are_duplicates_and_a_corrected_resend_is_rat
     stats = worker_stats(cm_env)
     assert stats["rated"] == 1
     report = ledger_report(cm_env)
-    assert (report["rated_calls"], report["dead_letters"]) == (1, 1)
+    assert (report["rated_calls"], report["dead_letters"], report["duplicates"]) == (1, 1, 2)
 
 
 def test_poison_input_is_dead_lettered_and_nothing_else_is_disturbed(

@@ -156,9 +156,41 @@ def _expected(events: Path) -> dict[str, list[dict[str, Any]]]:
         {"hour": h, "calls": len(rs), "billable_seconds": sum(r.billable_seconds for r in rs)}
         for h, rs in sorted(hours.items(), key=lambda item: (-len(item[1]), item[0]))[:3]
     ]
-    q10 = [{"reason": "ENDED_BEFORE_ANSWERED", "dead_letters": 1}]
+    q10 = [{"reason": "ENDED_BEFORE_ANSWERED", "gateway_id": "gw-1", "dead_letters": 1}]
+    # Every resend is a copy of a call first seen earlier: the worker finds it, whatever the order.
+    sent = Counter(c.gateway_id for c in calls)
+    unique = Counter(c.gateway_id for c in dedupe(calls))
+    billed = {g: len(rs) for g, rs in gateways.items()}
+    q12 = [
+        {"gateway_id": g, "calls": n, "duplicates": sent[g] - unique[g],
+         "duplicate_rate": round((sent[g] - unique[g]) / (n + sent[g] - unique[g]), 4)}
+        for g, n in sorted(billed.items())
+    ]  # fmt: skip
     return {"Q1": q1, "Q2": q2, "Q3": q3, "Q4": q4, "Q5": q5, "Q6": q6, "Q7": q7, "Q8": q8, "Q9": q9,
-            "Q10": q10, "Q11": []}  # fmt: skip
+            "Q10": q10, "Q11": [], "Q12": q12}  # fmt: skip
+
+
+_GRAFANA_MACROS = {
+    # The ClickHouse plugin's macros, with the dashboard's range set to cover the test months.
+    r"\$__timeFilter\((\w+)\)": r"\1 >= toDateTime64('2026-01-01 00:00:00', 3, 'UTC') AND "
+    r"\1 < toDateTime64('2027-01-01 00:00:00', 3, 'UTC')",
+    r"\$__fromTime": "toDateTime('2026-01-01 00:00:00', 'UTC')",
+    r"\$__toTime": "toDateTime('2027-01-01 00:00:00', 'UTC')",
+}
+
+
+def finance_panels() -> dict[str, str]:
+    """Every query of the finance dashboard (deploy/grafana/finance.json), macros expanded."""
+    board = json.loads((ROOT / "deploy" / "grafana" / "finance.json").read_text())
+    panels = {}
+    for panel in board["panels"]:
+        (target,) = panel["targets"]
+        query = target["rawSql"]
+        for macro, value in _GRAFANA_MACROS.items():
+            query = re.sub(macro, value, query)
+        assert "$" not in query, query
+        panels[panel["title"]] = query
+    return panels
 
 
 def _reference_invoices(events: Path, month: int) -> list[Any]:
@@ -180,10 +212,30 @@ def test_the_docs_ready_queries_answer_what_the_batch_computation_says(
     callmeter(cm_env, "invoice", "--period", "2026-10", "--out", str(tmp_path / "oct"))
     expected = _expected(events)
     queries = doc_queries()
-    assert sorted(queries, key=lambda q: int(q[1:])) == [f"Q{i}" for i in range(1, 12)]
+    assert sorted(queries, key=lambda q: int(q[1:])) == [f"Q{i}" for i in range(1, 13)]
     assert expected["Q4"] and expected["Q7"] and any(r["overage_seconds"] for r in expected["Q3"])
+    assert sum(r["duplicates"] for r in expected["Q12"]) == 8
     for name, query in queries.items():
         assert sql(cm_env, query) == expected[name], name
+
+    # The finance dashboard's panels read the same views and answer the same figures.
+    panels = {title: sql(cm_env, query) for title, query in finance_panels().items()}
+    invoices = _reference_invoices(events, 9) + _reference_invoices(events, 10)
+    assert sum(Decimal(r["total"]) for r in panels["Revenue by plan and period (invoiced)"]) == sum(
+        i.total for i in invoices
+    )
+    hours = sum(Decimal(str(r["billable_hours"])) for r in panels["Billable hours per day by plan"])
+    assert round(hours * 3600) == sum(r["billable_seconds"] for r in expected["Q1"])
+    by_gateway = sorted(panels["Duplicate rate per gateway"], key=lambda r: r["gateway_id"])
+    assert by_gateway == expected["Q12"]
+    assert panels["Dead letters by reason and gateway"][0]["dead_letters"] == 1
+    assert panels["Adjustments per month"] == []
+    assert {r["status"]: r["invoices"] for r in panels["Final vs draft invoices by period"]} == {
+        "final": len(_reference_invoices(events, 9)), "draft": len(_reference_invoices(events, 10))
+    }  # fmt: skip
+    assert all(panels.values()) or set(t for t, rows in panels.items() if not rows) == {
+        "Adjustments per month"
+    }
 
     # The usage review of a tenant's October period (ended: its own forecast), against rating/.
     review = json.loads(callmeter(cm_env, "usage", "acme", "--period", "2026-10", "--json").stdout)

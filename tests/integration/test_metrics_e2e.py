@@ -83,3 +83,4 @@ def test_metrics_count_injected_duplicates_and_bad_records(cm_env: dict[str, str
     # With the worker down, status still says what the ledger holds (issue 11).
     assert f"ledger: {len(calls)} rated calls" in down.stdout, down.stdout
     assert 'ledger dead letters by reason: {"NEGATIVE_DURATION": 3, "UNKNOWN_SCHEMA": 2}' in down.stdout
+    assert 'ledger duplicates by kind: {"call": 25, "provisioning": 2}' in down.stdout

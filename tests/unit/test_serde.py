@@ -98,6 +98,17 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "message": "CallRecord body does not decode",
         "failed_at": T0,
     },
+    "Duplicate": {
+        "source_topic": "calls",
+        "source_partition": 2,
+        "source_offset": 2**33,
+        "kind": "call",
+        "tenant_id": "acme",
+        "event_id": "c-1",
+        "gateway_id": "gw-east",
+        "event_time": T0,
+        "detected_at": T0 + timedelta(seconds=3),
+    },
 }
 
 
@@ -155,8 +166,15 @@ def _avsc(record_name: str) -> Path:
     return max(files, key=lambda f: int(f.name.removesuffix(".avsc").rsplit(".v", 1)[1]))
 
 
-def test_records_are_the_five_types() -> None:
-    assert set(RECORDS) == {"CallRecord", "ProvisioningEvent", "RatedCall", "Alert", "DeadLetter"}
+def test_records_are_the_six_types() -> None:
+    assert set(RECORDS) == {
+        "CallRecord",
+        "ProvisioningEvent",
+        "RatedCall",
+        "Alert",
+        "DeadLetter",
+        "Duplicate",
+    }
 
 
 @pytest.mark.parametrize("record_name", sorted(SAMPLES))

@@ -48,6 +48,7 @@ ALERTS = {
     "CallmeterLedgerInsertFailures",
     "CallmeterNoEventsIngested",
     "CallmeterEventTimeLagBeyondSettlement",
+    "CallmeterWorkerDown",
 }
 
 

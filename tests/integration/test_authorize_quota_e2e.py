@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.settings import SAMPLE_CATALOG
 from tests.integration.cli import BackgroundWorker, callmeter, metric_values
 from tests.integration.eventfiles import prov
 from tests.integration.test_balances_alerts_e2e import T0, call, subscription, write
@@ -14,6 +15,21 @@ from tests.integration.test_balances_alerts_e2e import T0, call, subscription, w
 pytestmark = pytest.mark.integration
 
 AT = "?at=2026-11-20T00:00:00Z"
+LATER_BOOK = """
+  - id: "2027-01"
+    effective_from: "2027-01-01T00:00:00Z"
+    plans:
+      starter:
+        base_fee: "49.00"
+        included_seconds: 18000
+        overage: charge
+        overage_tiers:
+          - {up_to: null, rate: "0.0200"}
+        overage_cap: null
+        rounding: {minimum_seconds: 0, increment_seconds: 1}
+        numbers: {included_local: 1, local_fee: "2.00", toll_free_fee: "5.00", max: 3}
+        employees: {max_active: 5}
+"""
 
 
 def test_authorization_and_quota_follow_calls_and_provisioning(
@@ -36,6 +52,10 @@ def test_authorization_and_quota_follow_calls_and_provisioning(
         num("n1", "2026-11-02T11:00:00Z", "+15550001"),
         num("n2", "2026-11-03T11:00:00Z", "+15550002"),
     ]
+    # The shipped catalog plus a 2027 price book without hardstop: a period callmeter cannot decide.
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(SAMPLE_CATALOG.read_text() + LATER_BOOK)
+    cm_env = dict(cm_env, CALLMETER_CATALOG=str(catalog))
     callmeter(cm_env, "produce", write(tmp_path / "setup.jsonl", setup))
     with BackgroundWorker(cm_env) as worker:
         worker.wait_for(lambda s: s["stats"]["consumed"].get("provisioning") == 7, "provisioning")
@@ -106,6 +126,12 @@ def test_authorization_and_quota_follow_calls_and_provisioning(
         _status, body = worker.get("/authorize/qt?at=2026-11-25T00:00:00Z")
         assert (body["allowed"], body["reason"]) == (False, "cancelled")
         assert worker.get("/authorize/blk?at=yesterday")[0] == 400
+        status, body = worker.get("/authorize/blk?at=2027-01-05T00:00:00Z")
+        assert (status, body) == (
+            503,
+            {"error": "plan 'hardstop' is not in price book '2027-01'", "tenant_id": "blk"},
+        )
+        assert worker.get("/quota/blk?at=2027-01-05T00:00:00Z")[0] == 503
         _status, text = worker.get("/metrics")
         served = metric_values(text, "callmeter_tenant_api_requests_total")
         assert served['{endpoint="authorize",status="200"}'] == 6

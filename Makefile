@@ -45,7 +45,8 @@ lint: setup
 	$(BIN)/mypy schemas pipeline rating sinks
 
 # Worker throughput and peak memory on BENCH_CALLS (default 1,000,000) simulated call records, then
-# balance latency p50/p99 under simulator load and produce-to-balance freshness.
+# balance and pre-call authorization latency p50/p99 under simulator load (authorization idle too, and
+# its handler time from the worker's histogram) and produce-to-balance freshness.
 bench: setup
 	$(BIN)/python -m pipeline.bench --processes 1,2
 	$(BIN)/python -m pipeline.bench --balance --calls 100000

@@ -28,8 +28,31 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def _authorize_buckets(url: str) -> list[tuple[float, float]]:
+    """(bound in seconds, cumulative count) of the worker's authorize latency histogram."""
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 - local worker
+        text = resp.read().decode()
+    prefix = 'callmeter_tenant_api_request_duration_seconds_bucket{endpoint="authorize",'
+    return [
+        (float(line.split('le="')[1].split('"')[0]), float(line.rsplit(" ", 1)[1]))
+        for line in text.splitlines()
+        if line.startswith(prefix)
+    ]
+
+
+def _bound_ms(before: list[tuple[float, float]], after: list[tuple[float, float]], q: float) -> float | None:
+    """The smallest bucket bound (ms) under which a share ``q`` of the samples between two scrapes fall."""
+    counts = [(bound, n - dict(before).get(bound, 0.0)) for bound, n in after]
+    if not counts or counts[-1][1] == 0:
+        return None
+    return next(round(bound * 1000, 3) for bound, n in counts if n >= q * counts[-1][1])
+
+
 def balance_bench(env: dict[str, str], requests: int, load_calls: int) -> dict[str, object]:
-    """Balance latency under load from the simulator, and produce-to-balance freshness."""
+    """Balance and pre-call authorization latency under load from the simulator (HTTP round trips on
+    loopback, as a gateway sees them), and produce-to-balance freshness."""
     import random
     import threading
     import urllib.error
@@ -125,6 +148,14 @@ def balance_bench(env: dict[str, str], requests: int, load_calls: int) -> dict[s
                 time.sleep(0.005)
             fresh.append(time.perf_counter() - t0)
 
+        # Idle baseline: the same authorization request with nothing else running, so the figure under
+        # load below can be told apart from what the endpoint itself costs.
+        idle = []
+        for _ in range(min(requests, 500)):
+            t0 = time.perf_counter()
+            get("/authorize/fresh")
+            idle.append(time.perf_counter() - t0)
+
         # Load: the simulator publishes while requests are timed (bounded count, loopback only).
         load = threading.Thread(
             target=lambda: subprocess.run(  # noqa: S603
@@ -155,12 +186,18 @@ def balance_bench(env: dict[str, str], requests: int, load_calls: int) -> dict[s
                 raise RuntimeError(msg)
             time.sleep(0.2)
         lag_before = sum(row["messages"] for row in get("/status")["lag"])
+        buckets_before = _authorize_buckets(base + "/metrics")
         rng = random.Random(1)  # noqa: S311 - benchmark traffic
-        latencies = []
+        # Balance and pre-call authorization requests alternate, so both meet the same load.
+        latencies, authorize_latencies = [], []
         for _ in range(requests):
             t0 = time.perf_counter()
             get(f"/balances/{rng.choice(tenants)}?at=2026-10-20T00:00:00Z")
             latencies.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            get(f"/authorize/{rng.choice(tenants)}")
+            authorize_latencies.append(time.perf_counter() - t0)
+        served_within = _bound_ms(buckets_before, _authorize_buckets(base + "/metrics"), 0.99)
         consumed_during = get("/status")["stats"]["consumed"]
         lag_after = sum(row["messages"] for row in get("/status")["lag"])
         load.join()
@@ -171,6 +208,13 @@ def balance_bench(env: dict[str, str], requests: int, load_calls: int) -> dict[s
         "balance_requests": requests,
         "balance_latency_ms_p50": round(_percentile(latencies, 0.5) * 1000, 2),
         "balance_latency_ms_p99": round(_percentile(latencies, 0.99) * 1000, 2),
+        "authorize_requests": requests,
+        "authorize_latency_ms_p50": round(_percentile(authorize_latencies, 0.5) * 1000, 2),
+        "authorize_latency_ms_p99": round(_percentile(authorize_latencies, 0.99) * 1000, 2),
+        "authorize_latency_ms_p99_idle": round(_percentile(idle, 0.99) * 1000, 2),
+        # From the worker's own histogram: 99 % of authorizations took at most this long inside the
+        # handler; the rest of the round trip above is waiting for the event loop and the CPU.
+        "authorize_handler_ms_p99_at_most": served_within,
         "worker_input_lag_messages_at_start": lag_before,
         "worker_input_lag_messages_at_end": lag_after,
         "worker_consumed_by_end": consumed_during,

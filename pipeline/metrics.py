@@ -106,6 +106,19 @@ BALANCE_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
     registry=REGISTRY,
 )
+TENANT_API_REQUESTS = Counter(
+    "callmeter_tenant_api_requests",
+    "Pre-call authorization and quota API requests answered here, by endpoint and HTTP status.",
+    ["endpoint", "status"],
+    registry=REGISTRY,
+)
+TENANT_API_SECONDS = Histogram(
+    "callmeter_tenant_api_request_duration_seconds",
+    "Time to answer an authorization or quota request on the owning worker (target p99 < 5 ms).",
+    ["endpoint"],
+    buckets=(0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5),
+    registry=REGISTRY,
+)
 ALERTS_EMITTED = Counter(
     "callmeter_alerts_emitted", "Alerts sent to the alerts topic.", ["kind", "threshold"], registry=REGISTRY
 )

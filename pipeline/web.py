@@ -5,6 +5,11 @@ the request is forwarded there (Faust's router and the partition assignor's host
 workers any of them answers from live state, never from a stale or empty replica. The owner is found
 by hashing the raw tenant bytes with the producers' partitioner (murmur2), because that, not the
 JSON-encoded table key, decides which partition holds a tenant's state.
+
+``GET /authorize/{tenant_id}`` (pre-call authorization) and ``GET /quota/{tenant_id}`` (quota before
+creating an employee or a number) are routed the same way and answered from the same local state: the
+tenant's timeline and its period balance in RocksDB, with ``rating.authorize`` / ``rating.quota`` deciding.
+Nothing on their path waits for Kafka: a gateway asks once per call.
 """
 
 from __future__ import annotations
@@ -17,7 +22,10 @@ from faust.exceptions import SameNode
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pipeline import metrics
+from rating.authorize import authorize
 from rating.balance import balance
+from rating.errors import CatalogError
+from rating.quota import quota
 from rating.subscription import TenantTimeline
 
 if TYPE_CHECKING:
@@ -50,8 +58,64 @@ def balance_body(meter: Meter, tenant_id: str, at: datetime | None) -> tuple[int
     return 200, result.to_json_dict()
 
 
+def _timeline(meter: Meter, tenant_id: str) -> TenantTimeline | None:
+    # The agent's parsed timelines are current for every tenant of this worker's partitions (it
+    # updates them with the table); parsing the stored JSON is the fallback for one it has not needed.
+    cached = meter._timelines.get(tenant_id)
+    if cached is not None:
+        return cached
+    stored = meter.read_owned(meter.tenants, tenant_id)
+    return TenantTimeline.from_dict(stored) if stored else None
+
+
+def authorize_body(meter: Meter, tenant_id: str, at: datetime | None) -> tuple[int, dict[str, Any]]:
+    timeline = _timeline(meter, tenant_id)
+    now = at or datetime.now(UTC)
+    used = 0
+    if timeline is not None and timeline.subscribed:
+        key = meter.balance_key(tenant_id, timeline.period_at(now).start)
+        used = int(meter.read_owned(meter.balances, key, tenant_id) or 0)
+    try:
+        return 200, authorize(tenant_id, timeline, meter.catalog, used, now).to_json_dict()
+    except CatalogError as exc:
+        # callmeter cannot decide; the gateway's own unreachable policy applies (README).
+        return 503, {"error": str(exc), "tenant_id": tenant_id}
+
+
+def quota_body(meter: Meter, tenant_id: str, at: datetime | None) -> tuple[int, dict[str, Any]]:
+    try:
+        body = quota(tenant_id, _timeline(meter, tenant_id), meter.catalog, at or datetime.now(UTC))
+    except CatalogError as exc:
+        return 503, {"error": str(exc), "tenant_id": tenant_id}
+    return 200, body.to_json_dict()
+
+
 def install(meter: Meter) -> None:
     app = meter.app
+
+    async def forwarded(web: Any, request: Any, tenant_id: str) -> Any:
+        """The owner's response when another worker owns the tenant's partition, else None."""
+        changelog = meter.tenants.changelog_topic.get_topic_name()
+        owner = app.assignor.key_store(changelog, tenant_id.encode())
+        try:
+            return await app.router._route_req(owner, web, request)  # type: ignore[attr-defined]
+        except SameNode:
+            return None
+
+    async def answer(web: Any, request: Any, tenant_id: str, endpoint: str, body: Any) -> Any:
+        routed = await forwarded(web, request, tenant_id)
+        if routed is not None:
+            return routed
+        started = time.perf_counter()
+        try:
+            at = _parse_at(request.query.get("at"))
+        except ValueError as exc:
+            metrics.TENANT_API_REQUESTS.labels(endpoint=endpoint, status="400").inc()
+            return web.json({"error": f"bad at: {exc}"}, status=400)
+        status, result = body(meter, tenant_id, at)
+        metrics.TENANT_API_REQUESTS.labels(endpoint=endpoint, status=str(status)).inc()
+        metrics.TENANT_API_SECONDS.labels(endpoint=endpoint).observe(time.perf_counter() - started)
+        return web.json(result, status=status)
 
     @app.page("/metrics")
     async def metrics_page(web: Any, request: Any) -> Any:
@@ -63,12 +127,9 @@ def install(meter: Meter) -> None:
 
     @app.page("/balances/{tenant_id}")
     async def balance_page(web: Any, request: Any, tenant_id: str) -> Any:
-        changelog = meter.tenants.changelog_topic.get_topic_name()
-        owner = app.assignor.key_store(changelog, tenant_id.encode())
-        try:
-            return await app.router._route_req(owner, web, request)  # type: ignore[attr-defined]
-        except SameNode:
-            pass
+        routed = await forwarded(web, request, tenant_id)
+        if routed is not None:
+            return routed
         started = time.perf_counter()
         try:
             at = _parse_at(request.query.get("at"))
@@ -79,3 +140,11 @@ def install(meter: Meter) -> None:
         metrics.BALANCE_REQUESTS.labels(status=str(status)).inc()
         metrics.BALANCE_SECONDS.observe(time.perf_counter() - started)
         return web.json(body, status=status)
+
+    @app.page("/authorize/{tenant_id}")
+    async def authorize_page(web: Any, request: Any, tenant_id: str) -> Any:
+        return await answer(web, request, tenant_id, "authorize", authorize_body)
+
+    @app.page("/quota/{tenant_id}")
+    async def quota_page(web: Any, request: Any, tenant_id: str) -> Any:
+        return await answer(web, request, tenant_id, "quota", quota_body)

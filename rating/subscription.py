@@ -256,6 +256,16 @@ class TenantTimeline:
             return None
         return period_containing(self._anchor, self._subscribed_at)
 
+    def cancelled_as_of(self, ts: datetime) -> datetime | None:
+        """When the subscription in force at ``ts`` (the latest one started by ``ts``'s period) was
+        cancelled, if that happened at or before ``ts``; None while it runs, or before any started."""
+        if self._anchor is None:
+            return None
+        start = period_containing(self._anchor, require_utc(ts, "timestamp")).start
+        started = [segment for segment in self._segments if segment.first_start <= start]
+        cancelled = started[-1].cancelled_at if started else None
+        return cancelled if cancelled is not None and cancelled <= ts else None
+
     def period_at(self, ts: datetime) -> Period:
         return period_containing(self.anchor, ts)
 

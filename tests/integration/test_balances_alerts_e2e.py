@@ -218,6 +218,9 @@ def test_two_workers_answer_every_tenant_from_either_port(cm_env: dict[str, str]
                     100 * (i + 1),
                     18000 - 100 * (i + 1),
                 )
+                # Authorization and quota are forwarded to the owner the same way (issue 12).
+                assert w.get(f"/authorize/{t}?at=2026-11-20T00:00:00Z")[1]["plan_id"] == "starter"
+                assert w.get(f"/quota/{t}?at=2026-11-20T00:00:00Z")[1]["employees"]["limit"] == 5
         owned = [set(w.status()["assigned_calls_partitions"]) for w in (a, b)]
         # Both own some partitions, so half the answers above were forwarded to the other worker.
         assert owned[0] and owned[1] and owned[0] | owned[1] == set(range(6)) and not owned[0] & owned[1]

@@ -140,7 +140,7 @@ def cmd_invoice(settings: Settings, args: argparse.Namespace) -> int:
 
     catalog, text = read_catalog(settings.catalog)
     incomplete = _ledger_incomplete(settings, args)
-    ledger = Ledger.open(settings.clickhouse_dsn, _password(settings))
+    ledger = Ledger.open(settings.clickhouse_dsn, _password(settings), settings.clickhouse_cluster)
     try:
         register_catalog(ledger, catalog, text)
         outputs = run_invoices(
@@ -303,7 +303,7 @@ def cmd_ledger(settings: Settings, _args: argparse.Namespace) -> int:
     from sinks.ledger import Ledger
     from sinks.schema import COLUMNS
 
-    ledger = Ledger.open(settings.clickhouse_dsn, _password(settings))
+    ledger = Ledger.open(settings.clickhouse_dsn, _password(settings), settings.clickhouse_cluster)
     try:
         report: dict[str, Any] = {table: ledger.count(table) for table in COLUMNS}
         report["dead_letters_by_reason"] = ledger.dead_letter_counts()

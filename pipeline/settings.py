@@ -23,6 +23,10 @@ class Settings(BaseSettings):
     # chdb:///path (embedded, the default: <data_dir>/clickhouse) or http(s)://user@host:port/db.
     clickhouse_url: str | None = None
     clickhouse_password: SecretStr | None = None
+    # A cluster defined in the servers' remote_servers: the ledger's migrations then create each table
+    # as a Replicated <name>_local on every node and a Distributed <name> over them, sharded by tenant
+    # (sinks/cluster.py, docs/deployment.md). Needs clickhouse_url; unset is one server.
+    clickhouse_cluster: str | None = None
     schema_registry_url: str | None = None
     schema_registry_basic_auth: SecretStr | None = None
     # Lets several isolated pipelines (tests, staging) share one cluster.

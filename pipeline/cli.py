@@ -100,10 +100,11 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from pipeline.catalogs import read_catalog
     from pipeline.errors import RetryableError
     from pipeline.guard import EXIT_RETRY
-    from pipeline.supervisor import child_role, is_child, supervise
+    from pipeline.supervisor import SINK_ONLY, child_role, is_child, supervise
 
     if not is_child():
-        return supervise(settings, args.argv)
+        # `callmeter sink` is this command with one process, the ledger sink (role "sink").
+        return supervise(settings, args.argv, SINK_ONLY if args.command == "sink" else None)
     catalog, text = read_catalog(settings.catalog)
     role = child_role()
     try:
@@ -367,6 +368,7 @@ COMMANDS = {
     "down": cmd_down,
     "produce": cmd_produce,
     "worker": cmd_worker,
+    "sink": cmd_worker,
     "invoice": cmd_invoice,
     "balance": cmd_balance,
     "alerts": cmd_alerts,

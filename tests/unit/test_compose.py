@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+from xml.etree import ElementTree
 
 import pytest
 import yaml
@@ -219,7 +220,19 @@ def test_grafana_datasources_point_at_the_services() -> None:
     clickhouse = datasources["grafana-clickhouse-datasource"]["jsonData"]
     assert clickhouse["host"] in SERVICES
     assert clickhouse["defaultDatabase"] == _env(SERVICES["clickhouse"])["CLICKHOUSE_DB"]
-    assert clickhouse["username"] == _env(SERVICES["clickhouse"])["CLICKHOUSE_USER"]
+    # Grafana reads as the read-only user compose gives the ClickHouse server, not as the ledger's writer.
+    users = ElementTree.parse(
+        _host_file(SERVICES["clickhouse"], "/etc/clickhouse-server/users.d/grafana.xml")
+    )
+    user = users.find(f"users/{clickhouse['username']}")
+    assert user is not None
+    assert (
+        user.findtext("password")
+        == datasources["grafana-clickhouse-datasource"]["secureJsonData"]["password"]
+    )
+    assert users.findtext(f"profiles/{user.findtext('profile')}/readonly") == "2"
+    assert user.findtext("grants/query") == f"GRANT SELECT ON {clickhouse['defaultDatabase']}.*"
+    assert clickhouse["username"] != _env(SERVICES["clickhouse"])["CLICKHOUSE_USER"]
     plugins = _env(SERVICES["grafana"])["GF_INSTALL_PLUGINS"].split(",")
     assert "grafana-clickhouse-datasource" in plugins
 

@@ -114,6 +114,10 @@ def cluster_ddl(statement: str, cluster: str, database: str, tables: set[str] | 
         return _create_table(match, on, cluster, database, tables)
     if match := _ALTER_TABLE.match(statement):
         name = match["name"]
+        if tables and name not in tables:
+            # A view, or a table no migration created: there is no <name>_local to alter.
+            msg = f"cannot place ALTER TABLE {name} on a cluster: no migration created a table {name}"
+            raise ClusterDDLError(msg)
         commands = _split_top_level(match["commands"])
         local = [_NON_REPLICATED.sub("replicated_deduplication_window", c) for c in commands]
         out = [f"ALTER TABLE {name}{LOCAL_SUFFIX} {on} {', '.join(local)}"]

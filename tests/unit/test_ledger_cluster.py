@@ -238,6 +238,12 @@ def test_what_the_transform_cannot_place_is_refused(statement: str, cluster: str
         cluster_ddl(statement, cluster, "billing")
 
 
+def test_an_alter_of_something_no_migration_created_as_a_table_is_refused() -> None:
+    later = [*MIGRATIONS, (99, "alter a view", ["ALTER TABLE usage_daily MODIFY COMMENT 'x'"])]
+    with pytest.raises(ClusterDDLError, match=r"^cannot place ALTER TABLE usage_daily on a cluster"):
+        cluster_migrations(later, "ledger", "billing")
+
+
 def test_session_settings_exist_and_take_their_values(parsed: dict[str, Any]) -> None:
     assert parsed["settings_ok"] == sorted(SESSION_SETTINGS)
     assert SESSION_SETTINGS["insert_distributed_sync"] == 1

@@ -100,10 +100,11 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from pipeline.catalogs import read_catalog
     from pipeline.errors import RetryableError
     from pipeline.guard import EXIT_RETRY
-    from pipeline.supervisor import child_role, is_child, supervise
+    from pipeline.supervisor import SINK_ONLY, child_role, is_child, supervise
 
     if not is_child():
-        return supervise(settings, args.argv)
+        # `callmeter sink` is this command with one process, the ledger sink (role "sink").
+        return supervise(settings, args.argv, SINK_ONLY if args.command == "sink" else None)
     catalog, text = read_catalog(settings.catalog)
     role = child_role()
     try:
@@ -140,7 +141,7 @@ def cmd_invoice(settings: Settings, args: argparse.Namespace) -> int:
 
     catalog, text = read_catalog(settings.catalog)
     incomplete = _ledger_incomplete(settings, args)
-    ledger = Ledger.open(settings.clickhouse_dsn, settings.clickhouse_secret)
+    ledger = Ledger.open(settings.clickhouse_dsn, settings.clickhouse_secret, settings.clickhouse_cluster)
     try:
         register_catalog(ledger, catalog, text)
         outputs = run_invoices(
@@ -303,7 +304,7 @@ def cmd_ledger(settings: Settings, _args: argparse.Namespace) -> int:
     from sinks.ledger import Ledger
     from sinks.schema import COLUMNS
 
-    ledger = Ledger.open(settings.clickhouse_dsn, settings.clickhouse_secret)
+    ledger = Ledger.open(settings.clickhouse_dsn, settings.clickhouse_secret, settings.clickhouse_cluster)
     try:
         report: dict[str, Any] = {table: ledger.count(table) for table in COLUMNS}
         report["dead_letters_by_reason"] = ledger.dead_letter_counts()
@@ -363,6 +364,7 @@ COMMANDS = {
     "down": cmd_down,
     "produce": cmd_produce,
     "worker": cmd_worker,
+    "sink": cmd_worker,
     "invoice": cmd_invoice,
     "balance": cmd_balance,
     "alerts": cmd_alerts,

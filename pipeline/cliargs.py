@@ -27,6 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+")
     p = sub.add_parser("worker", help="run the stream worker")
     p.add_argument("--until-idle", action="store_true", help="exit once everything is consumed and written")
+    p = sub.add_parser(
+        "sink", help="run the ledger sink alone, beside workers run with CALLMETER_WORKER_LEDGER_SINK=false"
+    )
+    p.add_argument("--until-idle", action="store_true", help="exit once the workers' outputs are written")
     p = sub.add_parser("invoice", help="write invoices for periods starting in a month")
     p.add_argument("--period", required=True, help="YYYY-MM")
     p.add_argument("--out", required=True, help="output directory")

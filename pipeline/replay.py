@@ -184,7 +184,7 @@ def run_replay(settings: Settings, args: argparse.Namespace) -> int:
         msg = "--to must be later than --from"
         raise InputError(msg)
     catalog, text = read_catalog(settings.catalog)
-    ledger = Ledger.open(settings.clickhouse_dsn)
+    ledger = Ledger.open(settings.clickhouse_dsn, settings.clickhouse_secret, settings.clickhouse_cluster)
     try:
         if not args.dry_run:
             register_catalog(ledger, catalog, text)

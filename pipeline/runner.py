@@ -158,7 +158,7 @@ def run_worker(
 
 def open_ledger(settings: Settings, catalog: Catalog, catalog_text: str) -> Ledger:
     """Open (and migrate) the ledger and record the catalog revision in use."""
-    ledger = Ledger.open(settings.clickhouse_dsn, settings.clickhouse_secret)
+    ledger = Ledger.open(settings.clickhouse_dsn, settings.clickhouse_secret, settings.clickhouse_cluster)
     if catalog_text:
         from pipeline.catalogs import register_catalog
 

@@ -23,6 +23,10 @@ class Settings(BaseSettings):
     # chdb:///path (embedded, the default: <data_dir>/clickhouse) or http(s)://user@host:port/db.
     clickhouse_url: str | None = None
     clickhouse_password: SecretStr | None = None
+    # A cluster defined in the servers' remote_servers: the ledger's migrations then create each table
+    # as a Replicated <name>_local on every node and a Distributed <name> over them, sharded by tenant
+    # (sinks/cluster.py, docs/deployment.md). Needs clickhouse_url; unset is one server.
+    clickhouse_cluster: str | None = None
     schema_registry_url: str | None = None
     schema_registry_basic_auth: SecretStr | None = None
     # Lets several isolated pipelines (tests, staging) share one cluster.
@@ -36,10 +40,18 @@ class Settings(BaseSettings):
     kafka_version: str = KAFKA_VERSION
     cache_dir: Path = Path.home() / ".cache" / "callmeter"
     worker_web_port: int = 6066
+    # Where the worker's HTTP API (/metrics, /status, /balances) listens: loopback unless a container
+    # or a scraper on another host needs it (0.0.0.0), and the host name other workers reach it by (a
+    # balance request is forwarded to the worker owning the tenant's partition).
+    worker_web_bind: str = "127.0.0.1"
+    worker_web_host: str = "127.0.0.1"
     # Stream worker processes `callmeter worker` runs. With more than one, the ledger sink runs as a
     # process of its own beside them (chdb opens a path in one process only). Process i serves its
     # web API on worker_web_port + i and keeps its local state in <data_dir>/worker-<i>.
     worker_processes: int = 1
+    # false: `callmeter worker` runs stream workers only and a `callmeter sink` service (exactly one)
+    # writes the ledger: N worker services on several hosts and one sink (docs/deployment.md).
+    worker_ledger_sink: bool = True
     # Set by `callmeter worker` for each process it starts; not an operator setting.
     worker_index: int = 0
     sink_batch_rows: int = 20000

@@ -14,7 +14,10 @@ Commit protocol (what a crash at each step means):
    derived from the batch's source offsets and content. Crash or error here: the Kafka offsets are not
    committed, the batch is redelivered; rows already inserted are either refused by the token (same batch) or
    collapse by key (ReplacingMergeTree, read through FINAL/argMax), so nothing counts twice.
-   (Crash point ``sink-3-inserted``, just after the insert.)
+   (Crash point ``sink-3-inserted``, just after the insert.) On a ClickHouse cluster
+   (``clickhouse_cluster``) the insert into each Distributed table is synchronous and
+   quorum-acknowledged (sinks/cluster.py ``SESSION_SETTINGS``): ``flush`` returns only once every
+   shard stores its rows, so step 4 never commits offsets of rows still queued for a shard.
 4. Commit the batch's offsets synchronously. Crash between 3 and 4: as in 3, the batch comes again and
    is absorbed by the keys. A failed flush never reaches this step: the sink retries for up to
    ``ledger_outage_seconds``, then stops and the worker exits non-zero, so a broken ledger never

@@ -1,6 +1,7 @@
 """The ledger sink as a process of its own, beside several stream worker processes.
 
-`callmeter worker` starts it when ``worker_processes`` > 1 (pipeline/supervisor.py). It is the only
+`callmeter worker` starts it when ``worker_processes`` > 1 (pipeline/supervisor.py), and `callmeter sink`
+runs it alone beside worker services started with ``worker_ledger_sink`` false. It is the only
 process that opens the ledger: chdb allows one process per path, and a sink thread inside a worker
 would fight that worker's event loop for the GIL. Its commit protocol is the sink's
 (pipeline/sink.py); running apart from the stream workers changes none of its steps.
@@ -8,6 +9,9 @@ would fight that worker's event loop for the GIL. Its commit protocol is the sin
 With ``--until-idle`` it stops once every input is committed by the stream workers' group, every
 output is written, and nothing moved for ``idle_seconds``: the stream workers exit when the inputs are
 done, and the sink drains what they committed last.
+
+It serves its metrics (ledger rows, insert durations and failures) at ``/metrics`` on
+``worker_web_port``, as a worker does: the ledger alerts need them from the process that writes.
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ from collections import Counter
 from types import FrameType
 from typing import Any
 
-from pipeline.errors import RetryableError
+from prometheus_client import start_http_server
+
+from pipeline import metrics
+from pipeline.errors import PipelineError, RetryableError
 from pipeline.runner import open_ledger
 from pipeline.settings import Settings
 from pipeline.sink import LedgerSink
@@ -36,6 +43,23 @@ def run_sink(
 ) -> dict[str, Any]:
     """Run the sink until SIGTERM/SIGINT (or idle); return its counters. Raises RetryableError when
     the ledger refused a batch (its offsets stay uncommitted; a new process takes it again)."""
+    try:
+        server, _thread = start_http_server(
+            settings.worker_web_port, addr=settings.worker_web_bind, registry=metrics.REGISTRY
+        )
+    except OSError as exc:
+        msg = f"sink metrics: cannot listen on {settings.worker_web_bind}:{settings.worker_web_port}: {exc}"
+        raise PipelineError(msg) from exc
+    try:
+        return _run(settings, bootstrap, catalog, serde, until_idle, catalog_text)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _run(
+    settings: Settings, bootstrap: str, catalog: Catalog, serde: Serde, until_idle: bool, catalog_text: str
+) -> dict[str, Any]:
     ledger = open_ledger(settings, catalog, catalog_text)
     sink = LedgerSink(settings, bootstrap, serde, ledger)
     done = threading.Event()

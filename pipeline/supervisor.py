@@ -7,6 +7,10 @@ fence the open transactions, local state is rebuilt from the changelogs, and con
 the last committed offsets. Up to ``worker_restarts`` restarts in a row, with growing pauses; after that
 (or on any other non-zero exit) the command fails with the child's reason already on stderr.
 
+With ``worker_ledger_sink`` false, only stream worker processes run: the ledger is written by a
+`callmeter sink` service (supervised the same way), so N worker services and one sink service can run
+on different hosts.
+
 With ``worker_processes`` = N > 1 it runs N stream worker processes (one Faust consumer group; Kafka
 spreads the input partitions over them, and a process that dies is replaced while the others take its
 partitions meanwhile) and one ledger sink process (pipeline/sink_runner.py), each restarted on its
@@ -60,14 +64,22 @@ class _Child:
 
 def _roles(settings: Settings) -> list[tuple[str, int]]:
     n = max(1, settings.worker_processes)
+    if not settings.worker_ledger_sink:
+        # A `callmeter sink` service elsewhere writes the ledger.
+        return [("stream", i) for i in range(n)]
     if n == 1:
         return [("worker", 0)]
     return [("stream", i) for i in range(n)] + [("sink", n)]
 
 
-def supervise(settings: Settings, argv: Sequence[str]) -> int:
+SINK_ONLY = [("sink", 0)]
+
+
+def supervise(settings: Settings, argv: Sequence[str], roles: list[tuple[str, int]] | None = None) -> int:
     """Run ``callmeter <argv>`` as the worker process(es) until they exit for good; print their merged
-    result line and return 0, or return the exit code of the first that failed for good."""
+    result line and return 0, or return the exit code of the first that failed for good. ``roles``:
+    the processes to run, by default those ``worker_processes`` and ``worker_ledger_sink`` ask for
+    (``callmeter sink`` asks for ``SINK_ONLY``)."""
     base = dict(os.environ)
     base[CHILD_ENV] = "1"
     crash_at = base.pop("CALLMETER_CRASH_AT", None)
@@ -82,7 +94,7 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
                 "CALLMETER_WORKER_WEB_PORT": str(settings.worker_web_port + index),
             },
         )
-        for role, index in _roles(settings)
+        for role, index in (roles or _roles(settings))
     ]
     stopping = False
 

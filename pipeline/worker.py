@@ -149,9 +149,9 @@ class Meter(Outputs, Parking, Balances):
             consumer_auto_offset_reset="earliest",
             table_standby_replicas=0,
             web_enabled=True,
-            web_bind="127.0.0.1",
+            web_bind=settings.worker_web_bind,
             web_port=settings.worker_web_port,
-            canonical_url=f"http://127.0.0.1:{settings.worker_web_port}",
+            canonical_url=f"http://{settings.worker_web_host}:{settings.worker_web_port}",
             broker_commit_interval=1.0,
             # A worker that died (a fault, kill -9) stays a group member until its session times out,
             # and its replacement's join waits for that: Faust's default made every restart wait a

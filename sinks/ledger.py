@@ -11,7 +11,11 @@ ClickHouse insert and its Kafka offset commit):
 3. Inserts carry an ``insert_deduplication_token`` built from the batch's source offsets *and* content
    (offsets alone repeat on a fresh Kafka cluster, and ClickHouse would silently drop the new batch),
    and the tables raise ``non_replicated_deduplication_window``, so the common case (the same batch
-   resent whole) is refused at insert time and never even reaches a merge.
+   resent whole) is refused at insert time and never even reaches a merge. On a cluster
+   (``cluster``, sinks/cluster.py) the tables are Replicated with ``replicated_deduplication_window``
+   and the token reaches each shard with that shard's part of the batch, which a resent batch splits
+   into identically (the sharding key is a function of each row's identity); inserts are synchronous
+   and quorum-acknowledged, so ``flush()`` returns only once every shard holds its rows.
 4. First seen wins (spec §2). The stream's dedupe state does not outlive a fresh cluster or a key's
    retention, so before inserting, the sink asks ``known_events`` whether a key is already in
    ``raw_events`` from another source record; such a copy is a duplicate and is not written. A row an
@@ -33,20 +37,35 @@ from typing import Any
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
+from sinks.cluster import SESSION_SETTINGS, cluster_ddl, cluster_migrations
 from sinks.errors import LedgerError
 from sinks.schema import COLUMNS, MIGRATIONS, PROVISIONING_COLUMNS, TS
 
 log = logging.getLogger(__name__)
 
+# Where migrate() records the versions applied (on a cluster: transformed like the migrations).
+MIGRATIONS_TABLE_DDL = (
+    f"CREATE TABLE IF NOT EXISTS schema_migrations (version UInt32, name String, "
+    f"applied_at {TS}) ENGINE = MergeTree ORDER BY version"
+)
 
-def connect(dsn: str, password: str | None = None) -> Client:
-    """Open a clickhouse-connect client: ``chdb:///path`` embedded, ``http(s)://`` a server."""
+
+def connect(dsn: str, password: str | None = None, cluster: str | None = None) -> Client:
+    """Open a clickhouse-connect client: ``chdb:///path`` embedded, ``http(s)://`` a server. With a
+    ``cluster``, the client's session carries sinks/cluster.py's settings (synchronous inserts)."""
+    if cluster and dsn.startswith("chdb:"):
+        msg = (
+            "clickhouse_cluster needs a ClickHouse server (CALLMETER_CLICKHOUSE_URL), not the embedded ledger"
+        )
+        raise LedgerError(msg)
     try:
         if dsn.startswith("chdb:"):
             return clickhouse_connect.get_client(dsn=dsn)
         kwargs: dict[str, Any] = {"dsn": dsn}
         if password is not None:
             kwargs["password"] = password
+        if cluster:
+            kwargs["settings"] = dict(SESSION_SETTINGS)
         return clickhouse_connect.get_client(**kwargs)
     except Exception as exc:  # the driver raises many kinds; the caller needs one
         path = dsn.removeprefix("chdb://")
@@ -91,15 +110,16 @@ def _one_line(exc: BaseException) -> str:
 class Ledger:
     """Buffered writer and reader of the ledger tables."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, cluster: str | None = None) -> None:
         self.client = client
+        self.cluster = cluster
         # One client, used by the sink thread and by the read-only SQL endpoint (sinks/query.py).
         self.lock = threading.RLock()
         self._buffers: dict[str, list[Sequence[Any]]] = {name: [] for name in COLUMNS}
 
     @classmethod
-    def open(cls, dsn: str, password: str | None = None) -> Ledger:
-        ledger = cls(connect(dsn, password))
+    def open(cls, dsn: str, password: str | None = None, cluster: str | None = None) -> Ledger:
+        ledger = cls(connect(dsn, password, cluster), cluster)
         ledger.migrate()
         return ledger
 
@@ -110,13 +130,16 @@ class Ledger:
     def migrate(self) -> list[int]:
         """Apply every migration not yet recorded; return the versions applied now."""
         try:
-            self.client.command(
-                f"CREATE TABLE IF NOT EXISTS schema_migrations (version UInt32, name String, "
-                f"applied_at {TS}) ENGINE = MergeTree ORDER BY version"
-            )
+            migrations, setup = MIGRATIONS, [MIGRATIONS_TABLE_DDL]
+            if self.cluster:
+                database = str(self.client.command("SELECT currentDatabase()"))
+                migrations = cluster_migrations(MIGRATIONS, self.cluster, database)
+                setup = cluster_ddl(MIGRATIONS_TABLE_DDL, self.cluster, database)
+            for statement in setup:
+                self.client.command(statement)
             done = {row[0] for row in self.client.query("SELECT version FROM schema_migrations").result_rows}
             applied = []
-            for version, name, statements in MIGRATIONS:
+            for version, name, statements in migrations:
                 if version in done:
                     continue
                 for statement in statements:

@@ -90,6 +90,25 @@ def quota_body(meter: Meter, tenant_id: str, at: datetime | None) -> tuple[int, 
     return 200, body.to_json_dict()
 
 
+def not_serving(meter: Meter, tenant_id: str) -> str | None:
+    """Why this worker cannot answer for the tenant from its local state yet, or None when it can.
+
+    A tenant's state is only as good as the changelog recovery behind it: while the worker starts (its
+    RocksDB may have been wiped after an unclean stop), rebalances or recovers, an empty or stale store
+    would answer "no subscription" or an old balance as if it were a decision. Such a request gets 503,
+    which a gateway treats as "callmeter unreachable" (README), never a confident wrong answer."""
+    app = meter.app
+    if not meter.ready.is_set():
+        return "worker starting: state not recovered yet"
+    if app.rebalancing or getattr(app, "in_recovery", False):
+        return "worker rebalancing: state being recovered"
+    partition = meter.partition_of(tenant_id)
+    actives = app.assignor.assigned_actives()
+    if not any(tp.topic == meter.topics.calls and tp.partition == partition for tp in actives):
+        return f"partition {partition} is not assigned to this worker"
+    return None
+
+
 def install(meter: Meter) -> None:
     app = meter.app
 
@@ -112,6 +131,10 @@ def install(meter: Meter) -> None:
         except ValueError as exc:
             metrics.TENANT_API_REQUESTS.labels(endpoint=endpoint, status="400").inc()
             return web.json({"error": f"bad at: {exc}"}, status=400)
+        reason = not_serving(meter, tenant_id)
+        if reason is not None:
+            metrics.TENANT_API_REQUESTS.labels(endpoint=endpoint, status="503").inc()
+            return web.json({"error": reason, "tenant_id": tenant_id}, status=503)
         status, result = body(meter, tenant_id, at)
         metrics.TENANT_API_REQUESTS.labels(endpoint=endpoint, status=str(status)).inc()
         metrics.TENANT_API_SECONDS.labels(endpoint=endpoint).observe(time.perf_counter() - started)
@@ -136,6 +159,10 @@ def install(meter: Meter) -> None:
         except ValueError as exc:
             metrics.BALANCE_REQUESTS.labels(status="400").inc()
             return web.json({"error": f"bad at: {exc}"}, status=400)
+        reason = not_serving(meter, tenant_id)
+        if reason is not None:
+            metrics.BALANCE_REQUESTS.labels(status="503").inc()
+            return web.json({"error": reason, "tenant_id": tenant_id}, status=503)
         status, body = balance_body(meter, tenant_id, at)
         metrics.BALANCE_REQUESTS.labels(status=str(status)).inc()
         metrics.BALANCE_SECONDS.observe(time.perf_counter() - started)

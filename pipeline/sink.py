@@ -68,6 +68,7 @@ class _Entry:
     # The output record's Kafka timestamp: the same on every redelivery, so a duplicate the ledger finds
     # is one row however often its batch is written.
     written_at: datetime | None = None
+    event_time: datetime | None = None  # the call's end or the provisioning event's time
 
 
 def _header(msg: Message, name: str) -> str | None:
@@ -256,7 +257,7 @@ class LedgerSink:
         other = "" if first[2] == entry.payload else " with another payload"
         log.warning(
             "%s %s/%s from partition %d offset %d is already in the ledger%s (first seen at partition %d "
-            "offset %d): counted as a duplicate, not written",
+            "offset %d): recorded as a duplicate, not billed",
             kind,
             entry.key[1],
             entry.key[2],
@@ -268,7 +269,18 @@ class LedgerSink:
         )
         topic = self.topics.calls if kind == "call" else self.topics.provisioning
         at = entry.written_at or datetime.now(UTC)
-        row = [topic, *entry.source, kind, entry.key[1], entry.key[2], entry.gateway_id, at, "ledger", at]
+        event_time = entry.event_time or at
+        row = [
+            topic,
+            *entry.source,
+            kind,
+            entry.key[1],
+            entry.key[2],
+            entry.gateway_id,
+            event_time,
+            "ledger",
+            at,
+        ]
         return _Entry(None, entry.source, "", [("duplicates", row)])
 
     def _entry(self, msg: Message, topic: str, value: bytes) -> _Entry:
@@ -309,7 +321,7 @@ class LedgerSink:
             raw = ["calls", r["tenant_id"], r["event_id"], "CallRecord", r["started_at"], payload]
             rows = [("rated_calls", rated_call_row(r, late=late)), ("raw_events", [*raw, *source, now])]
             call_key = ("calls", r["tenant_id"], r["event_id"])
-            return _Entry(call_key, source, payload, rows, r["gateway_id"], written_at)
+            return _Entry(call_key, source, payload, rows, r["gateway_id"], written_at, r["ended_at"])
         if topic == self.topics.accepted:
             p = self._decode(value, "ProvisioningEvent")
             source = (
@@ -322,7 +334,7 @@ class LedgerSink:
             raw = ["provisioning", p["tenant_id"], p["event_id"], "ProvisioningEvent", p["occurred_at"]]
             rows = [("provisioning_events", prov), ("raw_events", [*raw, payload, *source, now])]
             prov_key = ("provisioning", p["tenant_id"], p["event_id"])
-            return _Entry(prov_key, source, payload, rows, "", written_at)
+            return _Entry(prov_key, source, payload, rows, "", written_at, p["occurred_at"])
         text = f"sink received a record from unexpected topic {topic}"
         raise LedgerError(text)
 

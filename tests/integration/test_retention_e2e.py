@@ -65,3 +65,20 @@ def test_keys_older_than_the_retention_window_are_forgotten(cm_env: dict[str, st
     stats = worker_stats(env)
     assert stats["duplicates"] == {"call": 1}  # "recent" is still remembered
     assert stats["rated"] == 1  # "old" came back after its key expired
+    # The ledger already holds "old" from its first copy: it refuses the second and records it as a
+    # duplicate it found itself, at the copy's own event time (issue 11: duplicates in the ledger).
+    assert stats["duplicates_in_ledger"] == {"call": 1}
+    query = (
+        "SELECT event_id, detected_by, gateway_id, toString(event_time) AS ended FROM duplicates FINAL "
+        "ORDER BY detected_by, event_id"
+    )
+    rows = json.loads(callmeter(env, "sql", query, "--format", "json").stdout)
+
+    def ended(call: dict[str, object]) -> str:
+        return datetime.fromisoformat(str(call["ended_at"])).strftime("%Y-%m-%d %H:%M:%S.000")
+
+    assert rows == [
+        {"event_id": "old", "detected_by": "ledger", "gateway_id": "gw-1", "ended": ended(old)},
+        {"event_id": "old", "detected_by": "worker", "gateway_id": "gw-1", "ended": ended(old)},
+        {"event_id": "recent", "detected_by": "worker", "gateway_id": "gw-1", "ended": ended(recent)},
+    ]

@@ -18,7 +18,8 @@ ClickHouse insert and its Kafka offset commit):
    and quorum-acknowledged, so ``flush()`` returns only once every shard holds its rows.
 4. First seen wins (spec §2). The stream's dedupe state does not outlive a fresh cluster or a key's
    retention, so before inserting, the sink asks ``known_events`` whether a key is already in
-   ``raw_events`` from another source record; such a copy is a duplicate and is not written. A row an
+   ``raw_events`` from another source record; such a copy is a duplicate: only a ``duplicates`` row
+   (detected_by 'ledger') is written for it, never a billing row. A row an
    invoice used is therefore never replaced, whatever the payload of a later copy.
 
 The ledger is append-only (spec §9): a re-rating adds a row with a higher catalog revision; nothing

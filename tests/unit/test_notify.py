@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 import pytest
@@ -69,6 +69,10 @@ def alert(**changes: Any) -> dict[str, Any]:
         "message": "tau used 13500 of 18000",
         "emitted_at": datetime(2026, 11, 2, 12, 45, 1, 5000, tzinfo=UTC),
         "crossed_at": datetime(2026, 11, 2, 12, 45, tzinfo=UTC),
+        "resource": "call_seconds",
+        "usage": 13500,
+        "allowance": 18000,
+        "projected_exhaustion_date": date(2026, 11, 3),
     }
     record.update(changes)
     return record
@@ -119,6 +123,10 @@ def test_body_is_the_alert_as_json_with_its_key() -> None:
         "message": "tau used 13500 of 18000",
         "emitted_at": "2026-11-02T12:45:01.005Z",
         "crossed_at": "2026-11-02T12:45:00.000Z",
+        "resource": "call_seconds",
+        "usage": 13500,
+        "allowance": 18000,
+        "projected_exhaustion_date": "2026-11-03",
         "idempotency_key": idempotency_key(alert()),
     }
 

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "X-Callmeter-Signature"
 KEY_HEADER = "Idempotency-Key"
+# --until-idle: how long to wait for the first partitions (several session timeouts of a killed member).
+ASSIGNMENT_WAIT_SECONDS = 60.0
 
 
 class DeliveryError(PipelineError):
@@ -259,6 +261,10 @@ def run_notify(
         # member was killed takes up to its session timeout), then from the last delivery.
         while not until_idle or not assigned or time.monotonic() - quiet_since < settings.idle_seconds:
             message = consumer.poll(0.5)
+            if until_idle and not assigned and time.monotonic() - quiet_since > ASSIGNMENT_WAIT_SECONDS:
+                # A run that must end never hangs: no group, no broker, no alerts topic.
+                text = f"no partition of {settings.topics.alerts} assigned in {ASSIGNMENT_WAIT_SECONDS:.0f} s"
+                raise PipelineError(text)
             if message is None:
                 continue
             err = message.error()

@@ -37,6 +37,11 @@ def format_alert(record: dict[str, Any]) -> str:
             f"{record['threshold_percent']:>3} % of included seconds used "
             f"({record['used_seconds']}/{record['included_seconds']})"
         )
+    elif record["kind"] == "PROJECTED_OVERAGE":
+        what = (
+            f"projected to use up the included seconds on {record['projected_exhaustion_date']} "
+            f"({record['used_seconds']}/{record['included_seconds']} so far)"
+        )
     else:
         what = f"QUOTA_EXCEEDED: {record['message']}"
     return f"{stamp}  {record['tenant_id']:<16} period {start}  {what}"

@@ -1,49 +1,92 @@
-"""Live balances and alerts: usage thresholds, quota alerts, and re-rating a tenant's balances when
-provisioning changes how its calls rate (issue 8). All of it runs inside the current input
-partition's transaction, so a balance, its alerts and the event that caused them commit together."""
+"""Live balances and alerts: usage thresholds (per tenant), projected overage (issue 12), quota
+alerts, and re-rating a tenant's balances when provisioning changes how its calls rate (issue 8). All
+of it runs inside the current input partition's transaction, so a balance, its alerts and the event
+that caused them commit together."""
 
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any, cast
 
 from pipeline import metrics
 from pipeline.parts import MeterParts
-from rating.balance import crossed_thresholds, period_usage
+from rating.alerts import crossed_thresholds, projected_overage, thresholds_in_effect
+from rating.balance import period_usage, project_exhaustion
+from rating.catalog import Plan
 from rating.models import ProvisioningEvent
+from rating.periods import Period
 from rating.subscription import TenantTimeline
+
+# The resource usage and allowance count in usage alerts (quota alerts name employees or numbers).
+CALL_SECONDS = "call_seconds"
 
 
 class Balances(MeterParts):
+    def alert_thresholds(self, timeline: TenantTimeline | None, plan: Plan) -> tuple[int, ...]:
+        tenant_own = timeline.alert_thresholds_percent if timeline is not None else None
+        return thresholds_in_effect(
+            tenant_own, plan.alert_thresholds_percent, self.catalog.alert_thresholds_percent
+        )
+
     async def _usage_alerts(
         self,
         tenant: str,
-        period_start: datetime,
-        included: int,
+        period: Period,
+        plan: Plan,
+        timeline: TenantTimeline | None,
         before: int,
         after: int,
         crossed_at: datetime,
     ) -> None:
-        """75/90/100 % alerts crossed by moving from ``before`` to ``after``; each threshold once per
-        tenant and period even when a correction (issue 8) moves usage down and up again."""
-        for percent in crossed_thresholds(included, before, after):
-            marker = f"{tenant}|{period_start.isoformat()}|usage|{percent}"
+        """Threshold alerts (the tenant's, its plan's or the catalog's list) crossed by moving from
+        ``before`` to ``after``; each threshold once per tenant and period even when a correction
+        (issue 8) moves usage down and up again, or the tenant's list changes in the period."""
+        included = plan.included_seconds
+        for percent in crossed_thresholds(included, before, after, self.alert_thresholds(timeline, plan)):
+            marker = f"{tenant}|{period.start.isoformat()}|usage|{percent}"
             if marker in self.alerted:
                 continue
             self.alerted[marker] = after
             await self._alert(
                 tenant,
-                period_start,
+                period.start,
                 "USAGE_THRESHOLD",
                 percent,
+                CALL_SECONDS,
                 after,
                 included,
                 f"{tenant} used {after} of {included} included seconds ({percent} % threshold) "
-                f"in the period starting {period_start.date()}",
+                f"in the period starting {period.start.date()}",
                 crossed_at=crossed_at,
+                projected=project_exhaustion(period, included, after, crossed_at),
             )
+
+    async def _projected_alert(
+        self, tenant: str, period: Period, plan: Plan, used: int, at: datetime
+    ) -> None:
+        """PROJECTED_OVERAGE, once per tenant and period: the first balance update after which the
+        period's rate so far uses the included seconds up before the period ends (rating/alerts.py)."""
+        runs_out = projected_overage(period, plan.included_seconds, used, at)
+        marker = f"{tenant}|{period.start.isoformat()}|projected"
+        if runs_out is None or marker in self.alerted:
+            return
+        self.alerted[marker] = used
+        await self._alert(
+            tenant,
+            period.start,
+            "PROJECTED_OVERAGE",
+            None,
+            CALL_SECONDS,
+            used,
+            plan.included_seconds,
+            f"{tenant} is projected to use up its {plan.included_seconds} included seconds on {runs_out} "
+            f"({used} used by {at.date()}) in the period starting {period.start.date()}",
+            subject=CALL_SECONDS,
+            crossed_at=at,
+            projected=runs_out,
+        )
 
     async def _alert(
         self,
@@ -51,16 +94,18 @@ class Balances(MeterParts):
         period_start: datetime,
         kind: str,
         threshold: int | None,
+        resource: str,
         used: int,
-        included: int,
+        allowance: int,
         message: str,
         subject: str = "",
         *,
         crossed_at: datetime,
+        projected: date | None = None,
     ) -> None:
         """Sent in the current partition's transaction with the state change that caused it, so a
         restart, a rebalance or a duplicate record can never send it twice (spec §8). The id is
-        deterministic (tenant, period, kind, threshold or quota subject) so consumers can dedupe too."""
+        deterministic (tenant, period, kind, threshold or subject) so consumers can dedupe too."""
         suffix = threshold if threshold is not None else subject
         record = {
             "alert_id": f"{tenant}-{period_start.strftime('%Y%m%d')}-{kind}-{suffix}",
@@ -69,10 +114,14 @@ class Balances(MeterParts):
             "period_start": period_start,
             "threshold_percent": threshold,
             "used_seconds": used,
-            "included_seconds": included,
+            "included_seconds": allowance,
             "message": message,
             "emitted_at": datetime.now(UTC),
             "crossed_at": crossed_at,
+            "resource": resource,
+            "usage": used,
+            "allowance": allowance,
+            "projected_exhaustion_date": projected,
         }
         await self._send(
             self.topics.alerts, tenant.encode(), self.serde.encode("Alert", record, self.topics.alerts)
@@ -109,6 +158,7 @@ class Balances(MeterParts):
                 period.start,
                 "QUOTA_EXCEEDED",
                 None,
+                what,
                 active,
                 limit,
                 f"{event.tenant_id} has {active} active {what}; plan {plan_id} allows {limit}",
@@ -150,7 +200,8 @@ class Balances(MeterParts):
                 continue
             self.balances[self.balance_key(tenant, start)] = after
             self.stats.rebalanced += 1
-            plan_id = timeline.plan_for_period(timeline.period_at(start))
+            period = timeline.period_at(start)
+            plan_id = timeline.plan_for_period(period)
             if plan_id is not None:
-                included = self.catalog.plan_for(plan_id, start).included_seconds
-                await self._usage_alerts(tenant, start, included, before, after, crossed_at=at)
+                plan = self.catalog.plan_for(plan_id, start)
+                await self._usage_alerts(tenant, period, plan, timeline, before, after, crossed_at=at)

@@ -249,6 +249,15 @@ def cmd_alerts(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_notify(settings: Settings, args: argparse.Namespace) -> int:
+    from pipeline.notify import prepare_webhook, run_notify
+
+    webhook = prepare_webhook(settings, args.webhook)
+    result = run_notify(settings, kafka(settings), make_serde(settings), webhook, args.until_idle)
+    print(json.dumps(result, sort_keys=True))
+    return 0
+
+
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     from pipeline.status import kafka_lag, ledger_figures, render, worker_status
 
@@ -368,6 +377,7 @@ COMMANDS = {
     "invoice": cmd_invoice,
     "balance": cmd_balance,
     "alerts": cmd_alerts,
+    "notify": cmd_notify,
     "status": cmd_status,
     "simulate": cmd_simulate,
     "ledger": cmd_ledger,

@@ -23,6 +23,8 @@ def call_from_record(record: dict[str, Any]) -> CallEvent:
 
 def provisioning_from_record(record: dict[str, Any]) -> ProvisioningEvent:
     values: dict[str, Any] = {name: record.get(name) for name in _PROVISIONING_FIELDS}
+    if values["alert_thresholds_percent"] is not None:
+        values["alert_thresholds_percent"] = tuple(values["alert_thresholds_percent"])
     return ProvisioningEvent(**values)
 
 
@@ -31,7 +33,10 @@ def call_to_record(call: CallEvent) -> dict[str, Any]:
 
 
 def provisioning_to_record(event: ProvisioningEvent) -> dict[str, Any]:
-    return {name: getattr(event, name) for name in _PROVISIONING_FIELDS}
+    record = {name: getattr(event, name) for name in _PROVISIONING_FIELDS}
+    if event.alert_thresholds_percent is not None:
+        record["alert_thresholds_percent"] = list(event.alert_thresholds_percent)
+    return record
 
 
 def rated_to_record(

@@ -71,6 +71,15 @@ class Settings(BaseSettings):
     # The instant the invoice job takes as "now" (which periods have ended, the settlement window):
     # unset is the wall clock. For rehearsing a month end and for tests of fixtures dated in the future.
     clock_now: datetime | None = None
+    # `callmeter notify`: every alert POSTed is signed with HMAC-SHA256 of this secret (required). An
+    # attempt that does not answer 2xx within notify_timeout_seconds is retried after 0.5, 1, 2, ... s
+    # (capped at notify_max_backoff_seconds); after notify_max_attempts failures of one alert the
+    # notifier stops non-zero with that alert uncommitted (docs/decisions.md, "Alert delivery").
+    notify_secret: SecretStr | None = None
+    notify_timeout_seconds: float = 10.0
+    notify_max_attempts: int = 10
+    notify_initial_backoff_seconds: float = 0.5
+    notify_max_backoff_seconds: float = 30.0
 
     @property
     def worker_state_dir(self) -> Path:

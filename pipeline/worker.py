@@ -57,6 +57,7 @@ from pipeline.parking import Parking
 from pipeline.records import call_from_record, provisioning_from_record, rated_to_record
 from pipeline.settings import Settings
 from pipeline.stats import Stats
+from rating.alerts import threshold_problem
 from rating.calls import RatedCall, rate_call, validate_call
 from rating.catalog import Catalog
 from rating.models import CallEvent, ProvisioningEvent, Reason, Rejection
@@ -75,6 +76,7 @@ _ACTIONS_NEEDING = {
     "EMPLOYEE_ACTIVATED": ("employee_id",),
     "EMPLOYEE_DEACTIVATED": ("employee_id",),
     "SUBSCRIPTION_CANCELLED": (),
+    "ALERT_THRESHOLDS_SET": ("alert_thresholds_percent",),
 }
 
 
@@ -86,6 +88,10 @@ def check_provisioning(event: ProvisioningEvent, catalog: Catalog) -> Rejection 
     plan_action = event.action in ("SUBSCRIPTION_STARTED", "PLAN_CHANGED")
     if plan_action and event.plan_id is not None and not catalog.has_plan(event.plan_id):
         return Rejection(Reason.UNKNOWN_PLAN, f"plan {event.plan_id!r} is not in catalog")
+    if event.action == "ALERT_THRESHOLDS_SET":
+        problem = threshold_problem(event.alert_thresholds_percent or ())
+        if problem is not None:
+            return Rejection(Reason.INVALID_EVENT, problem)
     if event.action == "SUBSCRIPTION_STARTED" and event.tax_region not in catalog.tax_regions:
         return Rejection(Reason.UNKNOWN_TAX_REGION, f"tax region {event.tax_region!r} is not in catalog")
     return None
@@ -178,8 +184,9 @@ class Meter(Outputs, Parking, Balances):
         self.balances = app.Table(
             "balances", partitions=n, key_type=str, value_type=int, default=int, options=_ROCKSDICT
         )
-        # QUOTA_EXCEEDED alerts already sent, by "tenant|period start|kind" (usage thresholds need no
-        # memory: a threshold is crossed by exactly one balance update).
+        # Alerts already sent, by "tenant|period start|usage|percent", "...|projected" and
+        # "...|employees"/"...|numbers" (quota): a correction moving usage down and up again, or a
+        # tenant's new threshold list, never sends one twice in a period.
         self.alerted = app.Table("alerted", partitions=n, key_type=str, value_type=int, options=_ROCKSDICT)
         self.guard = CommitGuard()
         metrics.initialize(self.topics.inputs)
@@ -359,10 +366,11 @@ class Meter(Outputs, Parking, Balances):
         metrics.BILLABLE_SECONDS.inc(rated.billable_seconds)
         await self._send(self.topics.rated, tenant.encode(), value)
         metrics.RATED_RECORDS_PRODUCED.inc()
-        included = self.catalog.plan_for(rated.plan_id, rated.period.start).included_seconds
-        await self._usage_alerts(
-            tenant, rated.period.start, included, before, after, crossed_at=rated.call.ended_at
-        )
+        plan = self.catalog.plan_for(rated.plan_id, rated.period.start)
+        ended = rated.call.ended_at
+        timeline = self._timeline(tenant)
+        await self._usage_alerts(tenant, rated.period, plan, timeline, before, after, crossed_at=ended)
+        await self._projected_alert(tenant, rated.period, plan, after, ended)
 
     def _timeline(self, tenant_id: str) -> TenantTimeline | None:
         cached = self._timelines.get(tenant_id)

@@ -1,4 +1,4 @@
-"""Live balance of a tenant's current period (spec §8) and usage alerts (75/90/100 % of included).
+"""Live balance of a tenant's current period (spec §8); which alerts it sends is rating/alerts.py.
 
 Pure: the worker passes the timeline, the period's billable seconds so far and the time; the charges
 are the invoice's own subtotal so far (``build_invoice``), so the balance can never disagree with the
@@ -10,18 +10,17 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
+from rating.alerts import exhaustion_at
 from rating.calls import billable_seconds
 from rating.catalog import Catalog, Rounding
 from rating.errors import UnknownPlanError
 from rating.invoice import build_invoice, money_text
 from rating.periods import Period, period_containing
 from rating.subscription import TenantTimeline
-
-USAGE_THRESHOLDS_PERCENT = (75, 90, 100)
 
 
 @dataclass(frozen=True)
@@ -74,13 +73,8 @@ def project_exhaustion(
 ) -> date | None:
     """At the period's average daily rate so far, the UTC date the allowance runs out, if that falls
     inside the period and it has not run out already; else None."""
-    if used_seconds <= 0 or used_seconds >= included_seconds or now <= period.start:
-        return None
-    elapsed = min(now, period.end) - period.start
-    rate_per_second = Decimal(used_seconds) / Decimal(elapsed.total_seconds())
-    remaining = Decimal(included_seconds - used_seconds)
-    runs_out = now + timedelta(seconds=float(remaining / rate_per_second))
-    return runs_out.date() if runs_out < period.end else None
+    runs_out = exhaustion_at(period, included_seconds, used_seconds, now)
+    return runs_out.date() if runs_out is not None else None
 
 
 def balance(
@@ -112,23 +106,6 @@ def balance(
         currency=catalog.currency,
         projected_exhaustion_date=project_exhaustion(period, plan.included_seconds, used_seconds, now),
     )
-
-
-def crossed_thresholds(included_seconds: int, before_seconds: int, after_seconds: int) -> list[int]:
-    """Usage thresholds (percent of included) crossed by moving from ``before`` to ``after`` seconds.
-
-    A threshold is crossed when usage reaches it: ``before < t% <= after``. Order of calls does not
-    matter for *which* thresholds a period crosses in total, only for which call crosses them.
-    """
-    if included_seconds <= 0 or after_seconds <= before_seconds:
-        return []
-    crossed = []
-    for percent in USAGE_THRESHOLDS_PERCENT:
-        # Integer arithmetic: reaching 75 % of 18000 s means used * 100 >= 75 * 18000.
-        limit = percent * included_seconds
-        if before_seconds * 100 < limit <= after_seconds * 100:
-            crossed.append(percent)
-    return crossed
 
 
 def period_usage(

@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from rating.alerts import DEFAULT_THRESHOLDS_PERCENT, threshold_problem
 from rating.errors import CatalogError, UnknownPlanError
 from rating.periods import require_utc
 
@@ -48,6 +49,13 @@ def _exact_decimal(value: Any) -> Any:
 
 
 Money = Annotated[Decimal, BeforeValidator(_exact_decimal), Field(ge=0)]
+
+
+def _thresholds(values: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    problem = threshold_problem(values or ())
+    if problem is not None:
+        raise ValueError(problem)
+    return tuple(sorted(values)) if values is not None else None
 
 
 class _Model(BaseModel):
@@ -84,6 +92,10 @@ class Plan(_Model):
     rounding: Rounding
     numbers: NumberPricing
     employees: EmployeeLimits
+    # Usage alert thresholds of tenants on this plan that set none themselves; unset: the catalog's.
+    alert_thresholds_percent: tuple[int, ...] | None = None
+
+    _check_thresholds = field_validator("alert_thresholds_percent")(_thresholds)
 
     @field_validator("overage_tiers")
     @classmethod
@@ -118,6 +130,10 @@ class Catalog(_Model):
     currency: str = Field(min_length=1)
     tax_regions: dict[str, Annotated[Decimal, BeforeValidator(_exact_decimal), Field(ge=0)]]
     price_books: list[PriceBook] = Field(min_length=1)
+    # Usage alert thresholds (percent of included seconds) of every plan that names none.
+    alert_thresholds_percent: tuple[int, ...] = Field(default=DEFAULT_THRESHOLDS_PERCENT, min_length=1)
+
+    _check_thresholds = field_validator("alert_thresholds_percent")(_thresholds)
 
     @model_validator(mode="after")
     def _books_unambiguous(self) -> Catalog:

@@ -102,6 +102,7 @@ class TenantTimeline:
         self._segments: list[_Segment] = []
         self._numbers: dict[str, list[Interval]] = {}
         self._employees: dict[str, list[Interval]] = {}
+        self._alert_thresholds: tuple[int, ...] | None = None
         for event in sorted(self._events.values(), key=_order):
             self._replay(event)
 
@@ -216,6 +217,15 @@ class TenantTimeline:
     def _on_employee_deactivated(self, event: ProvisioningEvent) -> None:
         if event.employee_id:
             _close(self._employees, event.employee_id, event.occurred_at)
+
+    def _on_alert_thresholds_set(self, event: ProvisioningEvent) -> None:
+        # The latest setting in event time wins; an empty list goes back to the catalog default.
+        self._alert_thresholds = tuple(sorted(event.alert_thresholds_percent or ())) or None
+
+    @property
+    def alert_thresholds_percent(self) -> tuple[int, ...] | None:
+        """The tenant's own usage alert thresholds (issue 12), or None for the catalog default."""
+        return self._alert_thresholds
 
     # subscription -------------------------------------------------------------------------------
 
@@ -410,6 +420,9 @@ def _event_to_dict(event: ProvisioningEvent) -> dict[str, Any]:
         "number": event.number,
         "number_type": event.number_type,
         "employee_id": event.employee_id,
+        "alert_thresholds_percent": (
+            list(event.alert_thresholds_percent) if event.alert_thresholds_percent is not None else None
+        ),
     }
 
 
@@ -424,4 +437,9 @@ def _event_from_dict(data: Mapping[str, Any]) -> ProvisioningEvent:
         number=data.get("number"),
         number_type=data.get("number_type"),
         employee_id=data.get("employee_id"),
+        alert_thresholds_percent=(
+            tuple(data["alert_thresholds_percent"])
+            if data.get("alert_thresholds_percent") is not None
+            else None
+        ),
     )

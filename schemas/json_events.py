@@ -34,7 +34,7 @@ _MISSING: Any = object()
 @dataclass(frozen=True)
 class _Field:
     name: str
-    kind: str  # string | enum | timestamp | int | long | boolean
+    kind: str  # string | enum | timestamp | int | long | boolean | int_array
     nullable: bool
     symbols: frozenset[str] = frozenset()
 
@@ -53,6 +53,8 @@ def _field_of(field: dict[str, Any]) -> _Field:
             return _Field(field["name"], "enum", nullable, frozenset(avro_type["symbols"]))
         if avro_type.get("logicalType") == "timestamp-millis":
             return _Field(field["name"], "timestamp", nullable)
+        if avro_type.get("type") == "array" and avro_type.get("items") == "int":
+            return _Field(field["name"], "int_array", nullable)
         avro_type = avro_type.get("type")
     if avro_type in ("string", "int", "long", "boolean"):
         return _Field(field["name"], avro_type, nullable)
@@ -134,6 +136,10 @@ def _convert(record_name: str, field: _Field, value: Any) -> Any:
             return parse_timestamp(value)
         except ValueError as exc:
             raise _invalid(record_name, field.name, f"{exc}: {_shown(value)}") from None
+    if field.kind == "int_array":
+        if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+            raise _invalid(record_name, field.name, f"expected a list of integers, got {_shown(value)}")
+        return value
     if field.kind == "boolean":
         if not isinstance(value, bool):
             raise _invalid(record_name, field.name, f"expected true or false, got {_shown(value)}")
@@ -204,5 +210,5 @@ def event_to_json(record_name: str, record: dict[str, Any]) -> dict[str, Any]:
             except ValueError as exc:
                 raise _invalid(record_name, field.name, str(exc)) from None
         else:
-            out[field.name] = value
+            out[field.name] = list(value) if field.kind == "int_array" else value
     return out

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -101,27 +101,43 @@ def test_threshold_alerts_exactly_once_across_duplicates_and_restart(
     callmeter(cm_env, "produce", write(tmp_path / "a.jsonl", events))
     worker_stats(cm_env)
     alerts = read_alerts(cm_env)
+    # c1's rate (13500 s in 36.75 h) would use up the rest 12.25 h later: a projected-overage alert
+    # (issue 12), sent once, with the crossing alert of the same call.
     assert [
         (a["kind"], a["threshold_percent"], a["used_seconds"], a["included_seconds"]) for a in alerts
     ] == [
         ("USAGE_THRESHOLD", 75, 13500, 18000),
+        ("PROJECTED_OVERAGE", None, 13500, 18000),
         ("USAGE_THRESHOLD", 90, 16200, 18000),
         ("USAGE_THRESHOLD", 100, 18000, 18000),
     ]
-    assert {a["alert_id"] for a in alerts} == {f"tau-20261101-USAGE_THRESHOLD-{p}" for p in (75, 90, 100)}
-    # A gateway retry of the crossing call, and a restart of the worker: still exactly three.
+    assert {a["alert_id"] for a in alerts} == {
+        *(f"tau-20261101-USAGE_THRESHOLD-{p}" for p in (75, 90, 100)),
+        "tau-20261101-PROJECTED_OVERAGE-call_seconds",
+    }
+    # Each carries resource, usage, allowance and the projected exhaustion date at its crossing.
+    assert [(a["resource"], a["usage"], a["allowance"], a["projected_exhaustion_date"]) for a in alerts] == [
+        ("call_seconds", 13500, 18000, date(2026, 11, 3)),
+        ("call_seconds", 13500, 18000, date(2026, 11, 3)),
+        ("call_seconds", 16200, 18000, date(2026, 11, 3)),
+        ("call_seconds", 18000, 18000, None),
+    ]
+    # A gateway retry of the crossing call, and a restart of the worker: still exactly four.
     callmeter(cm_env, "produce", write(tmp_path / "b.jsonl", [crossing]))
     stats = worker_stats(cm_env)
     assert stats["duplicates"] == {"call": 1}
-    assert len(read_alerts(cm_env)) == 3
+    assert len(read_alerts(cm_env)) == 4
     # Each alert carries the event time of its crossing: the end of the call that crossed it.
     assert [a["crossed_at"] for a in alerts] == [
+        T0 + timedelta(seconds=13500),
         T0 + timedelta(seconds=13500),
         T0 + timedelta(days=1, seconds=2700),
         T0 + timedelta(days=2, seconds=1800),
     ]
     tau = "tau              period 2026-11-01"
     assert callmeter(cm_env, "alerts").stdout.splitlines() == [
+        f"2026-11-02 12:45:00Z  {tau}  projected to use up the included seconds on 2026-11-03 "
+        "(13500/18000 so far)",
         f"2026-11-02 12:45:00Z  {tau}   75 % of included seconds used (13500/18000)",
         f"2026-11-03 09:45:00Z  {tau}   90 % of included seconds used (16200/18000)",
         f"2026-11-04 09:30:00Z  {tau}  100 % of included seconds used (18000/18000)",

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from rating.balance import balance, crossed_thresholds, period_usage, project_exhaustion
+from rating.alerts import crossed_thresholds
+from rating.balance import balance, period_usage, project_exhaustion
 from rating.catalog import Catalog, parse_catalog
 from rating.models import ProvisioningEvent
 from rating.periods import period_starting_in

@@ -7,7 +7,7 @@ import json
 import re
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "number": "+18005550100",
         "number_type": "TOLL_FREE",
         "employee_id": None,
+        "alert_thresholds_percent": None,
     },
     "RatedCall": {
         **call_record(),
@@ -87,6 +88,10 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "message": "90% of included seconds used",
         "emitted_at": T0,
         "crossed_at": T0 - timedelta(minutes=5),
+        "resource": "call_seconds",
+        "usage": 16200,
+        "allowance": 18000,
+        "projected_exhaustion_date": date(2026, 11, 7),
     },
     "DeadLetter": {
         "source_topic": "calls",

@@ -42,15 +42,19 @@ def test_examples_produce_expected_invoices_and_resending_changes_nothing(
     assert report["provisioning_events"] == 7
     assert report["raw_events"] == RATED_CALLS + 7
     assert report["billable_seconds_by_tenant"] == {"acme": 18000 + 1001 + 0 + 600, "bolt": 7326, "dime": 180}
+    assert report["duplicates"] == 1  # the retried call, recorded (audit only: docs/decisions.md)
 
-    # The same file again: every event is a duplicate; nothing anywhere changes.
+    # The same file again: every event is a duplicate; nothing billed changes, and each copy is
+    # recorded once in the ledger's duplicates audit table.
     callmeter(cm_env, "produce", events)
     stats = worker_stats(cm_env)
     assert stats["rated"] == 0
     assert stats["duplicates"] == {"call": 9, "provisioning": 7}
     callmeter(cm_env, "invoice", "--period", "2026-11", "--out", str(tmp_path / "second"))
     _assert_expected(tmp_path / "second")
-    assert ledger_report(cm_env) == report
+    after = ledger_report(cm_env)
+    assert after.pop("duplicates") == report.pop("duplicates") + 9 + 7
+    assert after == report
     # Re-running the job gives byte-identical invoices apart from generated_at.
     for name in EXPECTED:
         a = json.loads((tmp_path / "first" / f"{name}.json").read_text())

@@ -57,15 +57,17 @@ def test_the_sink_service_writes_the_ledger_for_a_worker_without_a_sink(cm_env: 
         sink.send_signal(signal.SIGTERM)
         out, err = sink.communicate(timeout=60)
     assert sink.returncode == 0, err.decode()[-3000:]
-    # 8 rated calls + 7 provisioning events, each also as a raw event.
+    # 8 rated calls + 7 provisioning events, each also as a raw event, and the retried call's
+    # duplicate record.
     assert json.loads(out.decode().strip().splitlines()[-1]) == {
         "duplicates_in_ledger": {},
-        "ledger_rows_written": 30,
+        "ledger_rows_written": 31,
     }
     report = ledger_report(cm_env)
     assert report["rated_calls"] == 8
     assert report["provisioning_events"] == 7
     assert report["raw_events"] == 15
+    assert report["duplicates"] == 1
     assert report["billable_seconds_by_tenant"] == {"acme": 18000 + 1001 + 0 + 600, "bolt": 7326, "dime": 180}
 
 

@@ -35,6 +35,10 @@ def assert_every_event_once(env: dict[str, str], events: Path) -> dict[str, Any]
     # Generated = rated + dead-lettered + duplicates: every unique call is a ledger row or a dead letter.
     accepted = report["rated_calls"] + report["provisioning_events"]
     assert accepted + sum(dead.values()) == _unique(events, "call") + _unique(events, "provisioning"), report
+    # ... and every other record is a duplicate the pipeline recorded exactly once (worker or ledger),
+    # whatever crashed: the ledger alone accounts for every record generated.
+    generated = len(events.read_text().splitlines())
+    assert accepted + sum(dead.values()) + report["duplicates"] == generated, report
     assert pipeline_invoices(env, events.with_name("out"), "2026-10") == reference_invoices(events, 2026, 10)
     _record_counts(events, report)
     return report
@@ -54,8 +58,9 @@ def _record_counts(events: Path, report: dict[str, Any]) -> None:
         "rated_calls": report["rated_calls"],
         "provisioning_accepted": report["provisioning_events"],
         "dead_lettered": sum(report["dead_letters_by_reason"].values()),
-        "duplicates": generated - unique,
+        "duplicates": report["duplicates"],
     }
+    assert generated - unique == report["duplicates"]
     with Path(target).open("a") as out:
         out.write(json.dumps(row) + "\n")
 

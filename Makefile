@@ -29,9 +29,12 @@ promtool:
 demo: setup
 	$(BIN)/callmeter demo
 
-# The fault-injection scenarios marked `chaos` are slow; make test runs their fast subset.
+# The fault-injection scenarios marked `chaos` are slow; make test runs their fast subset. Two test
+# processes (pytest-xdist), a file each at a time, each with its own session broker: the end-to-end tests
+# mostly wait on Kafka, Faust and process start-up, so two share the 2 cores without slowing each other.
+# The chaos scenarios run one at a time: several of them load the machine on purpose.
 test: setup promtool
-	$(BIN)/pytest -q -m "not chaos" --durations=15
+	$(BIN)/pytest -q -m "not chaos" -n 2 --dist loadfile --durations=15
 
 chaos: setup
 	$(BIN)/pytest -q -m chaos

@@ -15,6 +15,7 @@ Nothing on their path waits for Kafka: a gateway asks once per call.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -109,6 +110,18 @@ def not_serving(meter: Meter, tenant_id: str) -> str | None:
     return None
 
 
+def _meters(endpoint: str) -> tuple[Callable[[str], None], Callable[[float], None]]:
+    """Request counter and latency histogram of an endpoint (balances keep their own metric names)."""
+    if endpoint == "balances":
+        return (
+            lambda status: metrics.BALANCE_REQUESTS.labels(status=status).inc()
+        ), metrics.BALANCE_SECONDS.observe
+    return (
+        lambda status: metrics.TENANT_API_REQUESTS.labels(endpoint=endpoint, status=status).inc(),
+        metrics.TENANT_API_SECONDS.labels(endpoint=endpoint).observe,
+    )
+
+
 def install(meter: Meter) -> None:
     app = meter.app
 
@@ -122,22 +135,24 @@ def install(meter: Meter) -> None:
             return None
 
     async def answer(web: Any, request: Any, tenant_id: str, endpoint: str, body: Any) -> Any:
+        """Forward to the owner, or answer from local state once it is recovered (``not_serving``)."""
         routed = await forwarded(web, request, tenant_id)
         if routed is not None:
             return routed
+        count, observe = _meters(endpoint)
         started = time.perf_counter()
         try:
             at = _parse_at(request.query.get("at"))
         except ValueError as exc:
-            metrics.TENANT_API_REQUESTS.labels(endpoint=endpoint, status="400").inc()
+            count("400")
             return web.json({"error": f"bad at: {exc}"}, status=400)
         reason = not_serving(meter, tenant_id)
         if reason is not None:
-            metrics.TENANT_API_REQUESTS.labels(endpoint=endpoint, status="503").inc()
+            count("503")
             return web.json({"error": reason, "tenant_id": tenant_id}, status=503)
         status, result = body(meter, tenant_id, at)
-        metrics.TENANT_API_REQUESTS.labels(endpoint=endpoint, status=str(status)).inc()
-        metrics.TENANT_API_SECONDS.labels(endpoint=endpoint).observe(time.perf_counter() - started)
+        count(str(status))
+        observe(time.perf_counter() - started)
         return web.json(result, status=status)
 
     @app.page("/metrics")
@@ -150,23 +165,7 @@ def install(meter: Meter) -> None:
 
     @app.page("/balances/{tenant_id}")
     async def balance_page(web: Any, request: Any, tenant_id: str) -> Any:
-        routed = await forwarded(web, request, tenant_id)
-        if routed is not None:
-            return routed
-        started = time.perf_counter()
-        try:
-            at = _parse_at(request.query.get("at"))
-        except ValueError as exc:
-            metrics.BALANCE_REQUESTS.labels(status="400").inc()
-            return web.json({"error": f"bad at: {exc}"}, status=400)
-        reason = not_serving(meter, tenant_id)
-        if reason is not None:
-            metrics.BALANCE_REQUESTS.labels(status="503").inc()
-            return web.json({"error": reason, "tenant_id": tenant_id}, status=503)
-        status, body = balance_body(meter, tenant_id, at)
-        metrics.BALANCE_REQUESTS.labels(status=str(status)).inc()
-        metrics.BALANCE_SECONDS.observe(time.perf_counter() - started)
-        return web.json(body, status=status)
+        return await answer(web, request, tenant_id, "balances", balance_body)
 
     @app.page("/authorize/{tenant_id}")
     async def authorize_page(web: Any, request: Any, tenant_id: str) -> Any:

@@ -6,7 +6,6 @@ min(3, brokers in the cluster).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from typing import Any
@@ -35,33 +34,61 @@ def ensure_topics(settings: Settings, bootstrap: str) -> None:
     New topics get ``settings.partitions`` partitions, except that a missing input topic gets the partition
     count of the existing other input topic (inputs must be co-partitioned); inputs that already disagree
     raise :class:`BrokerError`. Replication factor is ``min(3, number of brokers)``.
+
+    A broker's metadata can lag a creation by someone else (seen under load: a topic created a moment
+    before was absent from the listing), so the inputs are created one at a time, and one that turns out
+    to exist is waited for and its real partition count used for the other; at the end every topic must
+    be visible, and the inputs are checked on that complete view.
     """
     if settings.partitions < 1:
         msg = f"partitions must be at least 1, not {settings.partitions}"
         raise BrokerError(msg)
     conf: dict[str, Any] = {"bootstrap.servers": bootstrap, "error_cb": lambda _err: None, "log_level": 0}
     admin = AdminClient(conf)
+    md = _metadata(admin, bootstrap)
+    counts = _counts(md)
+    replication = min(3, max(1, len(md.brokers)))
+    for name in settings.topics.inputs:
+        if name in counts:
+            continue
+        partitions = _input_partitions(settings, counts) or settings.partitions
+        if _create_topics(admin, [NewTopic(name, partitions, replication)], bootstrap):
+            log.info("created topic %s", name)
+        counts = _visible(admin, bootstrap, [name])
+    _input_partitions(settings, counts)
+    others = [NewTopic(n, settings.partitions, replication) for n in settings.topics.all if n not in counts]
+    if others:
+        created = _create_topics(admin, others, bootstrap)
+        if created:
+            log.info("created topics %s", ", ".join(created))
+    # Someone may have created an input concurrently with another count: check the complete view.
+    _input_partitions(settings, _visible(admin, bootstrap, settings.topics.all))
+
+
+def _metadata(admin: AdminClient, bootstrap: str) -> Any:
     try:
-        md = admin.list_topics(timeout=15)
+        return admin.list_topics(timeout=15)
     except KafkaException as exc:
         msg = f"cannot reach Kafka at {bootstrap}: {exc.args[0] if exc.args else exc}"
         raise BrokerError(msg) from exc
-    counts = {name: len(t.partitions) for name, t in md.topics.items() if t.error is None}
-    inputs = settings.topics.inputs
-    input_partitions = _input_partitions(settings, counts) or settings.partitions
-    replication = min(3, max(1, len(md.brokers)))
-    new = [
-        NewTopic(name, input_partitions if name in inputs else settings.partitions, replication)
-        for name in settings.topics.all
-        if name not in counts
-    ]
-    if new:
-        _create_topics(admin, new, bootstrap)
-        log.info("created topics %s", ", ".join(t.topic for t in new))
-    # Someone may have created an input concurrently with another count.
-    with contextlib.suppress(KafkaException):
-        md = admin.list_topics(timeout=15)
-        _input_partitions(settings, {n: len(t.partitions) for n, t in md.topics.items() if t.error is None})
+
+
+def _counts(md: Any) -> dict[str, int]:
+    return {name: len(t.partitions) for name, t in md.topics.items() if t.error is None}
+
+
+def _visible(admin: AdminClient, bootstrap: str, names: list[str], timeout: float = 60.0) -> dict[str, int]:
+    """Partition counts of every topic, once the metadata shows all of ``names``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        counts = _counts(_metadata(admin, bootstrap))
+        missing = [n for n in names if n not in counts]
+        if not missing:
+            return counts
+        if time.monotonic() > deadline:
+            msg = f"topics {', '.join(missing)} are still not in the cluster metadata after {timeout:.0f} s"
+            raise BrokerError(msg)
+        time.sleep(0.2)
 
 
 def ensure_internal_topics(
@@ -100,14 +127,18 @@ def ensure_internal_topics(
         time.sleep(0.2)
 
 
-def _create_topics(admin: AdminClient, new: list[NewTopic], bootstrap: str) -> None:
-    """Create topics; one that already exists (created concurrently) is fine."""
+def _create_topics(admin: AdminClient, new: list[NewTopic], bootstrap: str) -> list[str]:
+    """Create topics and return the names created; one that already exists (created concurrently) is
+    fine."""
+    created = []
     for name, future in admin.create_topics(new, operation_timeout=30, request_timeout=45).items():
         try:
             future.result()
+            created.append(name)
         except KafkaException as exc:
             err = exc.args[0] if exc.args else None
             if isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
                 continue
             msg = f"cannot create topic {name} on {bootstrap}: {err.str() if err else exc}"
             raise BrokerError(msg) from exc
+    return created

@@ -29,7 +29,9 @@ def _unique(events: Path, kind: str) -> int:
     return len({(r["tenant_id"], r["event_id"]) for r in rows if r["type"] == kind})
 
 
-def assert_every_event_once(env: dict[str, str], events: Path) -> dict[str, Any]:
+def assert_every_event_once(env: dict[str, str], events: Path, produced_before: int = 0) -> dict[str, Any]:
+    """``produced_before``: records of ``events`` the test had already produced once before (each a
+    duplicate when the file is produced)."""
     report = ledger_report(env)
     dead = report["dead_letters_by_reason"]
     # Generated = rated + dead-lettered + duplicates: every unique call is a ledger row or a dead letter.
@@ -37,20 +39,20 @@ def assert_every_event_once(env: dict[str, str], events: Path) -> dict[str, Any]
     assert accepted + sum(dead.values()) == _unique(events, "call") + _unique(events, "provisioning"), report
     # ... and every other record is a duplicate the pipeline recorded exactly once (worker or ledger),
     # whatever crashed: the ledger alone accounts for every record generated.
-    generated = len(events.read_text().splitlines())
+    generated = len(events.read_text().splitlines()) + produced_before
     assert accepted + sum(dead.values()) + report["duplicates"] == generated, report
     assert pipeline_invoices(env, events.with_name("out"), "2026-10") == reference_invoices(events, 2026, 10)
-    _record_counts(events, report)
+    _record_counts(events, report, produced_before)
     return report
 
 
-def _record_counts(events: Path, report: dict[str, Any]) -> None:
+def _record_counts(events: Path, report: dict[str, Any], produced_before: int = 0) -> None:
     """With CALLMETER_SCENARIO_COUNTS=FILE, append the scenario's counts (for the issue note's table):
     generated = rated + dead-lettered + duplicates."""
     target = os.environ.get("CALLMETER_SCENARIO_COUNTS")
     if not target:
         return
-    generated = len(events.read_text().splitlines())
+    generated = len(events.read_text().splitlines()) + produced_before
     unique = _unique(events, "call") + _unique(events, "provisioning")
     row = {
         "scenario": os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0],

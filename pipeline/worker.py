@@ -4,6 +4,8 @@ Commit protocol. Faust (``processing_guarantee="exactly_once"``) keeps one Kafka
 assigned input partition P of ``calls``/``provisioning`` (the two are co-partitioned by tenant, so a
 tenant's calls and provisioning share P and its state lives in partition P of every table):
 
+0. When partition P is assigned, its transactional producer starts and closes, as aborted, anything an
+   earlier owner left open under the same producer id before this worker writes (pipeline/fencing.py).
 1. The consumer (read_committed) hands the agent an event from P. From here to its acknowledgement the
    event is one critical section: no Faust commit can run in the middle of it (pipeline/guard.py).
 2. Undecodable or invalid: a DeadLetter record (original bytes, source topic/partition/offset, reason,
@@ -47,7 +49,7 @@ from typing import Any
 
 import faust
 
-from pipeline import metrics
+from pipeline import fencing, metrics  # noqa: F401 - fencing patches Faust's producer start
 from pipeline.balances import Balances
 from pipeline.crashpoints import CRASH_AT as _CRASH_AT
 from pipeline.crashpoints import acrash_point
@@ -196,6 +198,7 @@ class Meter(Outputs, Parking, Balances):
         for name in ("faust", "aiokafka", "mode"):
             logging.getLogger(name).addHandler(fault_counter)
         app.callmeter_guard = self.guard  # type: ignore[attr-defined]
+        app.callmeter_sweep_topics = self._sweep_topics  # type: ignore[attr-defined]
         app.agent(self.source, name="meter")(self._agent)
         from pipeline import web
 
@@ -232,6 +235,12 @@ class Meter(Outputs, Parking, Balances):
                 await self.handle(event)
                 if _CRASH_AT:
                     await acrash_point("after-event")
+
+    def _sweep_topics(self) -> tuple[list[str], list[str]]:
+        """What a partition's transactional producer writes and commits (pipeline/fencing.py, step 2)."""
+        changelogs = [table.changelog_topic.get_topic_name() for table in self.app.tables.values()]
+        outputs = [self.topics.rated, self.topics.accepted, self.topics.alerts, self.topics.deadletter]
+        return [*outputs, self.topics.duplicates, *changelogs], self.topics.inputs
 
     def internal_topics(self) -> dict[str, tuple[int, dict[str, str]]]:
         """Changelog topics (compacted, one partition per input partition) and Faust's leader topic."""

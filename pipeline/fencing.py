@@ -1,0 +1,91 @@
+"""Closes what a previous owner of a partition left open before this worker writes to it (issue 10 chaos).
+
+Each input partition P has one transactional id (``{app}-{group}-{P}``), so every worker that ever owned P
+writes as the same Kafka producer id, with a new epoch per start. Seen in ``make chaos`` (broker killed
+with -9 and restarted): records that the worker had written in a transaction just before the kill were
+later *committed by its replacement*. After the restart the transaction coordinator did not know that
+transaction any more, so neither the timeout nor the replacement's InitProducerId aborted it: its records
+stayed open on the output and changelog partitions under the same producer id, and the replacement's first
+commit marker on each partition closed them as committed, outputs of events whose offsets were never
+committed. The events were then processed a second time: 131 rated records and 8 Duplicate records
+twice in the topics (the ledger took the rated records once, the duplicates twice).
+
+Protocol, for every transactional producer this worker starts (on each assignment, before recovery
+reads the changelogs and before any event):
+
+1. Faust starts the producer: InitProducerId fences older epochs and completes every transaction the
+   coordinator knows of (a commit in progress is finished, an open one aborted). A start that failed is
+   fatal here (Faust only logs it and would go on without the producer).
+2. Inside a first transaction, one empty record is written to partition P of every topic the producer
+   writes (outputs and changelogs) and the group's offsets are added, so every one of those partitions,
+   and the group's offsets partition, is part of the transaction.
+3. That transaction is aborted: its ABORT marker on each partition closes whatever this producer id left
+   open there, as aborted. Nothing that can still be committed is touched: step 1 finished all of those.
+   A crash before the abort leaves an open transaction that the next start aborts the same way.
+4. The producer begins the transaction the events will use.
+
+The empty records are in aborted transactions, so no read_committed reader (the sink, recovery, replay,
+``status``) ever sees them; compaction removes them from the changelogs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import faust.transport.consumer as faust_consumer
+from aiokafka.structs import TopicPartition
+
+from pipeline.guard import die
+
+log = logging.getLogger(__name__)
+
+FENCE_KEY = b"callmeter-fence"
+
+# Set by the worker: for an input partition, the topics (partition P of each) its producer writes and the
+# input topics whose offsets it commits.
+SweepTopics = Callable[[], tuple[list[str], list[str]]]
+
+
+def _partition_of(transactional_id: str) -> int:
+    return int(transactional_id.rsplit("-", 1)[1])
+
+
+async def abort_strays(
+    producer: Any, partition: int, outputs: Iterable[str], inputs: Iterable[str], group: str
+) -> None:
+    """Steps 2-3 on an aiokafka transactional producer that has begun a transaction."""
+    for topic in outputs:
+        delivered = await producer.send(topic, b"", key=FENCE_KEY, partition=partition)
+        await delivered  # the partition is in the transaction only once its first batch is accepted
+    offsets = {TopicPartition(topic, partition): 0 for topic in inputs}
+    if offsets:
+        await producer.send_offsets_to_transaction(offsets, group)
+    await producer.abort_transaction()
+
+
+_original_start_transactions = faust_consumer.TransactionManager._start_transactions
+
+
+async def _start_transactions_closing_strays(self: Any, tids: Iterable[str]) -> None:
+    sweep: SweepTopics | None = getattr(self.app, "callmeter_sweep_topics", None)
+    tids = list(tids)
+    await _original_start_transactions(self, tids)
+    if sweep is None:
+        return
+    outputs, inputs = sweep()
+    transport_producer = self.producer
+    for tid in tids:
+        producer = transport_producer._transaction_producers.get(tid)
+        if producer is None:
+            die(f"the transactional producer {tid} did not start (see the warning above)")
+        try:
+            await abort_strays(producer, _partition_of(tid), outputs, inputs, self.app.conf.id)
+            await producer.begin_transaction()
+        except Exception as exc:  # the producer's state is unknown: restart rather than write through it
+            die(f"closing what {tid} left open failed: {type(exc).__name__}: {exc}", exc)
+    log.info("closed stray transactions of %d producers", len(tids))
+
+
+faust_consumer.TransactionManager._start_transactions = _start_transactions_closing_strays  # type: ignore[method-assign]

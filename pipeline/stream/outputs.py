@@ -10,7 +10,7 @@ import faust
 
 from pipeline import metrics
 from pipeline.errors import PipelineError
-from pipeline.parts import MeterParts
+from pipeline.stream.parts import MeterParts
 
 
 class Outputs(MeterParts):

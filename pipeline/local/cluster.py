@@ -19,7 +19,8 @@ from typing import Any
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
-from pipeline.broker import (
+from pipeline.errors import BrokerError
+from pipeline.local.broker import (
     HOST,
     LocalKafka,
     _free_port,
@@ -29,7 +30,6 @@ from pipeline.broker import (
     _random_cluster_id,
     read_state_file,
 )
-from pipeline.errors import BrokerError
 from pipeline.settings import Settings
 
 CLUSTER_DIR = "kafka-cluster"

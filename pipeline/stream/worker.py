@@ -48,15 +48,15 @@ from typing import Any
 import faust
 
 from pipeline import metrics
-from pipeline.balances import Balances
 from pipeline.crashpoints import CRASH_AT as _CRASH_AT
 from pipeline.crashpoints import acrash_point
-from pipeline.guard import CommitGuard
-from pipeline.outputs import Outputs
-from pipeline.parking import Parking
 from pipeline.records import call_from_record, provisioning_from_record, rated_to_record
 from pipeline.settings import Settings
-from pipeline.stats import Stats
+from pipeline.stream.balances import Balances
+from pipeline.stream.guard import CommitGuard
+from pipeline.stream.outputs import Outputs
+from pipeline.stream.parking import Parking
+from pipeline.stream.stats import Stats
 from rating.alerts import threshold_problem
 from rating.calls import RatedCall, rate_call, validate_call
 from rating.catalog import Catalog
@@ -197,7 +197,7 @@ class Meter(Outputs, Parking, Balances):
             logging.getLogger(name).addHandler(fault_counter)
         app.callmeter_guard = self.guard  # type: ignore[attr-defined]
         app.agent(self.source, name="meter")(self._agent)
-        from pipeline import web
+        from pipeline.stream import web
 
         web.install(self)
         # Parsed tenant timelines: rebuilding one from its JSON on every call was ~12 % of the event loop.
@@ -399,7 +399,7 @@ class Meter(Outputs, Parking, Balances):
         return None if raw is None else json.loads(raw)
 
     def status(self) -> dict[str, Any]:
-        from pipeline.watch import meter_status
+        from pipeline.stream.watch import meter_status
 
         return meter_status(self)
 

@@ -6,14 +6,15 @@ from datetime import datetime
 from typing import Any
 
 from pipeline.settings import Settings
-from pipeline.stats import Stats
+from pipeline.stream.stats import Stats
 from rating.calls import RatedCall
 from rating.catalog import Catalog
 from schemas.serde import Serde
 
 
 class MeterParts:
-    """What the Meter's parts need of it, declared for readers and type checkers (pipeline/worker.py)."""
+    """What the Meter's parts need of it, declared for readers and type checkers
+    (pipeline/stream/worker.py)."""
 
     app: Any  # the faust.App
     settings: Settings

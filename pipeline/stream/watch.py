@@ -13,13 +13,13 @@ from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from pipeline import metrics
-from pipeline.guard import die
 from pipeline.offsets import GroupOffsets
+from pipeline.stream.guard import die
 
 if TYPE_CHECKING:
+    from pipeline.ledger.sink import LedgerSink
     from pipeline.settings import Settings
-    from pipeline.sink import LedgerSink
-    from pipeline.worker import Meter
+    from pipeline.stream.worker import Meter
 
 log = logging.getLogger(__name__)
 TP = tuple[str, int]

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from pipeline.cliargs import build_parser
+from pipeline.commands.cliargs import build_parser
 from pipeline.errors import InputError, PipelineError
 from pipeline.settings import Settings
 from rating.catalog import Catalog
@@ -41,7 +41,7 @@ def make_serde(settings: Settings) -> Any:
 
 
 def kafka(settings: Settings, create_topics: bool = True) -> str:
-    from pipeline.cluster import bootstrap_servers
+    from pipeline.local.cluster import bootstrap_servers
     from pipeline.topics import ensure_topics
 
     bootstrap = bootstrap_servers(settings)
@@ -52,8 +52,8 @@ def kafka(settings: Settings, create_topics: bool = True) -> str:
 
 # -- commands ------------------------------------------------------------------------------------------
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
-    from pipeline.broker import LocalKafka
-    from pipeline.cluster import LocalKafkaCluster
+    from pipeline.local.broker import LocalKafka
+    from pipeline.local.cluster import LocalKafkaCluster
     from pipeline.topics import ensure_topics
 
     if settings.kafka:
@@ -72,8 +72,8 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_down(settings: Settings, _args: argparse.Namespace) -> int:
-    from pipeline.broker import LocalKafka
-    from pipeline.cluster import LocalKafkaCluster
+    from pipeline.local.broker import LocalKafka
+    from pipeline.local.cluster import LocalKafkaCluster
 
     cluster = LocalKafkaCluster.existing(settings)
     if cluster is not None:
@@ -84,7 +84,7 @@ def cmd_down(settings: Settings, _args: argparse.Namespace) -> int:
 
 
 def cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
-    from pipeline.produce import produce_files
+    from pipeline.commands.produce import produce_files
 
     paths = [Path(p) for p in args.files]
     for path in paths:
@@ -98,9 +98,9 @@ def cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from pipeline.catalogs import read_catalog
+    from pipeline.commands.supervisor import SINK_ONLY, child_role, is_child, supervise
     from pipeline.errors import RetryableError
-    from pipeline.guard import EXIT_RETRY
-    from pipeline.supervisor import SINK_ONLY, child_role, is_child, supervise
+    from pipeline.stream.guard import EXIT_RETRY
 
     if not is_child():
         # `callmeter sink` is this command with one process, the ledger sink (role "sink").
@@ -109,11 +109,11 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     role = child_role()
     try:
         if role == "sink":
-            from pipeline.sink_runner import run_sink
+            from pipeline.ledger.sink_runner import run_sink
 
             result = run_sink(settings, kafka(settings), catalog, make_serde(settings), args.until_idle, text)
         else:
-            from pipeline.runner import run_worker
+            from pipeline.stream.runner import run_worker
 
             stats = run_worker(
                 settings,
@@ -136,7 +136,7 @@ def cmd_invoice(settings: Settings, args: argparse.Namespace) -> int:
     from datetime import timedelta
 
     from pipeline.catalogs import read_catalog, register_catalog
-    from pipeline.invoicing import run_invoices, write_outputs
+    from pipeline.commands.invoicing import run_invoices, write_outputs
     from sinks.ledger import Ledger
 
     catalog, text = read_catalog(settings.catalog)
@@ -167,14 +167,14 @@ def cmd_invoice(settings: Settings, args: argparse.Namespace) -> int:
 def _ledger_incomplete(settings: Settings, args: argparse.Namespace) -> bool:
     """Refuse (or, with --allow-incomplete, flag) invoices from a ledger the pipeline has not finished:
     inputs not consumed or outputs not written up to the end of the invoiced periods plus the
-    settlement window (pipeline/completeness.py)."""
+    settlement window (pipeline/commands/completeness.py)."""
     from datetime import UTC, datetime, timedelta
 
     from confluent_kafka import KafkaException
 
-    from pipeline.completeness import ledger_lag
+    from pipeline.commands.completeness import ledger_lag
+    from pipeline.commands.invoicing import month_window
     from pipeline.errors import BrokerError
-    from pipeline.invoicing import month_window
 
     year, month = _month(args.period)
     next_start = month_window(year, month)[1]
@@ -210,7 +210,7 @@ def _ledger_incomplete(settings: Settings, args: argparse.Namespace) -> bool:
 
 
 def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
-    from pipeline.replay import run_replay
+    from pipeline.commands.replay import run_replay
 
     return run_replay(settings, args)
 
@@ -243,14 +243,14 @@ def cmd_balance(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_alerts(settings: Settings, args: argparse.Namespace) -> int:
-    from pipeline.alerts import follow_alerts
+    from pipeline.commands.alerts import follow_alerts
 
     follow_alerts(settings, kafka(settings, create_topics=False), make_serde(settings), follow=args.follow)
     return 0
 
 
 def cmd_notify(settings: Settings, args: argparse.Namespace) -> int:
-    from pipeline.notify import prepare_webhook, run_notify
+    from pipeline.commands.notify import prepare_webhook, run_notify
 
     webhook = prepare_webhook(settings, args.webhook)
     result = run_notify(settings, kafka(settings), make_serde(settings), webhook, args.until_idle)
@@ -259,7 +259,7 @@ def cmd_notify(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
-    from pipeline.status import kafka_lag, ledger_figures, render, worker_status
+    from pipeline.commands.status import kafka_lag, ledger_figures, render, worker_status
 
     url = _worker_url(settings, args)
     text, health = render(
@@ -277,7 +277,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
-    from pipeline.simulate import SimulationConfig, generate, write_file
+    from pipeline.commands.simulate import SimulationConfig, generate, write_file
 
     year, month = _month(args.month)
     cfg = SimulationConfig(
@@ -291,7 +291,7 @@ def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     if args.produce:
-        from pipeline.produce import EventPublisher
+        from pipeline.commands.produce import EventPublisher
         from schemas.json_events import parse_json_event
 
         publisher = EventPublisher(settings, kafka(settings), make_serde(settings))
@@ -342,10 +342,10 @@ def cmd_sql(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_usage(settings: Settings, args: argparse.Namespace) -> int:
-    """A tenant's usage review (pipeline/usage.py) from the ledger and the alerts topic."""
+    """A tenant's usage review (pipeline/commands/usage.py) from the ledger and the alerts topic."""
     from datetime import UTC, datetime
 
-    from pipeline.usage import render_json, render_text, review, sent_alerts
+    from pipeline.commands.usage import render_json, render_text, review, sent_alerts
 
     month = _month(args.period) if args.period else None
     catalog = load_catalog(settings.catalog)
@@ -357,7 +357,7 @@ def cmd_usage(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
-    from pipeline.demo import run_demo
+    from pipeline.commands.demo import run_demo
 
     return run_demo(settings, load_catalog(settings.catalog), args)
 

@@ -30,7 +30,7 @@ from rating.quota import quota
 from rating.subscription import TenantTimeline
 
 if TYPE_CHECKING:
-    from pipeline.worker import Meter
+    from pipeline.stream.worker import Meter
 
 
 def _parse_at(text: str | None) -> datetime | None:

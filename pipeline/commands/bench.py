@@ -60,7 +60,7 @@ def balance_bench(env: dict[str, str], requests: int, load_calls: int) -> dict[s
 
     from confluent_kafka import Producer
 
-    from pipeline.commands.cli import make_serde
+    from pipeline.commands.clients import make_serde
     from schemas.json_events import parse_json_event
 
     port = env["CALLMETER_WORKER_WEB_PORT"]

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from pipeline.commands.cliargs import build_parser
+from pipeline.commands.clients import kafka, make_serde
 from pipeline.errors import InputError, PipelineError
 from pipeline.settings import Settings
 from rating.catalog import Catalog
@@ -27,27 +28,6 @@ def load_catalog(path: Path) -> Catalog:
     from pipeline.catalogs import read_catalog
 
     return read_catalog(path)[0]
-
-
-def make_serde(settings: Settings) -> Any:
-    from schemas.serde import Serde
-
-    auth = (
-        settings.schema_registry_basic_auth.get_secret_value()
-        if settings.schema_registry_basic_auth
-        else None
-    )
-    return Serde(settings.schema_registry_url, auth)
-
-
-def kafka(settings: Settings, create_topics: bool = True) -> str:
-    from pipeline.local.cluster import bootstrap_servers
-    from pipeline.topics import ensure_topics
-
-    bootstrap = bootstrap_servers(settings)
-    if create_topics:
-        ensure_topics(settings, bootstrap)
-    return bootstrap
 
 
 # -- commands ------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ def summary_table(invoices: list[Invoice]) -> str:
 def run_demo(settings: Settings, catalog: Catalog, args: argparse.Namespace) -> int:
     from datetime import timedelta
 
-    from pipeline.commands.cli import make_serde
+    from pipeline.commands.clients import make_serde
     from pipeline.commands.invoicing import run_invoices, write_outputs
     from pipeline.commands.produce import produce_files
     from pipeline.commands.simulate import SimulationConfig, write_file

@@ -177,7 +177,7 @@ def _charges(
 
 
 def run_replay(settings: Settings, args: argparse.Namespace) -> int:
-    from pipeline.commands.cli import kafka, make_serde
+    from pipeline.commands.clients import kafka, make_serde
 
     ts_from, ts_to = parse_ts(args.ts_from, "--from"), parse_ts(args.ts_to, "--to")
     if ts_to <= ts_from:

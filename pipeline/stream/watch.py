@@ -19,7 +19,7 @@ from pipeline.stream.guard import die
 if TYPE_CHECKING:
     from pipeline.ledger.sink import LedgerSink
     from pipeline.settings import Settings
-    from pipeline.stream.worker import Meter
+    from pipeline.stream.parts import MeterParts
 
 log = logging.getLogger(__name__)
 TP = tuple[str, int]
@@ -29,7 +29,7 @@ class LagMonitor(threading.Thread):
     """Consumer lag per input partition (high watermark minus committed offset) and event-time lag
     (age of the oldest uncommitted input record, read from Kafka), refreshed every few seconds."""
 
-    def __init__(self, meter: Meter, bootstrap: str, every_seconds: float = 3.0) -> None:
+    def __init__(self, meter: MeterParts, bootstrap: str, every_seconds: float = 3.0) -> None:
         super().__init__(name="lag-monitor", daemon=True)
         from confluent_kafka import Consumer
 
@@ -120,7 +120,7 @@ class LagMonitor(threading.Thread):
         self.peek.close()
 
 
-def meter_status(meter: Meter) -> dict[str, Any]:
+def meter_status(meter: MeterParts) -> dict[str, Any]:
     return {
         "stats": meter.stats.to_dict(),
         "lag": [{"topic": t, "partition": p, "messages": n} for (t, p), n in sorted(meter.lag.items())],

@@ -27,11 +27,11 @@ from typing import Any
 from prometheus_client import start_http_server
 
 from pipeline import metrics
+from pipeline.catalogs import open_ledger
 from pipeline.errors import PipelineError, RetryableError
+from pipeline.idle import IdleWatch
 from pipeline.ledger.sink import LedgerSink
 from pipeline.settings import Settings
-from pipeline.stream.runner import open_ledger
-from pipeline.stream.watch import IdleWatch
 from rating.catalog import Catalog
 from schemas.serde import Serde
 

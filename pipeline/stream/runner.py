@@ -15,14 +15,15 @@ from pathlib import Path
 
 import faust
 
+from pipeline.catalogs import open_ledger
 from pipeline.errors import RetryableError
+from pipeline.idle import IdleWatch
 from pipeline.settings import Settings
 from pipeline.stream.stats import Stats
-from pipeline.stream.watch import IdleWatch, LagMonitor
+from pipeline.stream.watch import LagMonitor
 from pipeline.stream.worker import Meter
 from rating.catalog import Catalog
 from schemas.serde import Serde
-from sinks.ledger import Ledger
 
 log = logging.getLogger(__name__)
 
@@ -154,17 +155,3 @@ def run_worker(
         json.dumps(meter.stats.to_dict(), indent=2)
     )
     return meter.stats
-
-
-def open_ledger(settings: Settings, catalog: Catalog, catalog_text: str) -> Ledger:
-    """Open (and migrate) the ledger and record the catalog revision in use."""
-    ledger = Ledger.open(settings.clickhouse_dsn, settings.clickhouse_secret, settings.clickhouse_cluster)
-    if catalog_text:
-        from pipeline.catalogs import register_catalog
-
-        try:
-            register_catalog(ledger, catalog, catalog_text)
-        except Exception:
-            ledger.close()
-            raise
-    return ledger

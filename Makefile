@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 
 # Fetch Kafka once into the cache dir; later starts are offline.
 kafka-jars: $(STAMP)
-	$(BIN)/python -c "from pipeline.broker import LocalKafka; from pipeline.settings import Settings; LocalKafka(Settings()).fetch()"
+	$(BIN)/python -c "from pipeline.local.broker import LocalKafka; from pipeline.settings import Settings; LocalKafka(Settings()).fetch()"
 
 # promtool checks and unit-tests deploy/prometheus/ (tests/unit/test_observability_config.py); Debian's
 # prometheus package provides it. Installing needs root when it is missing (CI and dev machines are).
@@ -51,8 +51,8 @@ lint: setup
 # balance and pre-call authorization latency p50/p99 under simulator load (authorization idle too, and
 # its handler time from the worker's histogram) and produce-to-balance freshness.
 bench: setup
-	$(BIN)/python -m pipeline.bench --processes 1,2
-	$(BIN)/python -m pipeline.bench --balance --calls 100000
+	$(BIN)/python -m pipeline.commands.bench --processes 1,2
+	$(BIN)/python -m pipeline.commands.bench --balance --calls 100000
 
 clean:
 	-$(BIN)/callmeter down

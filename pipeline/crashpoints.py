@@ -13,7 +13,8 @@ before its offset is committed), ``worker-6-committed`` (a transaction just comm
 
 ``recovery-short`` is a fault of another kind (mode ``short``, see ``armed``): the first changelog
 recovery of the process loses the last record of every batch it applies to the tables, as when Faust
-ended a partition's recovery before the records it had fetched reached the table (pipeline/recovery.py).
+ended a partition's recovery before the records it had fetched reached the table
+(pipeline/stream/recovery.py).
 """
 
 from __future__ import annotations

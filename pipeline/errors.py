@@ -17,4 +17,4 @@ class InputError(PipelineError):
 
 class RetryableError(PipelineError):
     """The worker stopped on a fault a fresh process recovers from (ledger refused a batch, Faust
-    stopped on an error, a stall); `callmeter worker` restarts it (pipeline/supervisor.py)."""
+    stopped on an error, a stall); `callmeter worker` restarts it (pipeline/commands/supervisor.py)."""

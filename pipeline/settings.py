@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     producer_linger_ms: int = 100
     log_level: str = "warning"
     # `callmeter worker` restarts a worker process that stopped on a recoverable fault this many times
-    # in a row before it gives up (pipeline/supervisor.py).
+    # in a row before it gives up (pipeline/commands/supervisor.py).
     worker_restarts: int = 5
     # A worker with input left to consume that commits nothing for this long (broker gone, a hung
     # partition) stops and is restarted; the restart fails with one line if the broker is still away.

@@ -258,7 +258,7 @@ class Ledger:
         self, keys: Iterable[tuple[str, str, str]]
     ) -> dict[tuple[str, str, str], list[tuple[int, int, str]]]:
         """``(topic, tenant, event) -> [(source partition, source offset, payload)]`` of the raw events
-        already in the ledger under any of these keys: the sink's first-seen check (pipeline/sink.py).
+        already in the ledger under any of these keys: the sink's first-seen check (pipeline/ledger/sink.py).
         The filter on tenants and ids is a superset of the pairs; the exact pairs are kept here."""
         wanted = set(keys)
         if not wanted:

@@ -10,7 +10,7 @@ from uuid import uuid4
 
 import pytest
 
-from pipeline.broker import LocalKafka
+from pipeline.local.broker import LocalKafka
 from pipeline.settings import Settings
 
 

@@ -19,7 +19,7 @@ def callmeter(
     env: dict[str, str], *args: str, timeout: float = 300, check: bool = True
 ) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args],
+        [sys.executable, "-m", "pipeline", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -36,7 +36,7 @@ def worker_in_background(env: dict[str, str], log: Path) -> subprocess.Popen[byt
     line) on a pipe: for tests that do something to the world while it runs."""
     with log.open("wb") as err:
         return subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "worker", "--until-idle"],
+            [sys.executable, "-m", "pipeline", "worker", "--until-idle"],
             env=env,
             stdout=subprocess.PIPE,
             stderr=err,
@@ -79,7 +79,7 @@ class BackgroundWorker:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.cli", "worker"],
+                [sys.executable, "-m", "pipeline", "worker"],
                 env=self.env,
                 stdout=subprocess.DEVNULL,
                 stderr=log,

@@ -1,4 +1,5 @@
-"""The local Kafka broker (pipeline/broker.py) against a real broker: lifecycle, topics, transactions."""
+"""The local Kafka broker (pipeline/local/broker.py) against a real broker: lifecycle, topics,
+transactions."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from pipeline.broker import LocalKafka
-from pipeline.cluster import bootstrap_servers
 from pipeline.errors import BrokerError
+from pipeline.local.broker import LocalKafka
+from pipeline.local.cluster import bootstrap_servers
 from pipeline.settings import Settings
 from pipeline.topics import ensure_topics
 

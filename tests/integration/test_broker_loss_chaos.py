@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.broker import LocalKafka
-from pipeline.completeness import ledger_lag
+from pipeline.commands.completeness import ledger_lag
+from pipeline.commands.simulate import SimulationConfig, write_file
+from pipeline.local.broker import LocalKafka
 from pipeline.settings import Settings
-from pipeline.simulate import SimulationConfig, write_file
 from tests.conftest import pipeline_env
 from tests.integration.cli import callmeter
 from tests.integration.test_faults_e2e import assert_every_event_once
@@ -40,7 +40,7 @@ def test_worker_rides_out_a_broker_kill_and_restart(tmp_path: Path) -> None:
         callmeter(env, "produce", str(events))
         log = (tmp_path / "worker.log").open("wb")
         worker = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "worker"], env=env, stdout=subprocess.DEVNULL, stderr=log
+            [sys.executable, "-m", "pipeline", "worker"], env=env, stdout=subprocess.DEVNULL, stderr=log
         )
         try:
             time.sleep(10)  # the worker is consuming (15,000 calls take it well over a minute)

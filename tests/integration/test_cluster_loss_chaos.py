@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cluster import LocalKafkaCluster
+from pipeline.commands.simulate import SimulationConfig, write_file
+from pipeline.local.cluster import LocalKafkaCluster
 from pipeline.settings import Settings
-from pipeline.simulate import SimulationConfig, write_file
 from tests.conftest import pipeline_env
 from tests.integration.cli import callmeter, worker_in_background, worker_stats
 from tests.integration.test_faults_e2e import assert_every_event_once

@@ -23,9 +23,9 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from pipeline.cli import load_catalog
+from pipeline.commands.cli import load_catalog
+from pipeline.commands.simulate import SimulationConfig, write_file
 from pipeline.settings import SAMPLE_CATALOG, Settings
-from pipeline.simulate import SimulationConfig, write_file
 from rating.batch import invoices_for_month
 from tests.integration.cli import (
     callmeter,
@@ -65,7 +65,7 @@ def test_sigkill_mid_stream_then_restart_counts_every_call_once(
     write_file(SimulationConfig(tenants=4, calls=6000, duplicate_rate=0.05, late_rate=0.02, seed=11), events)
     callmeter(cm_env, "produce", str(events))
     worker = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "worker"],
+        [sys.executable, "-m", "pipeline", "worker"],
         env=cm_env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.simulate import SimulationConfig, write_file
+from pipeline.commands.simulate import SimulationConfig, write_file
 from tests.integration.cli import callmeter, ledger_report, worker_stats
 from tests.integration.test_exactly_once_e2e import pipeline_invoices, reference_invoices
 

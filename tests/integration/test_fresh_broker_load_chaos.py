@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.broker import LocalKafka
+from pipeline.local.broker import LocalKafka
 from pipeline.settings import Settings
 from tests.conftest import pipeline_env
 from tests.integration.cli import callmeter, worker_stats

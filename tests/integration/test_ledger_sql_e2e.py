@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.cli import load_catalog
+from pipeline.commands.cli import load_catalog
 from pipeline.settings import SAMPLE_CATALOG
 from rating.batch import dedupe, invoices_for_month, timelines_from
 from rating.calls import RatedCall, rate_call

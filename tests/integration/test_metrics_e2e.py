@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 
+from pipeline.commands.simulate import SimulationConfig, generate
 from pipeline.settings import Settings
-from pipeline.simulate import SimulationConfig, generate
 from tests.integration.cli import BackgroundWorker, callmeter, metric_values
 
 pytestmark = pytest.mark.integration

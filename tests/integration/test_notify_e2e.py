@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 
-from pipeline.notify import KEY_HEADER, SIGNATURE_HEADER, alert_body, idempotency_key, verify
+from pipeline.commands.notify import KEY_HEADER, SIGNATURE_HEADER, alert_body, idempotency_key, verify
 from pipeline.settings import Settings
 from pipeline.topics import ensure_topics
 from schemas.serde import Serde
@@ -129,7 +129,7 @@ def test_alerts_delivered_exactly_once_through_failures_and_a_kill(
     script = {0: "500", 1: "drop", 2: "slow", 6: "hold"}
     with Receiver(script) as receiver:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "notify", "--webhook", receiver.url],
+            [sys.executable, "-m", "pipeline", "notify", "--webhook", receiver.url],
             env=notify_env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

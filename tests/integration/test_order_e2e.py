@@ -271,7 +271,7 @@ def test_balances_agree_with_invoices_after_a_state_rebuild(cm_env: dict[str, st
     invoice's, after the worker's local state was thrown away and rebuilt from the changelogs."""
     import shutil
 
-    from pipeline.simulate import SimulationConfig, write_file
+    from pipeline.commands.simulate import SimulationConfig, write_file
 
     events = tmp_path / "sim.jsonl"
     write_file(SimulationConfig(tenants=4, calls=800, duplicate_rate=0.05, seed=3), events)

@@ -3,8 +3,8 @@
 `callmeter worker` with ``CALLMETER_WORKER_PROCESSES`` = N runs N stream workers and one ledger sink
 process. Every join or departure is a rebalance, which under Faust's exactly_once lost state before
 the worker committed ahead of each revocation and asked the broker for changelog ends
-(pipeline/guard.py, pipeline/runner.py). Every invoice must still equal rating/'s batch computation and
-every event be rated, dead-lettered or a duplicate exactly once.
+(pipeline/stream/guard.py, pipeline/stream/runner.py). Every invoice must still equal rating/'s batch
+computation and every event be rated, dead-lettered or a duplicate exactly once.
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ import pytest
 from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from pipeline.commands.simulate import SimulationConfig, write_file
 from pipeline.settings import Settings
-from pipeline.simulate import SimulationConfig, write_file
 from rating.batch import invoices_for_month
 from rating.catalog import parse_catalog
 from tests.integration.cli import (
@@ -189,7 +189,7 @@ def test_replay_killed_halfway_and_rerun_ends_at_the_same_numbers(
         [
             sys.executable,
             "-m",
-            "pipeline.cli",
+            "pipeline",
             "--catalog",
             catalog,
             "replay",

@@ -38,7 +38,7 @@ def test_the_sink_service_writes_the_ledger_for_a_worker_without_a_sink(cm_env: 
 
     # The sink as a service runs it: in the foreground until stopped, its metrics on the web port.
     sink = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "sink"],
+        [sys.executable, "-m", "pipeline", "sink"],
         env=cm_env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -17,9 +17,9 @@ from xml.etree import ElementTree
 import pytest
 import yaml
 
-from pipeline import web
-from pipeline.cliargs import build_parser
+from pipeline.commands.cliargs import build_parser
 from pipeline.settings import KAFKA_VERSION, Settings
+from pipeline.stream import web
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -169,7 +169,7 @@ def test_prometheus_scrapes_every_callmeter_service_on_its_web_port_with_the_rul
     # The job the recording rules and the dashboard are written for.
     assert job["job_name"] == "callmeter-worker"
     assert "`callmeter-worker`" in (DEPLOY / "prometheus" / "recording_rules.yml").read_text()
-    # The path pipeline/web.py serves (the sink's prometheus_client server answers on any path).
+    # The path pipeline/stream/web.py serves (the sink's prometheus_client server answers on any path).
     assert job.get("metrics_path", "/metrics") == "/metrics"
     assert '@app.page("/metrics")' in inspect.getsource(web.install)
     targets = sorted(t for static in job["static_configs"] for t in static["targets"])

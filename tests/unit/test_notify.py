@@ -1,4 +1,5 @@
-"""Webhook delivery's pure parts: backoff, signing, idempotency keys, retries (pipeline/notify.py)."""
+"""Webhook delivery's pure parts: backoff, signing, idempotency keys, retries
+(pipeline/commands/notify.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.errors import InputError
-from pipeline.notify import (
+from pipeline.commands.notify import (
     DeliveryError,
     Endpoint,
     RetryPolicy,
@@ -22,6 +22,7 @@ from pipeline.notify import (
     sign,
     verify,
 )
+from pipeline.errors import InputError
 
 
 @pytest.mark.parametrize(

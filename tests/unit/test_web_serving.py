@@ -1,5 +1,5 @@
 """The worker answers tenant questions from local state only once that state is recovered and its own
-(pipeline/web.py ``not_serving``): otherwise a confident 200 could say "no subscription" for a tenant
+(pipeline/stream/web.py ``not_serving``): otherwise a confident 200 could say "no subscription" for a tenant
 whose timeline is still being read back from the changelog after an unclean restart."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from faust.types import TP
 
-from pipeline.web import not_serving
+from pipeline.stream.web import not_serving
 
 
 def _meter(*, ready: bool, rebalancing: bool = False, in_recovery: bool = False, owned: int = 1) -> Any:

@@ -30,7 +30,7 @@ from rating.quota import quota
 from rating.subscription import TenantTimeline
 
 if TYPE_CHECKING:
-    from pipeline.worker import Meter
+    from pipeline.stream.parts import MeterParts
 
 
 def _parse_at(text: str | None) -> datetime | None:
@@ -43,7 +43,7 @@ def _parse_at(text: str | None) -> datetime | None:
     return parsed.astimezone(UTC)
 
 
-def balance_body(meter: Meter, tenant_id: str, at: datetime | None) -> tuple[int, dict[str, Any]]:
+def balance_body(meter: MeterParts, tenant_id: str, at: datetime | None) -> tuple[int, dict[str, Any]]:
     stored = meter.read_owned(meter.tenants, tenant_id)
     if not stored:
         return 404, {"error": "unknown tenant", "tenant_id": tenant_id}
@@ -59,7 +59,7 @@ def balance_body(meter: Meter, tenant_id: str, at: datetime | None) -> tuple[int
     return 200, result.to_json_dict()
 
 
-def _timeline(meter: Meter, tenant_id: str) -> TenantTimeline | None:
+def _timeline(meter: MeterParts, tenant_id: str) -> TenantTimeline | None:
     # The agent's parsed timelines are current for every tenant of this worker's partitions (it
     # updates them with the table); parsing the stored JSON is the fallback for one it has not needed.
     cached = meter._timelines.get(tenant_id)
@@ -69,7 +69,7 @@ def _timeline(meter: Meter, tenant_id: str) -> TenantTimeline | None:
     return TenantTimeline.from_dict(stored) if stored else None
 
 
-def authorize_body(meter: Meter, tenant_id: str, at: datetime | None) -> tuple[int, dict[str, Any]]:
+def authorize_body(meter: MeterParts, tenant_id: str, at: datetime | None) -> tuple[int, dict[str, Any]]:
     timeline = _timeline(meter, tenant_id)
     now = at or datetime.now(UTC)
     used = 0
@@ -83,7 +83,7 @@ def authorize_body(meter: Meter, tenant_id: str, at: datetime | None) -> tuple[i
         return 503, {"error": str(exc), "tenant_id": tenant_id}
 
 
-def quota_body(meter: Meter, tenant_id: str, at: datetime | None) -> tuple[int, dict[str, Any]]:
+def quota_body(meter: MeterParts, tenant_id: str, at: datetime | None) -> tuple[int, dict[str, Any]]:
     try:
         body = quota(tenant_id, _timeline(meter, tenant_id), meter.catalog, at or datetime.now(UTC))
     except CatalogError as exc:
@@ -91,7 +91,7 @@ def quota_body(meter: Meter, tenant_id: str, at: datetime | None) -> tuple[int, 
     return 200, body.to_json_dict()
 
 
-def not_serving(meter: Meter, tenant_id: str) -> str | None:
+def not_serving(meter: MeterParts, tenant_id: str) -> str | None:
     """Why this worker cannot answer for the tenant from its local state yet, or None when it can.
 
     A tenant's state is only as good as the changelog recovery behind it: while the worker starts (its
@@ -122,7 +122,7 @@ def _meters(endpoint: str) -> tuple[Callable[[str], None], Callable[[float], Non
     )
 
 
-def install(meter: Meter) -> None:
+def install(meter: MeterParts) -> None:
     app = meter.app
 
     async def forwarded(web: Any, request: Any, tenant_id: str) -> Any:

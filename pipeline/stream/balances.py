@@ -11,7 +11,7 @@ from decimal import Decimal
 from typing import Any, cast
 
 from pipeline import metrics
-from pipeline.parts import MeterParts
+from pipeline.stream.parts import MeterParts
 from rating.alerts import crossed_thresholds, projected_overage, thresholds_in_effect
 from rating.balance import period_usage, project_exhaustion
 from rating.catalog import Plan

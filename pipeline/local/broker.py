@@ -1,4 +1,5 @@
-"""The local single-node Kafka broker (KRaft) behind ``callmeter up`` / ``callmeter down``, and topic setup.
+"""The local single-node Kafka broker (KRaft) behind ``callmeter up`` / ``callmeter down`` (what it needs
+of the machine -- Java, Maven, ports, processes -- is in host.py; topics in pipeline/topics.py).
 
 Jars come from Maven Central once (``deploy/kafka/pom.xml``) into ``<cache_dir>/kafka-<version>/libs``; the
 broker's state lives in ``<data_dir>/kafka``::
@@ -14,7 +15,6 @@ See docs/broker.md.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import fcntl
 import json
@@ -23,10 +23,8 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,158 +33,32 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
 from pipeline.errors import BrokerError
+from pipeline.local.host import (
+    HOST,
+    broker_answers,
+    find_java,
+    find_maven,
+    free_port,
+    maven_error,
+    pid_alive,
+    port_free,
+    quiet_client_config,
+    random_cluster_id,
+    read_state_file,
+    tail_lines,
+)
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
 
-DEPLOY_DIR = Path(__file__).resolve().parents[1] / "deploy" / "kafka"
+DEPLOY_DIR = Path(__file__).resolve().parents[2] / "deploy" / "kafka"
 POM = DEPLOY_DIR / "pom.xml"
 LOG4J2_CONFIG = DEPLOY_DIR / "log4j2.properties"
 
-HOST = "127.0.0.1"
-MIN_JAVA = 17
 HEAP = "-Xmx768m"
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
 FETCH_MARKER = ".fetched"
-
-_MAVEN_BOILERPLATE = (
-    "To see the full stack trace",
-    "Re-run Maven using",
-    "For more information about the errors",
-    "[Help ",
-    "After correcting the problems",
-)
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-def _java() -> str:
-    java = shutil.which("java")
-    if java is None:
-        msg = "Java 17+ is required to run the local Kafka broker: 'java' not found on PATH"
-        raise BrokerError(msg)
-    try:
-        out = subprocess.run(  # noqa: S603 - fixed argv
-            [java, "-version"], capture_output=True, text=True, timeout=30, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        msg = f"Java 17+ is required to run the local Kafka broker: '{java} -version' failed: {exc}"
-        raise BrokerError(msg) from exc
-    m = re.search(r'version "(\d+)(?:\.(\d+))?', out.stderr + out.stdout)
-    if m:
-        major = int(m.group(1))
-        if major == 1 and m.group(2):  # "1.8.0_392"
-            major = int(m.group(2))
-        if major < MIN_JAVA:
-            msg = f"Java 17+ is required to run the local Kafka broker: found Java {major} at {java}"
-            raise BrokerError(msg)
-    return java
-
-
-def _mvn() -> str:
-    mvn = shutil.which("mvn")
-    if mvn is None:
-        msg = "Maven is required once to download the Kafka jars: 'mvn' not found on PATH"
-        raise BrokerError(msg)
-    return mvn
-
-
-def _maven_error(output: str) -> str:
-    """The most telling ``[ERROR]`` line of Maven's output (the last one that is not boilerplate)."""
-    lines = [_ANSI.sub("", ln).strip() for ln in output.splitlines()]
-    errors = [ln.removeprefix("[ERROR]").strip() for ln in lines if ln.startswith("[ERROR]")]
-    errors = [e for e in errors if e and not e.startswith(_MAVEN_BOILERPLATE)]
-    if errors:
-        error = errors[-1].removesuffix("-> [Help 1]").strip()
-        return re.sub(r"^Failed to execute goal on project \S+: ", "", error)
-    rest = [ln for ln in lines if ln]
-    return rest[-1] if rest else "no output"
-
-
-def _tail(path: Path, lines: int = 8, start: int = 0) -> list[str]:
-    try:
-        with path.open("rb") as f:
-            f.seek(start)
-            text = f.read().decode("utf-8", "replace")
-    except OSError:
-        return []
-    return [ln for ln in text.splitlines() if ln.strip()][-lines:]
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        # Java listeners set SO_REUSEADDR too, so a port in TIME_WAIT counts as free.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((HOST, port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_port(exclude: set[int]) -> int:
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((HOST, 0))
-            port = int(s.getsockname()[1])
-        if port not in exclude:
-            return port
-    msg = "could not find a free loopback port for the local Kafka broker"
-    raise BrokerError(msg)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # no procfs: trust kill(0)
-    if stat.rsplit(")", 1)[-1].split()[0] == "Z":
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
-        return False
-    return True
-
-
-def _random_cluster_id() -> str:
-    """Same shape as ``kafka-storage random-uuid``: 16 random bytes, base64url, no padding."""
-    while True:
-        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-        if not cid.startswith("-"):
-            return cid
-
-
-def _quiet_client_config(bootstrap: str) -> dict[str, Any]:
-    return {
-        "bootstrap.servers": bootstrap,
-        "socket.connection.setup.timeout.ms": 2000,
-        "reconnect.backoff.ms": 100,
-        "reconnect.backoff.max.ms": 500,
-        "log_level": 0,
-        "error_cb": lambda _err: None,
-    }
-
-
-def _answers(bootstrap: str, timeout: float = 2.0) -> bool:
-    try:
-        md = AdminClient(_quiet_client_config(bootstrap)).list_topics(timeout=timeout)
-    except KafkaException:
-        return False
-    return bool(md.brokers)
-
-
-def read_state_file(path: Path) -> dict[str, Any]:
-    """A JSON state file written by this module (or pipeline/cluster.py); {} when missing or unreadable."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 class LocalKafka:
@@ -219,7 +91,7 @@ class LocalKafka:
         with self._flock(self.home / ".lock"):
             if self.fetched:  # another process fetched while we waited
                 return self.libs
-            mvn = _mvn()
+            mvn = find_maven()
             if not POM.is_file():
                 msg = f"cannot fetch Kafka: {POM} is missing (is callmeter installed from its repository?)"
                 raise BrokerError(msg)
@@ -240,7 +112,7 @@ class LocalKafka:
                 raise BrokerError(msg) from exc
             if out.returncode != 0:
                 shutil.rmtree(staging, ignore_errors=True)
-                msg = f"Maven could not fetch Kafka {self.version}: {_maven_error(out.stdout + out.stderr)}"
+                msg = f"Maven could not fetch Kafka {self.version}: {maven_error(out.stdout + out.stderr)}"
                 raise BrokerError(msg)
             if not any(staging.glob(f"kafka_*-{self.version}.jar")):
                 msg = f"Maven ran but no kafka_*-{self.version}.jar appeared in {staging}"
@@ -262,10 +134,10 @@ class LocalKafka:
             state = self._read_state()
             if self._running(state):
                 bootstrap = self._bootstrap(state)
-                if not _answers(bootstrap):  # maybe still starting
+                if not broker_answers(bootstrap):  # maybe still starting
                     self._wait_ready(bootstrap, int(state["pid"]), timeout, log_offset=None)
                 return bootstrap
-            java = _java()
+            java = find_java()
             libs = self.fetch()
             port, cport = self._pick_ports(state)
             cluster_id = self._cluster_id(state)
@@ -305,7 +177,7 @@ class LocalKafka:
         running = self._running(state)
         return {
             "running": running,
-            "answering": running and _answers(self._bootstrap(state)),
+            "answering": running and broker_answers(self._bootstrap(state)),
             "pid": state.get("pid") if running else None,
             "bootstrap": self._bootstrap(state) if running else None,
             "port": state.get("port"),
@@ -350,13 +222,13 @@ class LocalKafka:
 
     def _running(self, state: dict[str, Any]) -> bool:
         pid = state.get("pid")
-        return isinstance(pid, int) and _pid_alive(pid) and self._is_ours(pid)
+        return isinstance(pid, int) and pid_alive(pid) and self._is_ours(pid)
 
     def _pick_ports(self, state: dict[str, Any]) -> tuple[int, int]:
         old = state.get("port"), state.get("controller_port")
-        port = old[0] if isinstance(old[0], int) and _port_free(old[0]) else _free_port(set())
-        cport = old[1] if isinstance(old[1], int) and old[1] != port and _port_free(old[1]) else 0
-        return port, cport or _free_port({port})
+        port = old[0] if isinstance(old[0], int) and port_free(old[0]) else free_port(set())
+        cport = old[1] if isinstance(old[1], int) and old[1] != port and port_free(old[1]) else 0
+        return port, cport or free_port({port})
 
     def _cluster_id(self, state: dict[str, Any]) -> str:
         meta = self.storage_dir / "meta.properties"
@@ -365,7 +237,7 @@ class LocalKafka:
             if m:
                 return m.group(1)
         cid = state.get("cluster_id")
-        return cid if isinstance(cid, str) and cid else _random_cluster_id()
+        return cid if isinstance(cid, str) and cid else random_cluster_id()
 
     def _properties(self, port: int, cport: int) -> dict[str, str]:
         return {
@@ -395,7 +267,7 @@ class LocalKafka:
         }
 
     def _write_properties(self, port: int, cport: int) -> None:
-        text = "# Generated by pipeline/broker.py on every start; edits are overwritten.\n"
+        text = "# Generated by pipeline/local/broker.py on every start; edits are overwritten.\n"
         text += "".join(f"{k}={v}\n" for k, v in self._properties(port, cport).items())
         self.properties_file.write_text(text)
 
@@ -440,18 +312,18 @@ class LocalKafka:
         return self._proc.pid, offset
 
     def _log_excerpt(self, log_offset: int | None) -> str:
-        lines = _tail(self.server_out, start=log_offset or 0)
+        lines = tail_lines(self.server_out, start=log_offset or 0)
         if not lines:
-            lines = [ln for ln in _tail(self.log_dir / "server.log", lines=40) if " ERROR " in ln][-5:]
+            lines = [ln for ln in tail_lines(self.log_dir / "server.log", lines=40) if " ERROR " in ln][-5:]
         if not lines:
             return f"(see {self.log_dir / 'server.log'})"
         return "\n  " + "\n  ".join(lines) + f"\n(full log: {self.log_dir / 'server.log'})"
 
     def _wait_ready(self, bootstrap: str, pid: int, timeout: float, log_offset: int | None) -> None:
         deadline = time.monotonic() + timeout
-        admin = AdminClient(_quiet_client_config(bootstrap))
+        admin = AdminClient(quiet_client_config(bootstrap))
         while True:
-            if not _pid_alive(pid) or (self._proc is not None and self._proc.poll() is not None):
+            if not pid_alive(pid) or (self._proc is not None and self._proc.poll() is not None):
                 msg = f"the local Kafka broker exited during startup:{self._log_excerpt(log_offset)}"
                 raise BrokerError(msg)
             with contextlib.suppress(KafkaException):
@@ -482,8 +354,8 @@ class LocalKafka:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     self._proc.wait(timeout=0.2)
                     return True
-            elif not _pid_alive(pid):
+            elif not pid_alive(pid):
                 return True
             else:
                 time.sleep(0.2)
-        return not _pid_alive(pid)
+        return not pid_alive(pid)

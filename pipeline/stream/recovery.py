@@ -45,7 +45,7 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from pipeline.crashpoints import CRASH_AT, armed
 from pipeline.errors import RetryableError
-from pipeline.guard import die
+from pipeline.stream.guard import die
 
 TP = tuple[str, int]
 _bootstrap = ""

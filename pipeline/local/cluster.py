@@ -19,17 +19,17 @@ from typing import Any
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
-from pipeline.broker import (
+from pipeline.errors import BrokerError
+from pipeline.local.broker import LocalKafka
+from pipeline.local.host import (
     HOST,
-    LocalKafka,
-    _free_port,
-    _java,
-    _port_free,
-    _quiet_client_config,
-    _random_cluster_id,
+    find_java,
+    free_port,
+    port_free,
+    quiet_client_config,
+    random_cluster_id,
     read_state_file,
 )
-from pipeline.errors import BrokerError
 from pipeline.settings import Settings
 
 CLUSTER_DIR = "kafka-cluster"
@@ -100,8 +100,8 @@ class LocalKafkaCluster:
             cluster = self._read_state()
             ports = self._ports(cluster)
             voters = ",".join(f"{n.node_id}@{HOST}:{c}" for n, (_p, c) in zip(self.nodes, ports, strict=True))
-            cluster_id = str(cluster.get("cluster_id") or _random_cluster_id())
-            java = _java()
+            cluster_id = str(cluster.get("cluster_id") or random_cluster_id())
+            java = find_java()
             libs = self.nodes[0].fetch()
             for node, (port, cport) in zip(self.nodes, ports, strict=True):
                 node.state_dir.mkdir(parents=True, exist_ok=True)
@@ -155,20 +155,20 @@ class LocalKafkaCluster:
         old = [tuple(p) for p in cluster.get("ports", [])]
         if len(old) == len(self.nodes):
             alive = [node._running(node._read_state()) for node in self.nodes]
-            if all(a or (_port_free(p) and _port_free(c)) for a, (p, c) in zip(alive, old, strict=True)):
+            if all(a or (port_free(p) and port_free(c)) for a, (p, c) in zip(alive, old, strict=True)):
                 return [(int(p), int(c)) for p, c in old]
         used: set[int] = set()
         ports = []
         for _node in self.nodes:
-            port = _free_port(used)
+            port = free_port(used)
             used.add(port)
-            cport = _free_port(used)
+            cport = free_port(used)
             used.add(cport)
             ports.append((port, cport))
         return ports
 
     def _wait_ready(self, bootstrap: str, timeout: float) -> None:
-        admin = AdminClient(_quiet_client_config(bootstrap))
+        admin = AdminClient(quiet_client_config(bootstrap))
         deadline = time.monotonic() + timeout
         while True:
             with contextlib.suppress(KafkaException):

@@ -1,5 +1,5 @@
 """The `callmeter` command line (spec §10). Expected failures print one line on stderr and exit 1;
-usage errors exit 2."""
+usage errors exit 2. The commands that read the ledger are in ledger_commands.py."""
 
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from pipeline.cliargs import build_parser
-from pipeline.errors import InputError, PipelineError
+from pipeline.commands.cliargs import build_parser
+from pipeline.commands.clients import kafka, make_serde
+from pipeline.commands.ledger_commands import cmd_invoice, cmd_ledger, cmd_replay, cmd_sql, cmd_usage
+from pipeline.errors import InputError
 from pipeline.settings import Settings
 from rating.catalog import Catalog
 from rating.errors import CallmeterError
@@ -29,31 +31,10 @@ def load_catalog(path: Path) -> Catalog:
     return read_catalog(path)[0]
 
 
-def make_serde(settings: Settings) -> Any:
-    from schemas.serde import Serde
-
-    auth = (
-        settings.schema_registry_basic_auth.get_secret_value()
-        if settings.schema_registry_basic_auth
-        else None
-    )
-    return Serde(settings.schema_registry_url, auth)
-
-
-def kafka(settings: Settings, create_topics: bool = True) -> str:
-    from pipeline.cluster import bootstrap_servers
-    from pipeline.topics import ensure_topics
-
-    bootstrap = bootstrap_servers(settings)
-    if create_topics:
-        ensure_topics(settings, bootstrap)
-    return bootstrap
-
-
 # -- commands ------------------------------------------------------------------------------------------
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
-    from pipeline.broker import LocalKafka
-    from pipeline.cluster import LocalKafkaCluster
+    from pipeline.local.broker import LocalKafka
+    from pipeline.local.cluster import LocalKafkaCluster
     from pipeline.topics import ensure_topics
 
     if settings.kafka:
@@ -72,8 +53,8 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_down(settings: Settings, _args: argparse.Namespace) -> int:
-    from pipeline.broker import LocalKafka
-    from pipeline.cluster import LocalKafkaCluster
+    from pipeline.local.broker import LocalKafka
+    from pipeline.local.cluster import LocalKafkaCluster
 
     cluster = LocalKafkaCluster.existing(settings)
     if cluster is not None:
@@ -84,7 +65,7 @@ def cmd_down(settings: Settings, _args: argparse.Namespace) -> int:
 
 
 def cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
-    from pipeline.produce import produce_files
+    from pipeline.commands.produce import produce_files
 
     paths = [Path(p) for p in args.files]
     for path in paths:
@@ -98,9 +79,9 @@ def cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from pipeline.catalogs import read_catalog
+    from pipeline.commands.supervisor import SINK_ONLY, child_role, is_child, supervise
     from pipeline.errors import RetryableError
-    from pipeline.guard import EXIT_RETRY
-    from pipeline.supervisor import SINK_ONLY, child_role, is_child, supervise
+    from pipeline.stream.guard import EXIT_RETRY
 
     if not is_child():
         # `callmeter sink` is this command with one process, the ledger sink (role "sink").
@@ -109,11 +90,11 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     role = child_role()
     try:
         if role == "sink":
-            from pipeline.sink_runner import run_sink
+            from pipeline.ledger.sink_runner import run_sink
 
             result = run_sink(settings, kafka(settings), catalog, make_serde(settings), args.until_idle, text)
         else:
-            from pipeline.runner import run_worker
+            from pipeline.stream.runner import run_worker
 
             stats = run_worker(
                 settings,
@@ -130,89 +111,6 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_RETRY
     print(json.dumps(result, sort_keys=True))
     return 0
-
-
-def cmd_invoice(settings: Settings, args: argparse.Namespace) -> int:
-    from datetime import timedelta
-
-    from pipeline.catalogs import read_catalog, register_catalog
-    from pipeline.invoicing import run_invoices, write_outputs
-    from sinks.ledger import Ledger
-
-    catalog, text = read_catalog(settings.catalog)
-    incomplete = _ledger_incomplete(settings, args)
-    ledger = Ledger.open(settings.clickhouse_dsn, settings.clickhouse_secret, settings.clickhouse_cluster)
-    try:
-        register_catalog(ledger, catalog, text)
-        outputs = run_invoices(
-            ledger,
-            catalog,
-            args.period,
-            args.tenant,
-            finalize=args.finalize,
-            settlement_window=timedelta(hours=settings.settlement_window_hours),
-            now=settings.clock_now,
-            incomplete=incomplete,
-        )
-        paths = write_outputs(ledger, outputs, Path(args.out))
-    finally:
-        ledger.close()
-    for path, output in zip(paths, outputs, strict=True):
-        adjusted = f" ({len(output.adjustments)} adjustment(s))" if output.adjustments else ""
-        flag = " incomplete" if incomplete and not output.stored else ""
-        print(f"{path}  {output.status}{flag}{adjusted}")
-    return 0
-
-
-def _ledger_incomplete(settings: Settings, args: argparse.Namespace) -> bool:
-    """Refuse (or, with --allow-incomplete, flag) invoices from a ledger the pipeline has not finished:
-    inputs not consumed or outputs not written up to the end of the invoiced periods plus the
-    settlement window (pipeline/completeness.py)."""
-    from datetime import UTC, datetime, timedelta
-
-    from confluent_kafka import KafkaException
-
-    from pipeline.completeness import ledger_lag
-    from pipeline.errors import BrokerError
-    from pipeline.invoicing import month_window
-
-    year, month = _month(args.period)
-    next_start = month_window(year, month)[1]
-    # Every period starting in the month has ended by the end of the following month.
-    cutoff = month_window(next_start.year, next_start.month)[1] + timedelta(
-        hours=settings.settlement_window_hours
-    )
-    try:
-        lagging = ledger_lag(
-            settings,
-            kafka(settings, create_topics=False),
-            min(cutoff, settings.clock_now or datetime.now(UTC)),
-        )
-        problem = (
-            f"the ledger is incomplete: {len(lagging)} partition(s) not yet consumed or written: "
-            f"{', '.join(lagging[:3])}{' ...' if len(lagging) > 3 else ''}; "
-            "run `callmeter worker --until-idle`"
-            if lagging
-            else ""
-        )
-    except (BrokerError, KafkaException) as exc:
-        problem = f"cannot check that the ledger is complete: {exc}"
-    if not problem:
-        return False
-    if not args.allow_incomplete:
-        msg = f"{problem} (or pass --allow-incomplete for drafts)"
-        raise PipelineError(msg)
-    if args.finalize:
-        msg = f"{problem}; a final invoice is never made from an incomplete ledger"
-        raise PipelineError(msg)
-    print(f"callmeter: warning: {problem}; writing drafts marked incomplete", file=sys.stderr)
-    return True
-
-
-def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
-    from pipeline.replay import run_replay
-
-    return run_replay(settings, args)
 
 
 def _worker_url(settings: Settings, args: argparse.Namespace) -> str:
@@ -243,14 +141,14 @@ def cmd_balance(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_alerts(settings: Settings, args: argparse.Namespace) -> int:
-    from pipeline.alerts import follow_alerts
+    from pipeline.commands.alerts import follow_alerts
 
     follow_alerts(settings, kafka(settings, create_topics=False), make_serde(settings), follow=args.follow)
     return 0
 
 
 def cmd_notify(settings: Settings, args: argparse.Namespace) -> int:
-    from pipeline.notify import prepare_webhook, run_notify
+    from pipeline.commands.notify import prepare_webhook, run_notify
 
     webhook = prepare_webhook(settings, args.webhook)
     result = run_notify(settings, kafka(settings), make_serde(settings), webhook, args.until_idle)
@@ -259,7 +157,7 @@ def cmd_notify(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
-    from pipeline.status import kafka_lag, ledger_figures, render, worker_status
+    from pipeline.commands.status import kafka_lag, ledger_figures, render, worker_status
 
     url = _worker_url(settings, args)
     text, health = render(
@@ -277,7 +175,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
-    from pipeline.simulate import SimulationConfig, generate, write_file
+    from pipeline.commands.simulate import SimulationConfig, generate, write_file
 
     year, month = _month(args.month)
     cfg = SimulationConfig(
@@ -291,7 +189,7 @@ def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     if args.produce:
-        from pipeline.produce import EventPublisher
+        from pipeline.commands.produce import EventPublisher
         from schemas.json_events import parse_json_event
 
         publisher = EventPublisher(settings, kafka(settings), make_serde(settings))
@@ -308,56 +206,8 @@ def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_ledger(settings: Settings, _args: argparse.Namespace) -> int:
-    """Row counts (deduplicated) and dead letters by reason: a quick look for on-call and tests."""
-    from sinks.ledger import Ledger
-    from sinks.schema import COLUMNS
-
-    ledger = Ledger.open(settings.clickhouse_dsn, settings.clickhouse_secret, settings.clickhouse_cluster)
-    try:
-        report: dict[str, Any] = {table: ledger.count(table) for table in COLUMNS}
-        report["dead_letters_by_reason"] = ledger.dead_letter_counts()
-        report["billable_seconds_by_tenant"] = ledger.billable_seconds_by_tenant()
-        report["late_rated_calls"] = ledger.query("SELECT count() FROM rated_calls FINAL WHERE late = 1")[0][
-            0
-        ]
-        report["final_invoices"] = len(ledger.invoice_rows(status="final"))
-    finally:
-        ledger.close()
-    print(json.dumps(report, sort_keys=True))
-    return 0
-
-
-def cmd_sql(settings: Settings, args: argparse.Namespace) -> int:
-    """Read-only SQL against the ledger (sinks/query.py), through the process holding it if any."""
-    from sinks.query import render, run_sql
-
-    query = sys.stdin.read() if args.query == "-" else args.query
-    if not query.strip():
-        msg = "sql: the query is empty"
-        raise InputError(msg)
-    columns, rows = run_sql(settings.clickhouse_dsn, settings.clickhouse_secret, query)
-    sys.stdout.write(render(columns, rows, args.format))
-    return 0
-
-
-def cmd_usage(settings: Settings, args: argparse.Namespace) -> int:
-    """A tenant's usage review (pipeline/usage.py) from the ledger and the alerts topic."""
-    from datetime import UTC, datetime
-
-    from pipeline.usage import render_json, render_text, review, sent_alerts
-
-    month = _month(args.period) if args.period else None
-    catalog = load_catalog(settings.catalog)
-    alerts = sent_alerts(settings, kafka(settings, create_topics=False), make_serde(settings), args.tenant)
-    now = settings.clock_now or datetime.now(UTC)
-    result = review(settings, catalog, args.tenant, month, now, alerts)
-    sys.stdout.write(render_json(result) if args.json else render_text(result))
-    return 0
-
-
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
-    from pipeline.demo import run_demo
+    from pipeline.commands.demo import run_demo
 
     return run_demo(settings, load_catalog(settings.catalog), args)
 

@@ -1,4 +1,4 @@
-"""The `callmeter` command line's arguments (spec §10); pipeline/cli.py runs the commands."""
+"""The `callmeter` command line's arguments (spec §10); pipeline/commands/cli.py runs the commands."""
 
 from __future__ import annotations
 

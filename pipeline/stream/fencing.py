@@ -37,7 +37,7 @@ from typing import Any
 import faust.transport.consumer as faust_consumer
 from aiokafka.structs import TopicPartition
 
-from pipeline.guard import die
+from pipeline.stream.guard import die
 
 log = logging.getLogger(__name__)
 

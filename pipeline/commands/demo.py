@@ -50,11 +50,11 @@ def summary_table(invoices: list[Invoice]) -> str:
 def run_demo(settings: Settings, catalog: Catalog, args: argparse.Namespace) -> int:
     from datetime import timedelta
 
-    from pipeline.broker import LocalKafka
-    from pipeline.cli import make_serde
-    from pipeline.invoicing import run_invoices, write_outputs
-    from pipeline.produce import produce_files
-    from pipeline.simulate import SimulationConfig, write_file
+    from pipeline.commands.clients import make_serde
+    from pipeline.commands.invoicing import run_invoices, write_outputs
+    from pipeline.commands.produce import produce_files
+    from pipeline.commands.simulate import SimulationConfig, write_file
+    from pipeline.local.broker import LocalKafka
     from pipeline.topics import ensure_topics
     from sinks.ledger import Ledger
 
@@ -117,7 +117,7 @@ def _worker_until_idle(settings: Settings, bootstrap: str) -> dict[str, Any]:
         CALLMETER_KAFKA=bootstrap,
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "worker", "--until-idle"],
+        [sys.executable, "-m", "pipeline", "worker", "--until-idle"],
         env=env,
         stdout=subprocess.PIPE,
         text=True,

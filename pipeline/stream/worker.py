@@ -5,9 +5,9 @@ assigned input partition P of ``calls``/``provisioning`` (the two are co-partiti
 tenant's calls and provisioning share P and its state lives in partition P of every table):
 
 0. When partition P is assigned, its transactional producer starts and closes, as aborted, anything an
-   earlier owner left open under the same producer id before this worker writes (pipeline/fencing.py).
+   earlier owner left open under the same producer id before this worker writes (pipeline/stream/fencing.py).
 1. The consumer (read_committed) hands the agent an event from P. From here to its acknowledgement the
-   event is one critical section: no Faust commit can run in the middle of it (pipeline/guard.py).
+   event is one critical section: no Faust commit can run in the middle of it (pipeline/stream/guard.py).
 2. Undecodable or invalid: a DeadLetter record (original bytes, source topic/partition/offset, reason,
    message) is sent to ``deadletter`` partition P inside P's transaction. A decoded event's key is left
    with a checksum of its bytes: an identical copy is a duplicate, a corrected resend is processed.
@@ -28,12 +28,12 @@ tenant's calls and provisioning share P and its state lives in partition P of ev
    A crash before 6 aborts the transaction (the restarted worker's producers fence it; transactions
    time out after 10 s): changelog writes, outputs and offsets roll back together and the events are
    processed again from the last commit. An exception inside an event stops the process at once
-   without any commit (pipeline/guard.py) and ``callmeter worker`` starts a new one. RocksDB is only a
+   without any commit (pipeline/stream/guard.py) and ``callmeter worker`` starts a new one. RocksDB is only a
    cache of the changelogs and may still hold writes of the aborted transaction, so the worker marks a
    clean shutdown and, after an unclean one, deletes its local state and rebuilds it from the
-   changelogs (read_committed) before consuming (``pipeline/runner.py: prepare_state_dir``). Without this
-   a call whose dedupe key survived in RocksDB but whose rated record was aborted would be lost.
-7. The ledger sink (pipeline/sink.py) reads the outputs read_committed and writes ClickHouse under its
+   changelogs (read_committed) before consuming (``pipeline/stream/runner.py: prepare_state_dir``).
+   Without this a call whose dedupe key survived in RocksDB but whose rated record was aborted would be lost.
+7. The ledger sink (pipeline/ledger/sink.py) reads the outputs read_committed and writes ClickHouse under its
    own numbered protocol; together no crash point loses a call or counts one twice.
 """
 
@@ -49,16 +49,17 @@ from typing import Any
 
 import faust
 
-from pipeline import fencing, metrics  # noqa: F401 - fencing patches Faust's producer start
-from pipeline.balances import Balances
+from pipeline import metrics
 from pipeline.crashpoints import CRASH_AT as _CRASH_AT
 from pipeline.crashpoints import acrash_point
-from pipeline.guard import CommitGuard
-from pipeline.outputs import Outputs
-from pipeline.parking import Parking
 from pipeline.records import call_from_record, provisioning_from_record, rated_to_record
 from pipeline.settings import Settings
-from pipeline.stats import Stats
+from pipeline.stream import fencing  # noqa: F401 - patches Faust's transactional producer start
+from pipeline.stream.balances import Balances
+from pipeline.stream.guard import CommitGuard
+from pipeline.stream.outputs import Outputs
+from pipeline.stream.parking import Parking
+from pipeline.stream.stats import Stats
 from rating.alerts import threshold_problem
 from rating.calls import RatedCall, rate_call, validate_call
 from rating.catalog import Catalog
@@ -200,7 +201,7 @@ class Meter(Outputs, Parking, Balances):
         app.callmeter_guard = self.guard  # type: ignore[attr-defined]
         app.callmeter_sweep_topics = self._sweep_topics  # type: ignore[attr-defined]
         app.agent(self.source, name="meter")(self._agent)
-        from pipeline import web
+        from pipeline.stream import web
 
         web.install(self)
         # Parsed tenant timelines: rebuilding one from its JSON on every call was ~12 % of the event loop.
@@ -229,7 +230,7 @@ class Meter(Outputs, Parking, Balances):
 
     # -- the agent ------------------------------------------------------------------------------------
     async def _agent(self, stream: Any) -> None:
-        # One event at a time is a critical section against Faust's commits (pipeline/guard.py).
+        # One event at a time is a critical section against Faust's commits (pipeline/stream/guard.py).
         async for event in stream.events():
             async with self.guard.event(event):
                 await self.handle(event)
@@ -237,7 +238,7 @@ class Meter(Outputs, Parking, Balances):
                     await acrash_point("after-event")
 
     def _sweep_topics(self) -> tuple[list[str], list[str]]:
-        """What a partition's transactional producer writes and commits (pipeline/fencing.py, step 2)."""
+        """What a partition's transactional producer writes and commits (stream/fencing.py, step 2)."""
         changelogs = [table.changelog_topic.get_topic_name() for table in self.app.tables.values()]
         outputs = [self.topics.rated, self.topics.accepted, self.topics.alerts, self.topics.deadletter]
         return [*outputs, self.topics.duplicates, *changelogs], self.topics.inputs
@@ -408,7 +409,7 @@ class Meter(Outputs, Parking, Balances):
         return None if raw is None else json.loads(raw)
 
     def status(self) -> dict[str, Any]:
-        from pipeline.watch import meter_status
+        from pipeline.stream.watch import meter_status
 
         return meter_status(self)
 

@@ -34,8 +34,8 @@ from typing import Any
 from confluent_kafka import Consumer, TopicPartition
 
 from pipeline.catalogs import catalog_at_revision, read_catalog, register_catalog
+from pipeline.commands.invoicing import timelines_from_ledger
 from pipeline.errors import InputError
-from pipeline.invoicing import timelines_from_ledger
 from pipeline.records import call_from_record, rated_call_row, rated_to_record
 from pipeline.settings import Settings
 from rating.calls import RatedCall, rate_call
@@ -177,7 +177,7 @@ def _charges(
 
 
 def run_replay(settings: Settings, args: argparse.Namespace) -> int:
-    from pipeline.cli import kafka, make_serde
+    from pipeline.commands.clients import kafka, make_serde
 
     ts_from, ts_to = parse_ts(args.ts_from, "--from"), parse_ts(args.ts_to, "--to")
     if ts_to <= ts_from:

@@ -1,6 +1,6 @@
 """Running the stream worker in this process: local state, the Faust worker, the sink and watchers.
 
-(`callmeter worker` runs this in a supervised child process: pipeline/supervisor.py.)
+(`callmeter worker` runs this in a supervised child process: pipeline/commands/supervisor.py.)
 """
 
 from __future__ import annotations
@@ -15,14 +15,15 @@ from pathlib import Path
 
 import faust
 
+from pipeline.catalogs import open_ledger
 from pipeline.errors import RetryableError
+from pipeline.idle import IdleWatch
 from pipeline.settings import Settings
-from pipeline.stats import Stats
-from pipeline.watch import IdleWatch, LagMonitor
-from pipeline.worker import Meter
+from pipeline.stream.stats import Stats
+from pipeline.stream.watch import LagMonitor
+from pipeline.stream.worker import Meter
 from rating.catalog import Catalog
 from schemas.serde import Serde
-from sinks.ledger import Ledger
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +79,12 @@ def run_worker(
     """Run the worker in this process until SIGTERM/SIGINT, or until idle. Raises on a sink failure.
 
     ``with_sink``: this process also runs the ledger sink (one worker process). With several worker
-    processes the sink is a process of its own (pipeline/sink_runner.py): chdb opens a path in one
+    processes the sink is a process of its own (pipeline/ledger/sink_runner.py): chdb opens a path in one
     process only, and the sink's inserts then never compete with an event loop for the GIL."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     ledger = open_ledger(settings, catalog, catalog_text) if with_sink else None
     prepare_state_dir(settings.worker_state_dir)
-    from pipeline import recovery
+    from pipeline.stream import recovery
 
     recovery.install(bootstrap)
     meter = Meter(settings, bootstrap, catalog, serde)
@@ -95,7 +96,7 @@ def run_worker(
         if ledger is not None:
             ledger.close()
         raise
-    from pipeline.sink import LedgerSink
+    from pipeline.ledger.sink import LedgerSink
 
     sink = LedgerSink(settings, bootstrap, serde, ledger) if ledger is not None else None
     # stdout is the command's result (JSON stats); Faust's console output goes to stderr.
@@ -154,17 +155,3 @@ def run_worker(
         json.dumps(meter.stats.to_dict(), indent=2)
     )
     return meter.stats
-
-
-def open_ledger(settings: Settings, catalog: Catalog, catalog_text: str) -> Ledger:
-    """Open (and migrate) the ledger and record the catalog revision in use."""
-    ledger = Ledger.open(settings.clickhouse_dsn, settings.clickhouse_secret, settings.clickhouse_cluster)
-    if catalog_text:
-        from pipeline.catalogs import register_catalog
-
-        try:
-            register_catalog(ledger, catalog, catalog_text)
-        except Exception:
-            ledger.close()
-            raise
-    return ledger

@@ -1,7 +1,7 @@
 """`callmeter worker` runs the stream worker in a child process and restarts it after a recoverable fault.
 
 The worker process leaves with ``EXIT_RETRY`` when continuing in-process would be unsafe: an exception
-inside an event (its partition's transaction must abort, pipeline/guard.py), a stall, a lost broker,
+inside an event (its partition's transaction must abort, pipeline/stream/guard.py), a stall, a lost broker,
 a ledger that refused a batch. A fresh process is the one recovery Faust does right: its producers
 fence the open transactions, local state is rebuilt from the changelogs, and consumption resumes from
 the last committed offsets. Up to ``worker_restarts`` restarts in a row, with growing pauses; after that
@@ -13,7 +13,7 @@ on different hosts.
 
 With ``worker_processes`` = N > 1 it runs N stream worker processes (one Faust consumer group; Kafka
 spreads the input partitions over them, and a process that dies is replaced while the others take its
-partitions meanwhile) and one ledger sink process (pipeline/sink_runner.py), each restarted on its
+partitions meanwhile) and one ledger sink process (pipeline/ledger/sink_runner.py), each restarted on its
 own. Every process prints one JSON line of counters when it ends; the command prints their sum.
 """
 
@@ -31,8 +31,8 @@ from types import FrameType
 from typing import Any
 
 from pipeline.errors import PipelineError
-from pipeline.guard import EXIT_RETRY
 from pipeline.settings import Settings
+from pipeline.stream.guard import EXIT_RETRY
 
 CHILD_ENV = "CALLMETER_WORKER_CHILD"
 ROLE_ENV = "CALLMETER_WORKER_ROLE"
@@ -132,7 +132,7 @@ def _start(child: _Child, argv: Sequence[str], extra: dict[str, str] | None = No
     child.started = time.monotonic()
     child.restart_at = None
     child.proc = subprocess.Popen(  # noqa: S603 - our own CLI
-        [sys.executable, "-m", "pipeline.cli", *argv],
+        [sys.executable, "-m", "pipeline", *argv],
         env={**child.env, **(extra or {})},
         stdout=subprocess.PIPE,
     )

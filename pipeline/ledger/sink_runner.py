@@ -1,10 +1,10 @@
 """The ledger sink as a process of its own, beside several stream worker processes.
 
-`callmeter worker` starts it when ``worker_processes`` > 1 (pipeline/supervisor.py), and `callmeter sink`
-runs it alone beside worker services started with ``worker_ledger_sink`` false. It is the only
-process that opens the ledger: chdb allows one process per path, and a sink thread inside a worker
-would fight that worker's event loop for the GIL. Its commit protocol is the sink's
-(pipeline/sink.py); running apart from the stream workers changes none of its steps.
+`callmeter worker` starts it when ``worker_processes`` > 1 (pipeline/commands/supervisor.py), and
+`callmeter sink` runs it alone beside worker services started with ``worker_ledger_sink`` false. It
+is the only process that opens the ledger: chdb allows one process per path, and a sink thread inside
+a worker would fight that worker's event loop for the GIL. Its commit protocol is the sink's
+(pipeline/ledger/sink.py); running apart from the stream workers changes none of its steps.
 
 With ``--until-idle`` it stops once every input is committed by the stream workers' group, every
 output is written, and nothing moved for ``idle_seconds``: the stream workers exit when the inputs are
@@ -27,11 +27,11 @@ from typing import Any
 from prometheus_client import start_http_server
 
 from pipeline import metrics
+from pipeline.catalogs import open_ledger
 from pipeline.errors import PipelineError, RetryableError
-from pipeline.runner import open_ledger
+from pipeline.idle import IdleWatch
+from pipeline.ledger.sink import LedgerSink
 from pipeline.settings import Settings
-from pipeline.sink import LedgerSink
-from pipeline.watch import IdleWatch
 from rating.catalog import Catalog
 from schemas.serde import Serde
 

@@ -1,7 +1,7 @@
 """`make bench`: worker throughput and peak memory on simulated traffic, on the real broker.
 
-Run as ``python -m pipeline.bench [--calls N]``. It uses its own data dir and topic prefix, starts the
-local broker unless CALLMETER_KAFKA is set, produces N call records (plus provisioning), then times
+Run as ``python -m pipeline.commands.bench [--calls N]``. It uses its own data dir and topic prefix,
+starts the local broker unless CALLMETER_KAFKA is set, produces N call records (plus provisioning), then times
 ``callmeter worker --until-idle`` in a child process and reads its peak RSS from the kernel.
 """
 
@@ -60,7 +60,7 @@ def balance_bench(env: dict[str, str], requests: int, load_calls: int) -> dict[s
 
     from confluent_kafka import Producer
 
-    from pipeline.cli import make_serde
+    from pipeline.commands.clients import make_serde
     from schemas.json_events import parse_json_event
 
     port = env["CALLMETER_WORKER_WEB_PORT"]
@@ -98,7 +98,7 @@ def balance_bench(env: dict[str, str], requests: int, load_calls: int) -> dict[s
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as err:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "worker"], env=env, stdout=subprocess.DEVNULL, stderr=err
+            [sys.executable, "-m", "pipeline", "worker"], env=env, stdout=subprocess.DEVNULL, stderr=err
         )
     try:
 
@@ -162,7 +162,7 @@ def balance_bench(env: dict[str, str], requests: int, load_calls: int) -> dict[s
                 [
                     sys.executable,
                     "-m",
-                    "pipeline.cli",
+                    "pipeline",
                     "simulate",
                     "--produce",
                     "--tenants",
@@ -243,7 +243,7 @@ def main() -> int:
         CALLMETER_PARTITIONS=str(args.partitions),
     )
     if not env.get("CALLMETER_KAFKA"):
-        from pipeline.broker import LocalKafka
+        from pipeline.local.broker import LocalKafka
 
         env["CALLMETER_KAFKA"] = LocalKafka(Settings(data_dir=Path(".callmeter"))).up()
     if args.balance:
@@ -274,7 +274,7 @@ def throughput(env: dict[str, str], args: argparse.Namespace, work: Path, proces
 
     def cli(*argv: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(  # noqa: S603 - our own CLI, fixed argv
-            [sys.executable, "-m", "pipeline.cli", *argv], env=env, check=True, capture_output=True, text=True
+            [sys.executable, "-m", "pipeline", *argv], env=env, check=True, capture_output=True, text=True
         )
 
     t0 = time.monotonic()

@@ -1,5 +1,5 @@
 """The worker's outputs other than rated calls: dead letters, duplicates, and the send that puts every
-output inside the source partition's transaction (pipeline/worker.py, protocol step 5)."""
+output inside the source partition's transaction (pipeline/stream/worker.py, protocol step 5)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import faust
 
 from pipeline import metrics
 from pipeline.errors import PipelineError
-from pipeline.parts import MeterParts
+from pipeline.stream.parts import MeterParts
 
 
 class Outputs(MeterParts):

@@ -9,8 +9,8 @@ import time
 from typing import Any
 
 from pipeline import metrics
-from pipeline.parts import MeterParts
 from pipeline.records import call_from_record
+from pipeline.stream.parts import MeterParts
 from rating.calls import rate_call
 from rating.models import Reason, Rejection
 from rating.subscription import TenantTimeline

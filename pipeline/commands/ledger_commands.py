@@ -1,0 +1,147 @@
+"""The `callmeter` commands that read or write the ledger: invoice, replay, usage, ledger, sql
+(cli.py parses the command line and dispatches to them)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipeline.commands.clients import kafka, make_serde
+from pipeline.errors import InputError, PipelineError
+from pipeline.settings import Settings
+from rating.periods import parse_month
+
+
+def cmd_invoice(settings: Settings, args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from pipeline.catalogs import read_catalog, register_catalog
+    from pipeline.commands.invoicing import run_invoices, write_outputs
+    from sinks.ledger import Ledger
+
+    catalog, text = read_catalog(settings.catalog)
+    incomplete = _ledger_incomplete(settings, args)
+    ledger = Ledger.open(settings.clickhouse_dsn, settings.clickhouse_secret, settings.clickhouse_cluster)
+    try:
+        register_catalog(ledger, catalog, text)
+        outputs = run_invoices(
+            ledger,
+            catalog,
+            args.period,
+            args.tenant,
+            finalize=args.finalize,
+            settlement_window=timedelta(hours=settings.settlement_window_hours),
+            now=settings.clock_now,
+            incomplete=incomplete,
+        )
+        paths = write_outputs(ledger, outputs, Path(args.out))
+    finally:
+        ledger.close()
+    for path, output in zip(paths, outputs, strict=True):
+        adjusted = f" ({len(output.adjustments)} adjustment(s))" if output.adjustments else ""
+        flag = " incomplete" if incomplete and not output.stored else ""
+        print(f"{path}  {output.status}{flag}{adjusted}")
+    return 0
+
+
+def _ledger_incomplete(settings: Settings, args: argparse.Namespace) -> bool:
+    """Refuse (or, with --allow-incomplete, flag) invoices from a ledger the pipeline has not finished:
+    inputs not consumed or outputs not written up to the end of the invoiced periods plus the
+    settlement window (pipeline/commands/completeness.py)."""
+    from datetime import UTC, datetime, timedelta
+
+    from confluent_kafka import KafkaException
+
+    from pipeline.commands.completeness import ledger_lag
+    from pipeline.commands.invoicing import month_window
+    from pipeline.errors import BrokerError
+
+    year, month = parse_month(args.period)
+    next_start = month_window(year, month)[1]
+    # Every period starting in the month has ended by the end of the following month.
+    cutoff = month_window(next_start.year, next_start.month)[1] + timedelta(
+        hours=settings.settlement_window_hours
+    )
+    try:
+        lagging = ledger_lag(
+            settings,
+            kafka(settings, create_topics=False),
+            min(cutoff, settings.clock_now or datetime.now(UTC)),
+        )
+        problem = (
+            f"the ledger is incomplete: {len(lagging)} partition(s) not yet consumed or written: "
+            f"{', '.join(lagging[:3])}{' ...' if len(lagging) > 3 else ''}; "
+            "run `callmeter worker --until-idle`"
+            if lagging
+            else ""
+        )
+    except (BrokerError, KafkaException) as exc:
+        problem = f"cannot check that the ledger is complete: {exc}"
+    if not problem:
+        return False
+    if not args.allow_incomplete:
+        msg = f"{problem} (or pass --allow-incomplete for drafts)"
+        raise PipelineError(msg)
+    if args.finalize:
+        msg = f"{problem}; a final invoice is never made from an incomplete ledger"
+        raise PipelineError(msg)
+    print(f"callmeter: warning: {problem}; writing drafts marked incomplete", file=sys.stderr)
+    return True
+
+
+def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
+    from pipeline.commands.replay import run_replay
+
+    return run_replay(settings, args)
+
+
+def cmd_ledger(settings: Settings, _args: argparse.Namespace) -> int:
+    """Row counts (deduplicated) and dead letters by reason: a quick look for on-call and tests."""
+    from sinks.ledger import Ledger
+    from sinks.schema import COLUMNS
+
+    ledger = Ledger.open(settings.clickhouse_dsn, settings.clickhouse_secret, settings.clickhouse_cluster)
+    try:
+        report: dict[str, Any] = {table: ledger.count(table) for table in COLUMNS}
+        report["dead_letters_by_reason"] = ledger.dead_letter_counts()
+        report["billable_seconds_by_tenant"] = ledger.billable_seconds_by_tenant()
+        report["late_rated_calls"] = ledger.query("SELECT count() FROM rated_calls FINAL WHERE late = 1")[0][
+            0
+        ]
+        report["final_invoices"] = len(ledger.invoice_rows(status="final"))
+    finally:
+        ledger.close()
+    print(json.dumps(report, sort_keys=True))
+    return 0
+
+
+def cmd_sql(settings: Settings, args: argparse.Namespace) -> int:
+    """Read-only SQL against the ledger (sinks/query.py), through the process holding it if any."""
+    from sinks.query import render, run_sql
+
+    query = sys.stdin.read() if args.query == "-" else args.query
+    if not query.strip():
+        msg = "sql: the query is empty"
+        raise InputError(msg)
+    columns, rows = run_sql(settings.clickhouse_dsn, settings.clickhouse_secret, query)
+    sys.stdout.write(render(columns, rows, args.format))
+    return 0
+
+
+def cmd_usage(settings: Settings, args: argparse.Namespace) -> int:
+    """A tenant's usage review (pipeline/commands/usage.py) from the ledger and the alerts topic."""
+    from datetime import UTC, datetime
+
+    from pipeline.catalogs import read_catalog
+    from pipeline.commands.usage import render_json, render_text, review, sent_alerts
+
+    month = parse_month(args.period) if args.period else None
+    catalog = read_catalog(settings.catalog)[0]
+    alerts = sent_alerts(settings, kafka(settings, create_topics=False), make_serde(settings), args.tenant)
+    now = settings.clock_now or datetime.now(UTC)
+    result = review(settings, catalog, args.tenant, month, now, alerts)
+    sys.stdout.write(render_json(result) if args.json else render_text(result))
+    return 0

@@ -13,9 +13,11 @@ twice in the topics (the ledger took the rated records once, the duplicates twic
 Protocol, for every transactional producer this worker starts (on each assignment, before recovery
 reads the changelogs and before any event):
 
-1. Faust starts the producer: InitProducerId fences older epochs and completes every transaction the
-   coordinator knows of (a commit in progress is finished, an open one aborted). A start that failed is
-   fatal here (Faust only logs it and would go on without the producer).
+1. Faust starts the producer (only a new one: a producer kept across a rebalance is this worker's own
+   session, whose open transaction may hold events already handled). InitProducerId fences older
+   epochs and completes every transaction the coordinator knows of (a commit in progress is finished,
+   an open one aborted). A start that failed is fatal here (Faust only logs it and would go on without
+   the producer); so is a sweep that fails or takes over a minute (a broker that went away again).
 2. Inside a first transaction, one empty record is written to partition P of every topic the producer
    writes (outputs and changelogs) and the group's offsets are added, so every one of those partitions,
    and the group's offsets partition, is part of the transaction.
@@ -30,6 +32,7 @@ The empty records are in aborted transactions, so no read_committed reader (the 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -43,22 +46,19 @@ log = logging.getLogger(__name__)
 
 FENCE_KEY = b"callmeter-fence"
 
-# Set by the worker: for an input partition, the topics (partition P of each) its producer writes and the
-# input topics whose offsets it commits.
-SweepTopics = Callable[[], tuple[list[str], list[str]]]
-
-
-def _partition_of(transactional_id: str) -> int:
-    return int(transactional_id.rsplit("-", 1)[1])
+# Set by the worker: for a transactional id, the input partition P it serves, the topics (partition P of
+# each) its producer writes and the input topics whose offsets it commits; None for Faust's other ids.
+SweepFor = Callable[[str], "tuple[int, list[str], list[str]] | None"]
+SWEEP_TIMEOUT_SECONDS = 60.0
 
 
 async def abort_strays(
     producer: Any, partition: int, outputs: Iterable[str], inputs: Iterable[str], group: str
 ) -> None:
     """Steps 2-3 on an aiokafka transactional producer that has begun a transaction."""
-    for topic in outputs:
-        delivered = await producer.send(topic, b"", key=FENCE_KEY, partition=partition)
-        await delivered  # the partition is in the transaction only once its first batch is accepted
+    # The partition is in the transaction once its batch is accepted: wait for every delivery.
+    deliveries = [await producer.send(topic, b"", key=FENCE_KEY, partition=partition) for topic in outputs]
+    await asyncio.gather(*deliveries)
     offsets = {TopicPartition(topic, partition): 0 for topic in inputs}
     if offsets:
         await producer.send_offsets_to_transaction(offsets, group)
@@ -69,23 +69,31 @@ _original_start_transactions = faust_consumer.TransactionManager._start_transact
 
 
 async def _start_transactions_closing_strays(self: Any, tids: Iterable[str]) -> None:
-    sweep: SweepTopics | None = getattr(self.app, "callmeter_sweep_topics", None)
+    sweep_for: SweepFor | None = getattr(self.app, "callmeter_sweep_for", None)
     tids = list(tids)
+    known = self.producer._transaction_producers
+    # Only producers started now. One kept across a rebalance (Faust "starts" every assigned id again)
+    # is this worker's own session, and its open transaction may hold events already handled.
+    fresh = [tid for tid in tids if tid not in known]
     await _original_start_transactions(self, tids)
-    if sweep is None:
+    if sweep_for is None:
         return
-    outputs, inputs = sweep()
-    transport_producer = self.producer
-    for tid in tids:
-        producer = transport_producer._transaction_producers.get(tid)
+    for tid in fresh:
+        sweep = sweep_for(tid)
+        if sweep is None:
+            continue
+        partition, outputs, inputs = sweep
+        producer = known.get(tid)
         if producer is None:
             die(f"the transactional producer {tid} did not start (see the warning above)")
         try:
-            await abort_strays(producer, _partition_of(tid), outputs, inputs, self.app.conf.id)
+            await asyncio.wait_for(
+                abort_strays(producer, partition, outputs, inputs, self.app.conf.id), SWEEP_TIMEOUT_SECONDS
+            )
             await producer.begin_transaction()
         except Exception as exc:  # the producer's state is unknown: restart rather than write through it
             die(f"closing what {tid} left open failed: {type(exc).__name__}: {exc}", exc)
-    log.info("closed stray transactions of %d producers", len(tids))
+    log.info("closed stray transactions of %d producers", len(fresh))
 
 
 faust_consumer.TransactionManager._start_transactions = _start_transactions_closing_strays  # type: ignore[method-assign]

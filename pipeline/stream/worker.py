@@ -199,7 +199,7 @@ class Meter(Outputs, Parking, Balances):
         for name in ("faust", "aiokafka", "mode"):
             logging.getLogger(name).addHandler(fault_counter)
         app.callmeter_guard = self.guard  # type: ignore[attr-defined]
-        app.callmeter_sweep_topics = self._sweep_topics  # type: ignore[attr-defined]
+        app.callmeter_sweep_for = self._sweep_for  # type: ignore[attr-defined]
         app.agent(self.source, name="meter")(self._agent)
         from pipeline.stream import web
 
@@ -237,11 +237,16 @@ class Meter(Outputs, Parking, Balances):
                 if _CRASH_AT:
                     await acrash_point("after-event")
 
-    def _sweep_topics(self) -> tuple[list[str], list[str]]:
-        """What a partition's transactional producer writes and commits (stream/fencing.py, step 2)."""
+    def _sweep_for(self, transactional_id: str) -> tuple[int, list[str], list[str]] | None:
+        """For the id of an input partition's producer: that partition, the topics it writes and the
+        inputs whose offsets it commits (stream/fencing.py, step 2). None for Faust's other ids."""
+        group, _, partition = transactional_id.rpartition("-")
+        input_group = self.app.assignor.group_for_topic(self.topics.calls)
+        if group != f"{self.app.conf.id}-{input_group}":
+            return None
         changelogs = [table.changelog_topic.get_topic_name() for table in self.app.tables.values()]
         outputs = [self.topics.rated, self.topics.accepted, self.topics.alerts, self.topics.deadletter]
-        return [*outputs, self.topics.duplicates, *changelogs], self.topics.inputs
+        return int(partition), [*outputs, self.topics.duplicates, *changelogs], self.topics.inputs
 
     def internal_topics(self) -> dict[str, tuple[int, dict[str, str]]]:
         """Changelog topics (compacted, one partition per input partition) and Faust's leader topic."""

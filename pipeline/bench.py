@@ -316,6 +316,7 @@ def throughput(env: dict[str, str], args: argparse.Namespace, work: Path, proces
         "events_per_second": round(consumed / worker_s),
         # This run's alone (wait4): the largest of the worker command and the processes it started.
         "peak_rss_mib_largest_process": worker.peak_rss_mib,
+        "cpu_seconds": round(worker.cpu_seconds, 1),
         "rated": stats["rated"],
         "duplicates": stats["duplicates"],
         "duplicates_in_ledger": stats.get("duplicates_in_ledger", {}),

@@ -62,6 +62,8 @@ class ChildRun:
     wall_seconds: float
     peak_rss_mib: int
     """ru_maxrss of the child from wait4: the largest of it and the processes it waited for."""
+    cpu_seconds: float
+    """User + system CPU of the child and the processes it waited for (start-up included)."""
 
 
 def run_child(argv: Sequence[str], env: dict[str, str], timeout_s: float) -> ChildRun:
@@ -91,6 +93,7 @@ def run_child(argv: Sequence[str], env: dict[str, str], timeout_s: float) -> Chi
             err.read().decode(errors="replace"),
             wall,
             round(usage.ru_maxrss / 1024),
+            usage.ru_utime + usage.ru_stime,
         )
 
 
@@ -185,23 +188,34 @@ def run_reference(
 # -- the children ----------------------------------------------------------------------------------------
 
 
+def _cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 class _Clock:
-    """First record received to last record handled, for ``expected`` records."""
+    """First record received to last record handled, for ``expected`` records: wall time, and this
+    process's CPU time (all its threads) over the same span, which other load on a shared machine
+    stretches far less than the wall time."""
 
     def __init__(self, expected: int) -> None:
         self.expected = expected
         self.count = 0
-        self.first = 0.0
-        self.last = 0.0
+        self.first = self.last = 0.0
+        self.cpu_first = self.cpu_last = 0.0
 
     def start(self) -> None:
         if self.count == 0 and not self.first:
             self.first = time.perf_counter()
+            self.cpu_first = _cpu_seconds()
 
     def handled(self, n: int = 1) -> bool:
         self.count += n
         if self.count >= self.expected:
             self.last = time.perf_counter()
+            self.cpu_last = _cpu_seconds()
             return True
         return False
 
@@ -213,6 +227,7 @@ class _Clock:
             {
                 "records": self.count,
                 "seconds": round(seconds, 3),
+                "cpu_seconds": round(self.cpu_last - self.cpu_first, 3),
                 "per_second": round(self.count / seconds) if seconds > 0 else None,
                 "peak_rss_mib_self": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                 **extra,

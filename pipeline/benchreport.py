@@ -26,12 +26,21 @@ class Row:
     unit: str = "msg/s"
     peak_rss_mib: int | None = None
     note: str = ""
+    cpu_seconds: float | None = None
+    """CPU time of the measured process(es) over the run, for the CPU cost per record."""
 
     @property
     def per_second(self) -> float | None:
         if self.count is None or not self.seconds:
             return None
         return self.count / self.seconds
+
+
+def cpu_us_text(cpu_seconds: float | None, count: int | None) -> str:
+    """CPU microseconds per record, ``—`` when not measured."""
+    if cpu_seconds is None or not count:
+        return "—"
+    return f"{cpu_seconds / count * 1e6:,.0f}"
 
 
 def ratio_text(rate: float | None, baseline: float | None) -> str:
@@ -57,11 +66,12 @@ def baseline_rate(rows: Iterable[Row]) -> float | None:
 
 
 def throughput_table(rows: Sequence[Row]) -> str:
-    """Markdown: one line per row with rate, ratio to the stateful agent, count, seconds and peak RSS."""
+    """Markdown: one line per row with rate, ratio to the stateful agent, count, seconds, CPU per record
+    and peak RSS."""
     base = baseline_rate(rows)
     lines = [
-        "| measured | rate | vs stateful agent | records | seconds | peak RSS MiB | how |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| measured | rate | vs stateful agent | records | seconds | CPU µs/record | peak RSS MiB | how |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
         rate = row.per_second
@@ -71,6 +81,7 @@ def throughput_table(rows: Sequence[Row]) -> str:
             ratio_text(rate, base),
             "—" if row.count is None else f"{row.count:,}",
             "—" if row.seconds is None else f"{row.seconds:.1f}",
+            cpu_us_text(row.cpu_seconds, row.count),
             "—" if row.peak_rss_mib is None else str(row.peak_rss_mib),
             row.note,
         ]

@@ -67,7 +67,16 @@ def reference_rows(bootstrap: str, work: Path, calls: int, partitions: int, tena
         if kind == "kafka":
             how += f"; {result.get('transactions')} transactions"
         rows.append(
-            Row(kind, REF_WHAT[kind], result["records"], result["seconds"], "msg/s", run.peak_rss_mib, how)
+            Row(
+                kind,
+                REF_WHAT[kind],
+                result["records"],
+                result["seconds"],
+                "msg/s",
+                run.peak_rss_mib,
+                how,
+                result["cpu_seconds"],
+            )
         )
         print(f"{kind}: {result}", file=sys.stderr)
     return rows
@@ -78,7 +87,7 @@ def worker_row(result: dict[str, Any]) -> Row:
     what = f"callmeter `worker --until-idle`, {n} worker process{'es' if n > 1 else ''}"
     note = (
         f"events incl. provisioning, retries and bad records, start-up included; rated {result['rated']}, "
-        f"peak RSS of the largest process"
+        "peak RSS of the largest process, CPU of all of them"
     )
     return Row(
         f"worker-{n}",
@@ -88,6 +97,7 @@ def worker_row(result: dict[str, Any]) -> Row:
         "events/s",
         result["peak_rss_mib_largest_process"],
         note,
+        result.get("cpu_seconds"),
     )
 
 
@@ -117,6 +127,7 @@ def replay_row(env: dict[str, str], worker: dict[str, Any], work: Path) -> Row:
         "calls/s",
         run.peak_rss_mib,
         "whole command: start-up, read, rate, write, money summary",
+        run.cpu_seconds,
     )
 
 
@@ -187,7 +198,7 @@ def _run(args: argparse.Namespace, groups: list[str], processes: list[int], rss_
 
 
 def _rest(row: Row) -> tuple[Any, ...]:
-    return (row.count, row.seconds, row.unit, row.peak_rss_mib, row.note)
+    return (row.count, row.seconds, row.unit, row.peak_rss_mib, row.note, row.cpu_seconds)
 
 
 def _balance(env: dict[str, str], args: argparse.Namespace, bench: Any) -> dict[str, object]:
@@ -209,11 +220,16 @@ def _report(args: argparse.Namespace, rows: list[Row], latency: dict[str, object
         "",
         f"All rows in one run on the same broker; {args.calls:,} records or calls per row, "
         f"{args.partitions} partitions. Ratios are to the straightforward stateful Faust agent.",
-        "",
-        throughput_table(rows),
     ]
+    if rows:
+        parts += ["", throughput_table(rows)]
     if latency is not None:
-        parts += ["", f"Balance latency ({args.requests:,} requests each):", "", latency_table(latency)]
+        load = (
+            f"worker input lag {latency.get('worker_input_lag_messages_at_start')} → "
+            f"{latency.get('worker_input_lag_messages_at_end')} messages during the requests"
+        )
+        title = f"Balance latency ({args.requests:,} requests each; {load}):"
+        parts += ["", title, "", latency_table(latency)]
     return "\n".join(parts)
 
 

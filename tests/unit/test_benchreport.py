@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.benchreport import Row, latency_table, ratio_text, throughput_table
+from pipeline.benchreport import Row, cpu_us_text, latency_table, ratio_text, throughput_table
 
 
 @pytest.mark.parametrize(
@@ -29,26 +29,35 @@ def test_row_rate_needs_count_and_time() -> None:
 
 def test_throughput_table_ratios_to_the_stateful_agent() -> None:
     rows = [
-        Row("faust", "bare | agent", 50000, 10.0, "msg/s", 70, "first → last"),
+        Row("faust", "bare | agent", 50000, 10.0, "msg/s", 70, "first → last", cpu_seconds=9.25),
         Row("stateful", "stateful agent", 50000, 25.0, "msg/s", 80),
         Row("replay", "replay", 50000, 4.0, "calls/s"),
         Row("rss", "peak RSS only", peak_rss_mib=900),
     ]
     assert throughput_table(rows) == "\n".join(
         [
-            "| measured | rate | vs stateful agent | records | seconds | peak RSS MiB | how |",
-            "|---|---:|---:|---:|---:|---:|---|",
-            "| bare \\| agent | 5,000 msg/s | 2.50x | 50,000 | 10.0 | 70 | first → last |",
-            "| stateful agent | 2,000 msg/s | 1.00x | 50,000 | 25.0 | 80 |  |",
-            "| replay | 12,500 calls/s | 6.25x | 50,000 | 4.0 | — |  |",
-            "| peak RSS only | — | — | — | — | 900 |  |",
+            "| measured | rate | vs stateful agent | records | seconds | CPU µs/record | peak RSS MiB "
+            "| how |",
+            "|---|---:|---:|---:|---:|---:|---:|---|",
+            "| bare \\| agent | 5,000 msg/s | 2.50x | 50,000 | 10.0 | 185 | 70 | first → last |",
+            "| stateful agent | 2,000 msg/s | 1.00x | 50,000 | 25.0 | — | 80 |  |",
+            "| replay | 12,500 calls/s | 6.25x | 50,000 | 4.0 | — | — |  |",
+            "| peak RSS only | — | — | — | — | — | 900 |  |",
         ]
     )
 
 
 def test_throughput_table_without_the_baseline_has_no_ratios() -> None:
     table = throughput_table([Row("faust", "bare agent", 1000, 2.0)])
-    assert table.splitlines()[-1] == "| bare agent | 500 msg/s | — | 1,000 | 2.0 | — |  |"
+    assert table.splitlines()[-1] == "| bare agent | 500 msg/s | — | 1,000 | 2.0 | — | — |  |"
+
+
+@pytest.mark.parametrize(
+    ("cpu_seconds", "count", "text"),
+    [(9.25, 50000, "185"), (1.5, 1000, "1,500"), (None, 1000, "—"), (1.0, None, "—"), (1.0, 0, "—")],
+)
+def test_cpu_us_text(cpu_seconds: float | None, count: int | None, text: str) -> None:
+    assert cpu_us_text(cpu_seconds, count) == text
 
 
 def test_latency_table() -> None:

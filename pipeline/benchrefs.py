@@ -98,9 +98,15 @@ def run_child(argv: Sequence[str], env: dict[str, str], timeout_s: float) -> Chi
 
 
 def create_topics(bootstrap: str, names: Sequence[str], partitions: int) -> None:
+    from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient, NewTopic
 
     admin = AdminClient({"bootstrap.servers": bootstrap})
+    try:
+        admin.list_topics(timeout=15)
+    except KafkaException as exc:
+        msg = f"broker {bootstrap} unreachable: {exc}"
+        raise BenchError(msg) from exc
     futures = admin.create_topics(
         [NewTopic(n, num_partitions=partitions, replication_factor=1) for n in names]
     )

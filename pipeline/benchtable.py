@@ -133,7 +133,7 @@ def replay_row(env: dict[str, str], worker: dict[str, Any], work: Path) -> Row:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.benchtable")
-    parser.add_argument("--calls", type=int, default=int(os.environ.get("BENCH_CALLS", "100000")))
+    parser.add_argument("--calls", type=int, default=os.environ.get("BENCH_CALLS", "100000"))
     parser.add_argument("--tenants", type=int, default=50)
     parser.add_argument("--partitions", type=int, default=6)
     parser.add_argument("--processes", default="1,2", help="worker process counts, one row each")
@@ -154,10 +154,18 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print("callmeter-bench: --processes and --rss-at take comma lists of integers", file=sys.stderr)
         return 2
+    from subprocess import CalledProcessError
+
+    from confluent_kafka import KafkaException
+
+    from pipeline.errors import CallmeterError
+
     try:
         return _run(args, groups, processes, rss_at)
-    except BenchError as exc:
-        print(f"callmeter-bench: {exc}", file=sys.stderr)
+    except (CallmeterError, KafkaException, RuntimeError, OSError, CalledProcessError) as exc:
+        # A run that failed (no broker, a child that crashed) is one line and a non-zero exit.
+        detail = (exc.stderr or "").strip().splitlines()[-1:] if isinstance(exc, CalledProcessError) else []
+        print(f"callmeter-bench: {' '.join([str(exc), *detail])[:500]}", file=sys.stderr)
         return 1
 
 

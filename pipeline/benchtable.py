@@ -184,12 +184,15 @@ def _run(args: argparse.Namespace, groups: list[str], processes: list[int], rss_
         rows += reference_rows(bootstrap, work, args.calls, args.partitions, args.tenants)
     if "callmeter" in groups or "replay" in groups:
         counts = processes if "callmeter" in groups else [1]
+        replay: list[Row] = []
         for n in counts:
             result = throughput(env, args, work, n)
             if "callmeter" in groups:
                 rows.append(worker_row(result))
             if "replay" in groups and n == counts[0]:
-                rows.append(replay_row(env, result, work))
+                # Now, while the month's ledger is the only thing in this data dir and no worker runs.
+                replay.append(replay_row(env, result, work))
+        rows += replay
     for calls in rss_at:
         result = throughput(env, argparse.Namespace(**{**vars(args), "calls": calls}), work, max(processes))
         row = worker_row(result)

@@ -1,4 +1,5 @@
-"""`make bench`: worker throughput and peak memory on simulated traffic, on the real broker.
+"""Worker throughput and peak memory on simulated traffic, on the real broker, and balance latency:
+the callmeter rows of `make bench`'s table (pipeline/benchtable.py), also runnable alone as JSON.
 
 Run as ``python -m pipeline.bench [--calls N]``. It uses its own data dir and topic prefix, starts the
 local broker unless CALLMETER_KAFKA is set, produces N call records (plus provisioning), then times

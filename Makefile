@@ -47,12 +47,15 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy schemas pipeline rating sinks
 
-# Worker throughput and peak memory on BENCH_CALLS (default 1,000,000) simulated call records, then
-# balance and pre-call authorization latency p50/p99 under simulator load (authorization idle too, and
-# its handler time from the worker's histogram) and produce-to-balance freshness.
+# One table, every row measured in this run on the same broker (pipeline/commands/benchtable.py): the bare Faust
+# agent, the straightforward stateful agent (the baseline of every ratio), the raw confluent-kafka
+# transactional loop, `worker --until-idle` with 1 and 2 worker processes, replay, and balance latency,
+# on BENCH_CALLS records each; also written to docs/bench-results.md. BENCH_FLAGS="--rss-at
+# 1000000,3000000" adds the peak-RSS rows at those sizes (slow: about half an hour per million today).
+BENCH_CALLS ?= 100000
+BENCH_FLAGS ?=
 bench: setup
-	$(BIN)/python -m pipeline.commands.bench --processes 1,2
-	$(BIN)/python -m pipeline.commands.bench --balance --calls 100000
+	$(BIN)/python -m pipeline.commands.benchtable --calls $(BENCH_CALLS) --processes 1,2 $(BENCH_FLAGS)
 
 clean:
 	-$(BIN)/callmeter down

@@ -1,4 +1,5 @@
-"""`make bench`: worker throughput and peak memory on simulated traffic, on the real broker.
+"""Worker throughput and peak memory on simulated traffic, on the real broker, and balance latency:
+the callmeter rows of `make bench`'s table (pipeline/benchtable.py), also runnable alone as JSON.
 
 Run as ``python -m pipeline.commands.bench [--calls N]``. It uses its own data dir and topic prefix,
 starts the local broker unless CALLMETER_KAFKA is set, produces N call records (plus provisioning), then times
@@ -10,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -296,12 +296,17 @@ def throughput(env: dict[str, str], args: argparse.Namespace, work: Path, proces
     )
     produce_s = time.monotonic() - t0
 
-    t1 = time.monotonic()
-    proc = cli("worker", "--until-idle")
-    worker_s = time.monotonic() - t1
-    # The largest child so far (the kernel keeps the maximum over all waited-for descendants).
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    stats = json.loads(proc.stdout.strip().splitlines()[-1])
+    from pipeline.commands.benchrefs import run_child
+
+    worker = run_child(
+        [sys.executable, "-m", "pipeline", "worker", "--until-idle"], env, timeout_s=6 * 3600
+    )
+    if worker.returncode != 0:
+        tail = " ".join(worker.stderr.strip().splitlines()[-1:])[:300]
+        msg = f"worker --until-idle exited {worker.returncode}: {tail}"
+        raise RuntimeError(msg)
+    worker_s = worker.wall_seconds
+    stats = json.loads(worker.stdout.strip().splitlines()[-1])
     consumed = sum(stats["consumed"].values())
     return {
         "worker_processes": processes,
@@ -310,11 +315,16 @@ def throughput(env: dict[str, str], args: argparse.Namespace, work: Path, proces
         "produce_seconds": round(produce_s, 1),
         "worker_until_idle_seconds": round(worker_s, 1),
         "events_per_second": round(consumed / worker_s),
-        "peak_rss_mib_largest_process": round(peak_kib / 1024),
+        # This run's alone (wait4): the largest of the worker command and the processes it started.
+        "peak_rss_mib_largest_process": worker.peak_rss_mib,
+        "cpu_seconds": round(worker.cpu_seconds, 1),
         "rated": stats["rated"],
         "duplicates": stats["duplicates"],
         "duplicates_in_ledger": stats.get("duplicates_in_ledger", {}),
         "dead_letters": stats["dead_letters"],
+        # Where this run's month lives, for a replay of it afterwards (pipeline/benchtable.py).
+        "topic_prefix": env["CALLMETER_TOPIC_PREFIX"],
+        "data_dir": env["CALLMETER_DATA_DIR"],
     }
 
 

@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import pytest
+
+from pipeline.commands.benchreport import Row, cpu_us_text, latency_table, ratio_text, throughput_table
+
+
+@pytest.mark.parametrize(
+    ("rate", "baseline", "text"),
+    [
+        (4400.0, 2200.0, "2.00x"),
+        (550.0, 2200.0, "0.25x"),
+        (2200.0, 2200.0, "1.00x"),
+        (1.0, 3.0, "0.33x"),
+        (None, 2200.0, "—"),
+        (550.0, None, "—"),
+        (550.0, 0.0, "—"),
+    ],
+)
+def test_ratio_text(rate: float | None, baseline: float | None, text: str) -> None:
+    assert ratio_text(rate, baseline) == text
+
+
+def test_row_rate_needs_count_and_time() -> None:
+    assert Row("x", "x", 50000, 10.0).per_second == 5000.0
+    assert Row("x", "x", 50000, 0.0).per_second is None
+    assert Row("x", "x", None, 10.0).per_second is None
+
+
+def test_throughput_table_ratios_to_the_stateful_agent() -> None:
+    rows = [
+        Row("faust", "bare | agent", 50000, 10.0, "msg/s", 70, "first → last", cpu_seconds=9.25),
+        Row("stateful", "stateful agent", 50000, 25.0, "msg/s", 80),
+        Row("replay", "replay", 50000, 4.0, "calls/s"),
+        Row("rss", "peak RSS only", peak_rss_mib=900),
+    ]
+    assert throughput_table(rows) == "\n".join(
+        [
+            "| measured | rate | vs stateful agent | records | seconds | CPU µs/record | peak RSS MiB "
+            "| how |",
+            "|---|---:|---:|---:|---:|---:|---:|---|",
+            "| bare \\| agent | 5,000 msg/s | 2.50x | 50,000 | 10.0 | 185 | 70 | first → last |",
+            "| stateful agent | 2,000 msg/s | 1.00x | 50,000 | 25.0 | — | 80 |  |",
+            "| replay | 12,500 calls/s | 6.25x | 50,000 | 4.0 | — | — |  |",
+            "| peak RSS only | — | — | — | — | — | 900 |  |",
+        ]
+    )
+
+
+def test_throughput_table_without_the_baseline_has_no_ratios() -> None:
+    table = throughput_table([Row("faust", "bare agent", 1000, 2.0)])
+    assert table.splitlines()[-1] == "| bare agent | 500 msg/s | — | 1,000 | 2.0 | — | — |  |"
+
+
+@pytest.mark.parametrize(
+    ("cpu_seconds", "count", "text"),
+    [(9.25, 50000, "185"), (1.5, 1000, "1,500"), (None, 1000, "—"), (1.0, None, "—"), (1.0, 0, "—")],
+)
+def test_cpu_us_text(cpu_seconds: float | None, count: int | None, text: str) -> None:
+    assert cpu_us_text(cpu_seconds, count) == text
+
+
+def test_latency_table() -> None:
+    result: dict[str, object] = {
+        "balance_latency_ms_p50": 6.6,
+        "balance_latency_ms_p99": 25.8,
+        "authorize_latency_ms_p50": 6.7,
+        "authorize_latency_ms_p99": 86.8,
+        "authorize_latency_ms_p99_idle": 7.0,
+        "produce_to_balance_ms_p50": 7.4,
+        "produce_to_balance_ms_max": 18.5,
+    }
+    assert latency_table(result) == "\n".join(
+        [
+            "| latency | p50 ms | p99 ms |",
+            "|---|---:|---:|",
+            "| `GET /balances` under simulator load | 6.6 | 25.8 |",
+            "| `GET /authorize` under simulator load | 6.7 | 86.8 |",
+            "| `GET /authorize` idle | — | 7.0 |",
+            "| call produced → visible in the balance (max instead of p99) | 7.4 | 18.5 |",
+        ]
+    )

@@ -298,9 +298,7 @@ def throughput(env: dict[str, str], args: argparse.Namespace, work: Path, proces
 
     from pipeline.commands.benchrefs import run_child
 
-    worker = run_child(
-        [sys.executable, "-m", "pipeline", "worker", "--until-idle"], env, timeout_s=6 * 3600
-    )
+    worker = run_child([sys.executable, "-m", "pipeline", "worker", "--until-idle"], env, timeout_s=6 * 3600)
     if worker.returncode != 0:
         tail = " ".join(worker.stderr.strip().splitlines()[-1:])[:300]
         msg = f"worker --until-idle exited {worker.returncode}: {tail}"

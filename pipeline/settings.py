@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
 from datetime import datetime
 from pathlib import Path
 
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SAMPLE_CATALOG = Path(__file__).with_name("catalog.yaml")
@@ -47,8 +48,10 @@ class Settings(BaseSettings):
     worker_web_host: str = "127.0.0.1"
     # Stream worker processes `callmeter worker` runs. With more than one, the ledger sink runs as a
     # process of its own beside them (chdb opens a path in one process only). Process i serves its
-    # web API on worker_web_port + i and keeps its local state in <data_dir>/worker-<i>.
-    worker_processes: int = 1
+    # web API on worker_web_port + i and keeps its local state in <data_dir>/worker-<i>. One per core by
+    # default (issue 10): a Faust worker is one Python thread, so a process per core is what scales, and
+    # the ledger sink then gets a process of its own instead of sharing the worker's GIL.
+    worker_processes: int = Field(default_factory=lambda: max(1, os.cpu_count() or 1))
     # false: `callmeter worker` runs stream workers only and a `callmeter sink` service (exactly one)
     # writes the ledger: N worker services on several hosts and one sink (docs/deployment.md).
     worker_ledger_sink: bool = True

@@ -74,6 +74,9 @@ def pipeline_env(bootstrap: str, topic_prefix: str, data_dir: Path) -> dict[str,
         # The fixtures' periods (October-November 2026) have all ended by then, so tests may finalize
         # them whatever the date; tests of the "period has not ended" refusal set their own clock.
         CALLMETER_CLOCK_NOW="2027-01-15T00:00:00Z",
+        # One stream worker process unless a test asks for more (the default is one per core): the
+        # crash points, the stats line and the fault scenarios are written against one process.
+        CALLMETER_WORKER_PROCESSES="1",
     )
     return env
 

@@ -63,7 +63,8 @@ class _Child:
 
 
 def _roles(settings: Settings) -> list[tuple[str, int]]:
-    n = max(1, settings.worker_processes)
+    # More processes than input partitions would sit idle in the group.
+    n = max(1, min(settings.worker_processes, settings.partitions))
     if not settings.worker_ledger_sink:
         # A `callmeter sink` service elsewhere writes the ledger.
         return [("stream", i) for i in range(n)]

@@ -198,7 +198,9 @@ class Balances(MeterParts):
             before, after = starts.get(start, 0), usage.get(start, 0)
             if before == after:
                 continue
-            self.balances[self.balance_key(tenant, start)] = after
+            key = self.balance_key(tenant, start)
+            self.balances[key] = after
+            self._balance_cache[key] = after
             self.stats.rebalanced += 1
             period = timeline.period_at(start)
             plan_id = timeline.plan_for_period(period)

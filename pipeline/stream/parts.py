@@ -36,6 +36,7 @@ class MeterParts:
     ready: threading.Event
     lag: dict[tuple[str, int], int]
     _timelines: dict[str, TenantTimeline]
+    _balance_cache: dict[str, int]
 
     async def _dead(self, src: tuple[Any, ...], reason: str, message: str) -> None:
         raise NotImplementedError

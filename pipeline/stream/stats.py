@@ -29,12 +29,14 @@ class Stats:
 
     def tick(self, consumed: int = 0, duplicates: int = 0, dead: int = 0) -> None:
         minute = int(time.time() // 60)
-        bucket = self.minutes.setdefault(minute, [0, 0, 0])
+        bucket = self.minutes.get(minute)
+        if bucket is None:  # a new minute: only then can buckets fall out of the hour kept
+            bucket = self.minutes[minute] = [0, 0, 0]
+            for old in [m for m in self.minutes if m < minute - 60]:
+                del self.minutes[old]
         bucket[0] += consumed
         bucket[1] += duplicates
         bucket[2] += dead
-        for old in [m for m in self.minutes if m < minute - 60]:
-            del self.minutes[old]
 
     def window(self, minutes: int) -> dict[str, int]:
         since = int(time.time() // 60) - minutes + 1

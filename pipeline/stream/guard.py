@@ -6,7 +6,7 @@ buffer suspends it), so without a guard a commit could land *between* them: the 
 the rated record not, and a crash before the next commit loses the call (issue 9). The guard makes
 each event one critical section with respect to commits:
 
-1. ``CommitGuard.event()`` holds an asyncio lock while one event is handled, and acks the event
+1. ``CommitGuard.batch()`` holds an asyncio lock while a batch of events is handled, and acks them
    before releasing it, so a commit sees either all of an event (writes, outputs, offset) or none.
 2. Every Faust commit (``Consumer.force_commit``) takes the same lock first, then drains Faust's
    buffer of table writes into the transaction (``_drain_table_writes``: Faust itself does not).
@@ -54,15 +54,19 @@ class CommitGuard:
         return self._lock
 
     @contextlib.asynccontextmanager
-    async def event(self, event: Any) -> AsyncIterator[None]:
+    async def batch(self, events: list[Any]) -> AsyncIterator[None]:
+        """A batch of events (``take_events``) as one critical section: all acked before a commit can
+        see any of them, or the process leaves without committing (steps 1 and 4)."""
         async with self.lock:
             try:
                 yield
             except BaseException as exc:
                 self.poisoned = True
-                where = f"{event.message.topic}/{event.message.partition}@{event.message.offset}"
+                first = events[0].message if events else None
+                where = f"a batch from {first.topic}/{first.partition}@{first.offset}" if first else "a batch"
                 die(f"stream agent failed on {where}: {type(exc).__name__}: {exc}", exc)
-            event.ack()
+            for event in events:
+                event.ack()
 
 
 def die(reason: str, exc: BaseException | None = None) -> None:

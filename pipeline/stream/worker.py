@@ -5,9 +5,11 @@ assigned input partition P of ``calls``/``provisioning`` (the two are co-partiti
 tenant's calls and provisioning share P and its state lives in partition P of every table):
 
 0. When partition P is assigned, its transactional producer starts and closes, as aborted, anything an
-   earlier owner left open under the same producer id before this worker writes (pipeline/stream/fencing.py).
-1. The consumer (read_committed) hands the agent an event from P. From here to its acknowledgement the
-   event is one critical section: no Faust commit can run in the middle of it (pipeline/stream/guard.py).
+   earlier owner left open under the same producer id before this worker writes (stream/fencing.py).
+1. The consumer (read_committed) hands the agent a batch of events (``take_events``; any partitions).
+   From here to their acknowledgement the batch is one critical section: no Faust commit can run in the
+   middle of it (pipeline/stream/guard.py). Steps 2-5 run for each event in turn, with that event as
+   Faust's current event, so its table writes and outputs go to its own partition's transaction.
 2. Undecodable or invalid: a DeadLetter record (original bytes, source topic/partition/offset, reason,
    message) is sent to ``deadletter`` partition P inside P's transaction. A decoded event's key is left
    with a checksum of its bytes: an identical copy is a duplicate, a corrected resend is processed.
@@ -15,26 +17,30 @@ tenant's calls and provisioning share P and its state lives in partition P of ev
    counted as a duplicate: no state write, only a Duplicate record to ``duplicates`` partition P (step 5)
    so the ledger can count duplicates per gateway.
 4. State writes (``seen``, ``tenants``, ``parked``, ``balances``, ``alerted``) go to RocksDB and, through
-   Faust's producer buffer, to partition P of their changelog topics inside P's transaction.
+   Faust's producer buffer, to partition P of their changelog topics inside P's transaction. A balance
+   is kept in memory during the batch and written once at its end (under an event of its partition),
+   or earlier when a provisioning event or a re-rating is about to read the table.
    (Crash point ``worker-4-state-written``.)
 5. Outputs (rated call, accepted provisioning event, dead letter, duplicate, alert) go to partition P of their
-   topics inside P's transaction (``_send`` picks P's transactional producer explicitly). The event is
-   acknowledged and the critical section ends. (Crash points ``worker-5-output-sent``, ``after-event``.)
-6. Every commit interval (and at a rebalance or shutdown) the guard waits for the current event, drains
+   topics inside P's transaction (``_send`` picks P's transactional producer explicitly). After the
+   batch's last event and its balance writes, every event of the batch is acknowledged and the critical
+   section ends. (Crash points ``worker-5-output-sent``, ``after-event``.)
+6. Every commit interval (and at a rebalance or shutdown) the guard waits for the current batch, drains
    the buffered changelog writes into their transactions, and Faust adds P's consumed offsets and
    commits. Only now do 2-5 become visible to read_committed readers: all of them or none.
    (Crash point ``worker-6-committed``, just after.)
 
    A crash before 6 aborts the transaction (the restarted worker's producers fence it; transactions
    time out after 10 s): changelog writes, outputs and offsets roll back together and the events are
-   processed again from the last commit. An exception inside an event stops the process at once
-   without any commit (pipeline/stream/guard.py) and ``callmeter worker`` starts a new one. RocksDB is only a
-   cache of the changelogs and may still hold writes of the aborted transaction, so the worker marks a
+   processed again from the last commit. An exception inside a batch stops the process at once
+   without any commit (pipeline/stream/guard.py) and ``callmeter worker`` starts a new one. RocksDB is
+   only a cache of the changelogs and may still hold writes of the aborted transaction, so the worker marks a
    clean shutdown and, after an unclean one, deletes its local state and rebuilds it from the
    changelogs (read_committed) before consuming (``pipeline/stream/runner.py: prepare_state_dir``).
-   Without this a call whose dedupe key survived in RocksDB but whose rated record was aborted would be lost.
-7. The ledger sink (pipeline/ledger/sink.py) reads the outputs read_committed and writes ClickHouse under its
-   own numbered protocol; together no crash point loses a call or counts one twice.
+   Without this a call whose dedupe key survived in RocksDB but whose rated record was aborted would be
+   lost.
+7. The ledger sink (pipeline/ledger/sink.py) reads the outputs read_committed and writes ClickHouse under
+   its own numbered protocol; together no crash point loses a call or counts one twice.
 """
 
 from __future__ import annotations
@@ -44,7 +50,6 @@ import logging
 import threading
 import time
 import weakref
-import zlib
 from datetime import datetime
 from typing import Any
 
@@ -58,14 +63,22 @@ from pipeline.records import call_from_record, provisioning_from_record, rated_t
 from pipeline.settings import Settings
 from pipeline.stream import fencing  # noqa: F401 - patches Faust's transactional producer start
 from pipeline.stream.balances import Balances
+from pipeline.stream.facts import (
+    RERATING_ACTIONS,
+    call_fact,
+    check_provisioning,
+    dead_copy_differs,
+    dead_fact,
+    ms,
+)
 from pipeline.stream.guard import CommitGuard
 from pipeline.stream.outputs import Outputs
 from pipeline.stream.parking import Parking
+from pipeline.stream.retention import Retention
 from pipeline.stream.stats import Stats
-from rating.alerts import threshold_problem
 from rating.calls import RatedCall, rate_call, validate_call
 from rating.catalog import Catalog
-from rating.models import CallEvent, ProvisioningEvent, Reason, Rejection
+from rating.models import Reason, Rejection
 from rating.subscription import TenantTimeline
 from schemas.errors import SerdeError
 from schemas.serde import Serde
@@ -73,60 +86,6 @@ from schemas.serde import Serde
 log = logging.getLogger(__name__)
 
 _ROCKSDICT = {"driver": "rocksdict"}
-_ACTIONS_NEEDING = {
-    "SUBSCRIPTION_STARTED": ("plan_id", "tax_region"),
-    "PLAN_CHANGED": ("plan_id",),
-    "NUMBER_PROVISIONED": ("number", "number_type"),
-    "NUMBER_RELEASED": ("number",),
-    "EMPLOYEE_ACTIVATED": ("employee_id",),
-    "EMPLOYEE_DEACTIVATED": ("employee_id",),
-    "SUBSCRIPTION_CANCELLED": (),
-    "ALERT_THRESHOLDS_SET": ("alert_thresholds_percent",),
-}
-
-
-def check_provisioning(event: ProvisioningEvent, catalog: Catalog) -> Rejection | None:
-    """Field rules per action (spec §1) and catalog references, before the event touches state."""
-    for name in _ACTIONS_NEEDING.get(event.action, ()):
-        if getattr(event, name) in (None, ""):
-            return Rejection(Reason.INVALID_EVENT, f"{event.action} needs {name}")
-    plan_action = event.action in ("SUBSCRIPTION_STARTED", "PLAN_CHANGED")
-    if plan_action and event.plan_id is not None and not catalog.has_plan(event.plan_id):
-        return Rejection(Reason.UNKNOWN_PLAN, f"plan {event.plan_id!r} is not in catalog")
-    if event.action == "ALERT_THRESHOLDS_SET":
-        problem = threshold_problem(event.alert_thresholds_percent or ())
-        if problem is not None:
-            return Rejection(Reason.INVALID_EVENT, problem)
-    if event.action == "SUBSCRIPTION_STARTED" and event.tax_region not in catalog.tax_regions:
-        return Rejection(Reason.UNKNOWN_TAX_REGION, f"tax region {event.tax_region!r} is not in catalog")
-    return None
-
-
-def _ms(ts: datetime) -> int:
-    return int(ts.timestamp() * 1000)
-
-
-def _call_fact(call: CallEvent) -> list[int]:
-    """The value of a call's dedupe key: ``[ended_ms, started_ms, raw_ms]``. The end is what retention
-    measures; start and raw connected milliseconds are all a re-rating needs (``period_usage``)."""
-    raw_ms = 0
-    if call.disposition == "ANSWERED" and call.answered_at is not None:
-        raw_ms = _ms(call.ended_at) - _ms(call.answered_at)
-    return [_ms(call.ended_at), _ms(call.started_at), raw_ms]
-
-
-def _dead_fact(event_ms: int, raw: bytes) -> list[Any]:
-    """The value of a dead-lettered event's key: its time (for retention) and a checksum of its bytes.
-    An identical copy is then a duplicate (issue 9: copies of an invalid event each became a dead letter
-    and escaped the duplicate rate); a corrected resend under the same id differs and is processed."""
-    return [event_ms, "dead", zlib.crc32(raw)]
-
-
-def _dead_copy_differs(known: Any, raw: bytes) -> bool:
-    return isinstance(known, list) and len(known) == 3 and known[1] == "dead" and known[2] != zlib.crc32(raw)
-
-
-_RERATING_ACTIONS = frozenset({"SUBSCRIPTION_STARTED", "PLAN_CHANGED", "SUBSCRIPTION_CANCELLED"})
 
 
 class _FaultCounter(logging.Handler):
@@ -138,7 +97,7 @@ class _FaultCounter(logging.Handler):
         self.meter.faults += 1
 
 
-class Meter(Outputs, Parking, Balances):
+class Meter(Outputs, Parking, Balances, Retention):
     """Builds the Faust app: one agent over both input topics and four co-partitioned tables."""
 
     def __init__(self, settings: Settings, bootstrap: str, catalog: Catalog, serde: Serde) -> None:
@@ -314,10 +273,10 @@ class Meter(Outputs, Parking, Balances):
         dedupe_key = f"{kind}|{tenant}|{event_id}"
         event_time = record.get("ended_at") if kind == "call" else record.get("occurred_at")
         if isinstance(event_time, datetime):
-            self._advance_watermark(partition, _ms(event_time))
+            self._advance_watermark(partition, ms(event_time))
         await self._maybe_expire_parked(partition)
         known = self._seen_get(dedupe_key)
-        if known is not None and not _dead_copy_differs(known, raw):
+        if known is not None and not dead_copy_differs(known, raw):
             # A copy of an event already accepted, or of an invalid one already dead-lettered (the same
             # bytes): a duplicate either way. A corrected resend of an invalid event is processed anew.
             await self._duplicate(src, kind, record, event_time)
@@ -329,56 +288,11 @@ class Meter(Outputs, Parking, Balances):
             self._write_balances()
             await self._on_provisioning(src, record, dedupe_key)
 
-    def _seen_get(self, key: str) -> Any:
-        """``seen.get(key)`` without Faust's path through two KeyErrors per miss (most lookups miss)."""
-        store = self.seen.data
-        raw = store._get(store._encode_key(key))
-        return None if raw is None else store._decode_value(raw)
-
-    def _advance_watermark(self, partition: int, event_ms: int) -> None:
-        # Clamp to the wall clock: one record with a clock far in the future must not expire every key.
-        event_ms = min(event_ms, int(time.time() * 1000))
-        if event_ms <= self._watermark_ms.get(partition, -1):
-            return
-        self._watermark_ms[partition] = event_ms
-        day = event_ms // 86_400_000
-        if self._swept_day.get(partition) != day:
-            self._swept_day[partition] = day
-            self.sweep_seen(partition, event_ms - self.settings.dedupe_retention_days * 86_400_000)
-
-    def sweep_seen(self, partition: int, older_than_ms: int) -> int:
-        """Forget idempotency keys of this partition whose event time is before ``older_than_ms``.
-
-        Runs inside the current event's transaction (same partition), so the deletions reach the
-        changelog atomically with everything else; a retry older than the retention window is then
-        treated as a new event, which the retention (> one period + settlement window) makes moot.
-        """
-        store = self.seen.data
-        db_for = getattr(store, "_db_for_partition", None)
-        if db_for is None:
-            return 0
-        expired = []
-        for raw_key, raw_value in db_for(partition).items():
-            try:
-                key, value = json.loads(raw_key), json.loads(raw_value)
-            except (ValueError, TypeError):
-                continue  # Faust's own bookkeeping keys (persisted offsets)
-            # Provisioning keys hold their event time; call keys [ended, started, raw ms] (_call_fact).
-            event_ms = value[0] if isinstance(value, list) and value else value
-            if isinstance(event_ms, int) and isinstance(key, str) and event_ms < older_than_ms:
-                expired.append(key)
-        for key in expired:
-            del self.seen[key]
-        if expired:
-            log.info("dedupe retention: forgot %d keys of partition %d", len(expired), partition)
-        self.stats.keys_expired += len(expired)
-        return len(expired)
-
     async def _on_call(self, src: tuple[Any, ...], record: dict[str, Any], dedupe_key: str) -> None:
         call = call_from_record(record)
         rejection = validate_call(call)
         if rejection is not None:
-            self.seen[dedupe_key] = _dead_fact(_ms(call.ended_at), src[4])
+            self.seen[dedupe_key] = dead_fact(ms(call.ended_at), src[4])
             await self._dead(src, rejection.reason, rejection.message)
             return
         timeline = self._timeline(call.tenant_id)
@@ -386,18 +300,18 @@ class Meter(Outputs, Parking, Balances):
             # Calls and provisioning are not ordered across topics: hold the call until the tenant's
             # SUBSCRIPTION_STARTED arrives (spec §5). Its key is consumed now so a retry stays a duplicate.
             self._park(src, call.tenant_id)
-            self.seen[dedupe_key] = _call_fact(call)
+            self.seen[dedupe_key] = call_fact(call)
             return
         result = rate_call(call, timeline, self.catalog)
         if isinstance(result, Rejection) and result.reason == Reason.NO_SUBSCRIPTION:
             await self._dead_but_revivable(src, call, result)
-            self.seen[dedupe_key] = _call_fact(call)
+            self.seen[dedupe_key] = call_fact(call)
             return
         if isinstance(result, Rejection):
-            self.seen[dedupe_key] = _dead_fact(_ms(call.ended_at), src[4])
+            self.seen[dedupe_key] = dead_fact(ms(call.ended_at), src[4])
             await self._dead(src, result.reason, result.message)
             return
-        self.seen[dedupe_key] = _call_fact(call)
+        self.seen[dedupe_key] = call_fact(call)
         await self._emit_rated(src, result)
         if _CRASH_AT:
             await acrash_point("worker-5-output-sent")
@@ -463,14 +377,14 @@ class Meter(Outputs, Parking, Balances):
         event = provisioning_from_record(record)
         rejection = check_provisioning(event, self.catalog)
         if rejection is not None:
-            self.seen[dedupe_key] = _dead_fact(_ms(event.occurred_at), src[4])
+            self.seen[dedupe_key] = dead_fact(ms(event.occurred_at), src[4])
             await self._dead(src, rejection.reason, rejection.message)
             return
         timeline = self._timeline(event.tenant_id) or TenantTimeline.from_events(event.tenant_id, [])
         timeline = timeline.apply(event)
         self.tenants[event.tenant_id] = timeline.to_dict()
         self._timelines[event.tenant_id] = timeline
-        self.seen[dedupe_key] = _ms(event.occurred_at)
+        self.seen[dedupe_key] = ms(event.occurred_at)
         headers = [
             ("source-topic", topic.encode()),
             ("source-partition", str(partition).encode()),
@@ -482,5 +396,5 @@ class Meter(Outputs, Parking, Balances):
             held = self.parked.get(event.tenant_id)
             if held:
                 await self._release_parked(event.tenant_id, held, timeline)
-            if event.action in _RERATING_ACTIONS:
+            if event.action in RERATING_ACTIONS:
                 await self.rerate_balances(event.tenant_id, timeline, event.occurred_at)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,3 +64,19 @@ class Stats:
             "rebalanced": self.rebalanced,
             "keys_expired": self.keys_expired,
         }
+
+
+class _FaultCounter(logging.Handler):
+    def __init__(self, owner: Any) -> None:
+        super().__init__(level=logging.ERROR)
+        self.owner = owner
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.owner.faults += 1
+
+
+def count_faults(owner: Any, loggers: Iterable[str]) -> None:
+    """Count ERROR records of these loggers in ``owner.faults`` (the worker's run result reports them)."""
+    counter = _FaultCounter(owner)
+    for name in loggers:
+        logging.getLogger(name).addHandler(counter)

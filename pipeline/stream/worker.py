@@ -45,6 +45,7 @@ tenant's calls and provisioning share P and its state lives in partition P of ev
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -75,7 +76,7 @@ from pipeline.stream.guard import CommitGuard
 from pipeline.stream.outputs import Outputs
 from pipeline.stream.parking import Parking
 from pipeline.stream.retention import Retention
-from pipeline.stream.stats import Stats
+from pipeline.stream.stats import Stats, count_faults
 from rating.calls import RatedCall, rate_call, validate_call
 from rating.catalog import Catalog
 from rating.models import Reason, Rejection
@@ -86,15 +87,7 @@ from schemas.serde import Serde
 log = logging.getLogger(__name__)
 
 _ROCKSDICT = {"driver": "rocksdict"}
-
-
-class _FaultCounter(logging.Handler):
-    def __init__(self, meter: Meter) -> None:
-        super().__init__(level=logging.ERROR)
-        self.meter = meter
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.meter.faults += 1
+_YIELD_EVERY_EVENTS = 16
 
 
 class Meter(Outputs, Parking, Balances, Retention):
@@ -156,9 +149,7 @@ class Meter(Outputs, Parking, Balances, Retention):
         metrics.initialize(self.topics.inputs)
         # ERROR records of the Kafka/Faust client libraries seen during this run (see run_worker).
         self.faults = 0
-        fault_counter = _FaultCounter(self)
-        for name in ("faust", "aiokafka", "mode"):
-            logging.getLogger(name).addHandler(fault_counter)
+        count_faults(self, ("faust", "aiokafka", "mode"))
         app.callmeter_guard = self.guard  # type: ignore[attr-defined]
         app.callmeter_sweep_for = self._sweep_for  # type: ignore[attr-defined]
         app.agent(self.source, name="meter")(self._agent)
@@ -206,12 +197,16 @@ class Meter(Outputs, Parking, Balances, Retention):
         batches = stream.take_events(size, wait_s)
         async for events in batches:
             async with self.guard.batch(events):
-                for event in events:
+                for i, event in enumerate(events, 1):
                     # Table writes and _send find their partition (and transaction) from the current event.
                     _current_event.set(weakref.ref(event))
                     await self.handle(event)
                     if _CRASH_AT:
                         await acrash_point("after-event")
+                    if i % _YIELD_EVERY_EVENTS == 0:
+                        # A send rarely suspends: without this a batch held the loop for its whole length
+                        # and /authorize and /balances answers waited behind it.
+                        await asyncio.sleep(0)
                 self._write_balances()
 
     def _write_balances(self) -> None:

@@ -365,20 +365,49 @@ class Ledger:
         )
         return Decimal(rows[0][0] or 0)
 
-    def raw_calls(
+    def raw_call_facts(
         self, started_from: datetime, started_to: datetime, tenant_id: str | None
-    ) -> list[tuple[str, int, int]]:
-        """(payload JSON, source partition, source offset) of every deduplicated call that started in
-        [from, to): replay's source once the topic's retention no longer covers the range."""
+    ) -> list[tuple[Any, ...]]:
+        """The fields of every deduplicated call in ``raw_events`` that started in [from, to), in
+        CallRecord order with timestamps as epoch millis, then source partition and offset: replay's
+        source once the topic's retention no longer covers the range. ClickHouse unpacks the payload
+        (compact JSON with ``YYYY-MM-DDTHH:MM:SS.mmmZ`` timestamps, pipeline/records.py payload_json)."""
         tenant_clause = "AND tenant_id = {t:String}" if tenant_id else ""
+
+        def millis(name: str) -> str:
+            text = f"JSONExtract(payload, '{name}', 'Nullable(String)')"
+            return f"toUnixTimestamp64Milli(parseDateTime64BestEffortOrNull({text}, 3, 'UTC'))"
+
+        strings = [f"JSONExtractString(payload, '{n}')" for n in ("tenant_id", "event_id", "call_id")]
         rows = self.query(
-            "SELECT payload, source_partition, source_offset FROM raw_events FINAL "  # noqa: S608
+            f"SELECT {', '.join(strings)}, JSONExtract(payload, 'employee_id', 'Nullable(String)'), "  # noqa: S608
+            "JSONExtractString(payload, 'direction'), JSONExtractString(payload, 'from_number'), "
+            f"JSONExtractString(payload, 'to_number'), assumeNotNull({millis('started_at')}), "
+            f"{millis('answered_at')}, assumeNotNull({millis('ended_at')}), "
+            "JSONExtractString(payload, 'disposition'), JSONExtractString(payload, 'gateway_id'), "
+            "source_partition, source_offset FROM raw_events FINAL "
             "WHERE topic = 'calls' AND event_time >= {f:DateTime64(3, 'UTC')} "
             f"AND event_time < {{u:DateTime64(3, 'UTC')}} {tenant_clause} "
             "ORDER BY tenant_id, event_time, event_id",
             {"f": started_from, "u": started_to, "t": tenant_id},
         )
-        return [(str(p), int(part), int(off)) for p, part, off in rows]
+        return rows
+
+    def insert_columns(
+        self, table: str, columns: Sequence[Sequence[Any]], dedup_token: str | None = None
+    ) -> int:
+        """Insert whole columns (in COLUMNS[table] order) at once: a bulk writer's path, where plain
+        ints (DateTime64 as epoch millis) and strings skip the per-value conversions of ``flush``."""
+        settings = {"insert_deduplication_token": f"{dedup_token}:{table}"} if dedup_token else None
+        try:
+            with self.lock:
+                self.client.insert(
+                    table, columns, column_names=list(COLUMNS[table]), column_oriented=True, settings=settings
+                )
+        except Exception as exc:
+            msg = f"ledger insert into {table} failed ({len(columns[0])} rows): {_one_line(exc)}"
+            raise LedgerError(msg) from exc
+        return len(columns[0])
 
     def write_rows(self, table: str, rows: Iterable[Sequence[Any]], dedup_token: str | None = None) -> None:
         for row in rows:

@@ -9,10 +9,11 @@ a writer schema callmeter does not ship) goes through ``Serde.decode``, which yi
 from __future__ import annotations
 
 import io
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from confluent_kafka import Consumer, TopicPartition
 from fastavro import parse_schema, schemaless_reader
@@ -25,8 +26,13 @@ from schemas.serde import RECORDS, SINGLE_OBJECT_MAGIC, WRITER_SCHEMAS, Serde
 from sinks.ledger import Ledger
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# The timestamps Serde.decode can turn into datetimes (years 1-9999); anything outside does not decode.
+_MIN_MILLIS = millis_of(datetime.min.replace(tzinfo=UTC))
+_MAX_MILLIS = millis_of(datetime.max.replace(tzinfo=UTC))
 _HEADER_LEN = 10  # single-object encoding: C3 01 + 8-byte fingerprint
 _CONSUME_BATCH = 10_000
+_CONSUME_WAIT_SECONDS = 0.1
+_QUIET_SECONDS = 5.0  # nothing more arrives for this long: the rest is an open transaction's
 
 
 class CallFacts(NamedTuple):
@@ -118,12 +124,19 @@ class CallDecoder:
         buf = io.BytesIO(data)
         buf.seek(_HEADER_LEN)
         try:
-            record = schemaless_reader(buf, plain[0], plain[1])
+            record = cast("dict[str, Any]", schemaless_reader(buf, plain[0], plain[1]))
         except Exception:  # corrupt bytes: what Serde.decode reports as UNDECODABLE
             return None
         if buf.tell() != len(data):  # trailing bytes: not written with this schema (Serde refuses it too)
             return None
-        return _facts(record, partition, offset)  # type: ignore[arg-type]  # a record decodes to a dict
+        answered = record["answered_at"]
+        if not (
+            _MIN_MILLIS <= record["started_at"] <= _MAX_MILLIS
+            and _MIN_MILLIS <= record["ended_at"] <= _MAX_MILLIS
+            and (answered is None or _MIN_MILLIS <= answered <= _MAX_MILLIS)
+        ):
+            return None  # no datetime holds it: Serde refuses it as UNDECODABLE
+        return _facts(record, partition, offset)
 
     def _slow(self, data: bytes, partition: int, offset: int) -> CallFacts | None:
         try:
@@ -196,11 +209,19 @@ def calls_from_kafka(
             return
         c.assign(assign)
         remaining = {tp.partition for tp in assign}
+        quiet_since: float | None = None
         while remaining:
-            msgs = c.consume(_CONSUME_BATCH, 5)
+            # A short wait: consume() holds a partly filled batch until its timeout, which would add
+            # the whole wait to the last batch of every replay.
+            msgs = c.consume(_CONSUME_BATCH, _CONSUME_WAIT_SECONDS)
             if not msgs:
-                # read_committed stops short of an open transaction's records; nothing else is pending.
-                break
+                now = time.monotonic()
+                quiet_since = now if quiet_since is None else quiet_since
+                if now - quiet_since >= _QUIET_SECONDS:
+                    # read_committed stops short of an open transaction's records; nothing else is pending.
+                    break
+                continue
+            quiet_since = None
             for msg in msgs:
                 if msg.error() is not None:
                     continue
@@ -220,10 +241,41 @@ def calls_from_kafka(
 
 
 # -- the ledger ----------------------------------------------------------------------------------------
+def _millis_sql(name: str) -> str:
+    text = f"JSONExtract(payload, '{name}', 'Nullable(String)')"
+    return f"toUnixTimestamp64Milli(parseDateTime64BestEffortOrNull({text}, 3, 'UTC'))"
+
+
+_STRING_SQL = "JSONExtractString(payload, '{}')"
+# The CallFacts fields from a raw event's payload: the sink's compact JSON with
+# ``YYYY-MM-DDTHH:MM:SS.mmmZ`` timestamps (pipeline/records.py payload_json), unpacked by ClickHouse.
+_FACTS_SQL = ", ".join(
+    [
+        *(_STRING_SQL.format(n) for n in ("tenant_id", "event_id", "call_id")),
+        "JSONExtract(payload, 'employee_id', 'Nullable(String)')",
+        *(_STRING_SQL.format(n) for n in ("direction", "from_number", "to_number")),
+        f"assumeNotNull({_millis_sql('started_at')})",
+        _millis_sql("answered_at"),
+        f"assumeNotNull({_millis_sql('ended_at')})",
+        *(_STRING_SQL.format(n) for n in ("disposition", "gateway_id")),
+        "source_partition",
+        "source_offset",
+    ]
+)
+
+
 def calls_from_ledger(
     ledger: Ledger, ts_from: datetime, ts_to: datetime, tenant: str | None
 ) -> Iterator[CallFacts]:
-    """Every deduplicated call in ``raw_events`` that started in [from, to), once the topic's retention
-    no longer covers the range; ClickHouse unpacks the JSON payloads (sinks/ledger.py raw_call_facts)."""
-    for row in ledger.raw_call_facts(ts_from, ts_to, tenant):
+    """Every deduplicated call in ``raw_events`` that started in [from, to): the source once the
+    topic's retention no longer covers the range."""
+    tenant_clause = "AND tenant_id = {t:String}" if tenant else ""
+    rows = ledger.query(
+        f"SELECT {_FACTS_SQL} FROM raw_events FINAL "  # noqa: S608  # constant SQL, values are parameters
+        "WHERE topic = 'calls' AND event_time >= {f:DateTime64(3, 'UTC')} "
+        f"AND event_time < {{u:DateTime64(3, 'UTC')}} {tenant_clause} "
+        "ORDER BY tenant_id, event_time, event_id",
+        {"f": ts_from, "u": ts_to, "t": tenant},
+    )
+    for row in rows:
         yield CallFacts(*row)

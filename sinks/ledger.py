@@ -365,34 +365,6 @@ class Ledger:
         )
         return Decimal(rows[0][0] or 0)
 
-    def raw_call_facts(
-        self, started_from: datetime, started_to: datetime, tenant_id: str | None
-    ) -> list[tuple[Any, ...]]:
-        """The fields of every deduplicated call in ``raw_events`` that started in [from, to), in
-        CallRecord order with timestamps as epoch millis, then source partition and offset: replay's
-        source once the topic's retention no longer covers the range. ClickHouse unpacks the payload
-        (compact JSON with ``YYYY-MM-DDTHH:MM:SS.mmmZ`` timestamps, pipeline/records.py payload_json)."""
-        tenant_clause = "AND tenant_id = {t:String}" if tenant_id else ""
-
-        def millis(name: str) -> str:
-            text = f"JSONExtract(payload, '{name}', 'Nullable(String)')"
-            return f"toUnixTimestamp64Milli(parseDateTime64BestEffortOrNull({text}, 3, 'UTC'))"
-
-        strings = [f"JSONExtractString(payload, '{n}')" for n in ("tenant_id", "event_id", "call_id")]
-        rows = self.query(
-            f"SELECT {', '.join(strings)}, JSONExtract(payload, 'employee_id', 'Nullable(String)'), "  # noqa: S608
-            "JSONExtractString(payload, 'direction'), JSONExtractString(payload, 'from_number'), "
-            f"JSONExtractString(payload, 'to_number'), assumeNotNull({millis('started_at')}), "
-            f"{millis('answered_at')}, assumeNotNull({millis('ended_at')}), "
-            "JSONExtractString(payload, 'disposition'), JSONExtractString(payload, 'gateway_id'), "
-            "source_partition, source_offset FROM raw_events FINAL "
-            "WHERE topic = 'calls' AND event_time >= {f:DateTime64(3, 'UTC')} "
-            f"AND event_time < {{u:DateTime64(3, 'UTC')}} {tenant_clause} "
-            "ORDER BY tenant_id, event_time, event_id",
-            {"f": started_from, "u": started_to, "t": tenant_id},
-        )
-        return rows
-
     def insert_columns(
         self, table: str, columns: Sequence[Sequence[Any]], dedup_token: str | None = None
     ) -> int:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import io
 from datetime import UTC, datetime
 
-from pipeline.replay_sources import CallDecoder, CallFacts
-from schemas.serde import Serde
+import pytest
+from fastavro import parse_schema, schemaless_writer
+
+from pipeline.replay_sources import CallDecoder, CallFacts, _without_logical_types
+from schemas.errors import SerdeError
+from schemas.serde import WRITER_SCHEMAS, Serde
 from tests.unit.test_serde import _call_record_v2, call_record
 
 # 2026-11-05T10:16:42.400Z and the answered/ended times of test_serde's call_record, in epoch millis.
@@ -56,3 +61,34 @@ def test_a_writer_schema_registered_later_goes_through_serde() -> None:
     assert CallDecoder(old).decode(data, 4, 17) is None  # not known: UNKNOWN_SCHEMA
     old.register_writer_schema(_call_record_v2())
     assert CallDecoder(old).decode(data, 4, 17) == EXPECTED
+
+
+@pytest.mark.parametrize(
+    ("started_millis", "decodes"),
+    [
+        (-62_135_596_800_000, True),  # 0001-01-01T00:00:00Z
+        (-62_135_596_800_001, False),
+        (253_402_300_799_999, True),  # 9999-12-31T23:59:59.999Z
+        (253_402_300_800_000, False),
+        (2**62, False),
+    ],
+)
+def test_a_timestamp_no_datetime_holds_is_skipped_as_serde_refuses_it(
+    started_millis: int, decodes: bool
+) -> None:
+    serde = Serde()
+    good = serde.encode("CallRecord", call_record(), "calls")
+    writer = next(v for v in WRITER_SCHEMAS.values() if v.fingerprint == good[2:10])
+    body = io.BytesIO()
+    record = {**call_record(), "started_at": started_millis, "answered_at": None, "ended_at": started_millis}
+    schemaless_writer(body, parse_schema(_without_logical_types(writer.raw)), record)
+    data = good[:10] + body.getvalue()
+    serde_decodes = True
+    try:
+        serde.decode(data)
+    except SerdeError:
+        serde_decodes = False
+    assert serde_decodes == decodes
+    got = CallDecoder(serde).decode(data, 0, 0)
+    assert (got is not None) == decodes
+    assert got is None or got.started_millis == started_millis

@@ -365,20 +365,21 @@ class Ledger:
         )
         return Decimal(rows[0][0] or 0)
 
-    def raw_calls(
-        self, started_from: datetime, started_to: datetime, tenant_id: str | None
-    ) -> list[tuple[str, int, int]]:
-        """(payload JSON, source partition, source offset) of every deduplicated call that started in
-        [from, to): replay's source once the topic's retention no longer covers the range."""
-        tenant_clause = "AND tenant_id = {t:String}" if tenant_id else ""
-        rows = self.query(
-            "SELECT payload, source_partition, source_offset FROM raw_events FINAL "  # noqa: S608
-            "WHERE topic = 'calls' AND event_time >= {f:DateTime64(3, 'UTC')} "
-            f"AND event_time < {{u:DateTime64(3, 'UTC')}} {tenant_clause} "
-            "ORDER BY tenant_id, event_time, event_id",
-            {"f": started_from, "u": started_to, "t": tenant_id},
-        )
-        return [(str(p), int(part), int(off)) for p, part, off in rows]
+    def insert_columns(
+        self, table: str, columns: Sequence[Sequence[Any]], dedup_token: str | None = None
+    ) -> int:
+        """Insert whole columns (in COLUMNS[table] order) at once: a bulk writer's path, where plain
+        ints (DateTime64 as epoch millis) and strings skip the per-value conversions of ``flush``."""
+        settings = {"insert_deduplication_token": f"{dedup_token}:{table}"} if dedup_token else None
+        try:
+            with self.lock:
+                self.client.insert(
+                    table, columns, column_names=list(COLUMNS[table]), column_oriented=True, settings=settings
+                )
+        except Exception as exc:
+            msg = f"ledger insert into {table} failed ({len(columns[0])} rows): {_one_line(exc)}"
+            raise LedgerError(msg) from exc
+        return len(columns[0])
 
     def write_rows(self, table: str, rows: Iterable[Sequence[Any]], dedup_token: str | None = None) -> None:
         for row in rows:

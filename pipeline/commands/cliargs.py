@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tenant")
     p.add_argument("--dry-run", action="store_true", help="show the money difference, write nothing")
     p.add_argument("--source", choices=["auto", "kafka", "ledger"], default="auto")
-    p.add_argument("--batch-size", type=int, default=5000, help="calls per ledger write")
+    p.add_argument("--batch-size", type=int, default=50_000, help="calls per ledger insert")
     p = sub.add_parser("balance", help="print a tenant's live balance (needs a running worker)")
     p.add_argument("tenant")
     p.add_argument("--at", help="RFC 3339 time: the balance of the period containing it (default now)")

@@ -5,12 +5,16 @@ Protocol (idempotent, so a killed replay is simply run again):
    number never stands for two catalogs (pipeline/catalogs.py).
 2. Read the calls: from the ``calls`` topic (seek by timestamp, read to the end offsets taken at the
    start) while its retention still covers the range, else from the raw events in the ledger.
-   ``--source`` forces either. Duplicates in the source are dropped (first seen wins); the live path's
-   dedupe state is not consulted or changed.
-3. Rate each call with the tenant's timeline from the ledger and the current catalog.
-4. Unless ``--dry-run``, append one rated row per call with the current catalog revision, in batches
-   with insert-deduplication tokens. Rows are keyed by (tenant_id, event_id, catalog_revision): a
-   second run, or the rest of a killed run, writes rows identical to the first; nothing is edited.
+   ``--source`` forces either (pipeline/commands/replay_sources.py: timestamps stay integer epoch millis).
+   Duplicates in the source are dropped (first seen wins); the live path's dedupe state is not
+   consulted or changed.
+3. Rate each call with the tenant's timeline from the ledger and the current catalog
+   (rating/bulk.py: ``rate_call``'s answers, with the period and plan cached per tenant period).
+4. Unless ``--dry-run``, append one rated row per call with the current catalog revision, one
+   column-oriented insert per ``--batch-size`` calls, each with an insert-deduplication token naming
+   the revision, its first and last call and its size. Rows are keyed by (tenant_id, event_id,
+   catalog_revision): a second run, or the rest of a killed run, writes rows identical to the first
+   but for ``rated_at`` (one instant per run), which collapse with them; nothing is edited.
 5. Print, per tenant period touched, the subtotal (before tax) before and after and the difference.
 
 The live worker's balances are not touched (they count seconds; prices live in the catalog), and
@@ -23,38 +27,23 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
-
 from pipeline.catalogs import catalog_at_revision, read_catalog, register_catalog
 from pipeline.commands.invoicing import timelines_from_ledger
+from pipeline.commands.replay_sources import CallFacts, calls_from_kafka, calls_from_ledger, kafka_covers
 from pipeline.errors import InputError
-from pipeline.records import call_from_record, rated_call_row, rated_to_record
 from pipeline.settings import Settings
-from rating.calls import RatedCall, rate_call
+from rating.bulk import BulkRating, TenantRater, millis_of
 from rating.catalog import Catalog
 from rating.invoice import build_invoice, money_text
-from rating.models import CallEvent, Rejection
+from rating.models import Rejection
 from rating.periods import Period
-from schemas.errors import SerdeError
-from schemas.json_events import parse_json_event
-from schemas.serde import Serde
 from sinks.ledger import Ledger
-
-
-@dataclass(frozen=True)
-class SourcedCall:
-    call: CallEvent
-    topic: str
-    partition: int
-    offset: int
 
 
 def parse_ts(text: str, flag: str) -> datetime:
@@ -69,108 +58,11 @@ def parse_ts(text: str, flag: str) -> datetime:
     return parsed.astimezone(UTC)
 
 
-# -- sources -------------------------------------------------------------------------------------------
-def _consumer(settings: Settings, bootstrap: str) -> Consumer:
-    return Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            # Never committed: replay must not move any group's offsets.
-            "group.id": f"{settings.app_id}-replay-{uuid.uuid4().hex[:8]}",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-            "auto.offset.reset": "earliest",
-        }
-    )
-
-
-def kafka_covers(settings: Settings, bootstrap: str, ts_from: datetime) -> bool:
-    """True when no record the range may need has been deleted from the calls topic."""
-    consumer = _consumer(settings, bootstrap)
-    try:
-        topic = settings.topics.calls
-        meta = consumer.list_topics(topic, timeout=10).topics[topic]
-        for partition in meta.partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
-            if low == 0:
-                continue
-            if low >= high:
-                return False  # everything ever written here is gone
-            consumer.assign([TopicPartition(topic, partition, low)])
-            msg = consumer.poll(10)
-            if msg is None or msg.error() is not None or msg.timestamp()[1] > ts_from.timestamp() * 1000:
-                return False
-        return True
-    finally:
-        consumer.close()
-
-
-def calls_from_kafka(
-    settings: Settings, bootstrap: str, serde: Serde, ts_from: datetime, ts_to: datetime, tenant: str | None
-) -> Iterator[SourcedCall]:
-    consumer = _consumer(settings, bootstrap)
-    topic = settings.topics.calls
-    try:
-        meta = consumer.list_topics(topic, timeout=10).topics[topic]
-        # A call is published after it started, so nothing it needs has a record timestamp before ts_from.
-        wanted = [TopicPartition(topic, p, int(ts_from.timestamp() * 1000)) for p in meta.partitions]
-        starts = consumer.offsets_for_times(wanted, timeout=10)
-        ends = {
-            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-            for p in meta.partitions
-        }
-        assign = [tp for tp in starts if tp.offset >= 0 and tp.offset < ends[tp.partition]]
-        if not assign:
-            return
-        consumer.assign(assign)
-        remaining = {tp.partition for tp in assign}
-        while remaining:
-            msg = consumer.poll(5)
-            if msg is None:
-                # read_committed stops short of an open transaction's records; nothing else is pending.
-                break
-            if msg.error() is not None:
-                continue
-            partition, offset = int(msg.partition() or 0), int(msg.offset() or 0)
-            if offset >= ends[partition] - 1:
-                remaining.discard(partition)
-            if offset >= ends[partition]:
-                continue
-            try:
-                name, record = serde.decode(msg.value() or b"")
-            except SerdeError:
-                continue  # it went to the dead-letter topic when it arrived; replay rates calls only
-            if name != "CallRecord" or (tenant and record.get("tenant_id") != tenant):
-                continue
-            if ts_from <= record["started_at"] < ts_to:
-                yield SourcedCall(call_from_record(record), topic, partition, offset)
-    finally:
-        consumer.close()
-
-
-def calls_from_ledger(
-    ledger: Ledger, ts_from: datetime, ts_to: datetime, tenant: str | None
-) -> Iterator[SourcedCall]:
-    import json
-
-    for payload, partition, offset in ledger.raw_calls(ts_from, ts_to, tenant):
-        name, record = parse_json_event({"type": "call", **json.loads(payload)})
-        if name == "CallRecord":
-            yield SourcedCall(call_from_record(record), "calls", int(partition), int(offset))
-
-
 # -- the replay ----------------------------------------------------------------------------------------
-def _charges(
-    ledger: Ledger,
-    catalog: Catalog,
-    timelines: dict[str, Any],
-    key: tuple[str, datetime],
-    seconds: int,
-    revision: int,
-) -> Decimal:
+def _charges(used: Catalog, timelines: dict[str, Any], key: tuple[str, datetime], seconds: int) -> Decimal:
     tenant, start = key
     timeline = timelines[tenant]
     period = Period(start, timeline.period_at(start).end)
-    used = catalog_at_revision(ledger, revision, catalog)
     return build_invoice(
         tenant_id=tenant, period=period, timeline=timeline, catalog=used, billable_seconds_total=seconds
     ).subtotal
@@ -182,6 +74,9 @@ def run_replay(settings: Settings, args: argparse.Namespace) -> int:
     ts_from, ts_to = parse_ts(args.ts_from, "--from"), parse_ts(args.ts_to, "--to")
     if ts_to <= ts_from:
         msg = "--to must be later than --from"
+        raise InputError(msg)
+    if args.batch_size < 1:
+        msg = f"--batch-size must be at least 1, got {args.batch_size}"
         raise InputError(msg)
     catalog, text = read_catalog(settings.catalog)
     ledger = Ledger.open(settings.clickhouse_dsn, settings.clickhouse_secret, settings.clickhouse_cluster)
@@ -211,29 +106,36 @@ def run_replay(settings: Settings, args: argparse.Namespace) -> int:
 def _replay(
     ledger: Ledger,
     catalog: Catalog,
-    sourced: Iterator[SourcedCall],
+    sourced: Iterator[CallFacts],
     source: str,
     ts_from: datetime,
     ts_to: datetime,
     args: argparse.Namespace,
 ) -> int:
+    began = time.monotonic()
     timelines = timelines_from_ledger(ledger, args.tenant)
     # Each call's current rating (corrections included), the one the ledger's usage totals count:
     # event -> (period start or None, plan, billable seconds, catalog revision).
     current = ledger.current_rating_of(ts_from, ts_to, args.tenant)
     seen: set[tuple[str, str]] = set()
-    rated: list[tuple[SourcedCall, RatedCall]] = []
+    raters: dict[str, TenantRater] = {}
+    rated: list[tuple[CallFacts, BulkRating]] = []
     skipped: dict[str, int] = defaultdict(int)
     for item in sourced:
-        identity = (item.call.tenant_id, item.call.event_id)
+        identity = (item.tenant_id, item.event_id)
         if identity in seen:
             continue
         seen.add(identity)
-        timeline = timelines.get(item.call.tenant_id)
-        if timeline is None:
-            skipped["NO_SUBSCRIPTION"] += 1
-            continue
-        result = rate_call(item.call, timeline, catalog)
+        rater = raters.get(item.tenant_id)
+        if rater is None:
+            timeline = timelines.get(item.tenant_id)
+            if timeline is None:
+                skipped["NO_SUBSCRIPTION"] += 1
+                continue
+            rater = raters[item.tenant_id] = TenantRater(timeline, catalog)
+        result = rater.rate(
+            item.started_millis, item.answered_millis, item.ended_millis, item.disposition, item.to_call
+        )
         if isinstance(result, Rejection):
             skipped[str(result.reason)] += 1
             continue
@@ -244,14 +146,13 @@ def _replay(
     after: dict[tuple[str, datetime], int] = defaultdict(int)
     revisions: dict[tuple[str, datetime], int] = defaultdict(int)
     for item, result in rated:
-        tenant_id = item.call.tenant_id
+        tenant_id = item.tenant_id
         key = (tenant_id, result.period.start)
-        old = current.get((tenant_id, item.call.event_id))
+        old = current.get((tenant_id, item.event_id))
         old_key = (tenant_id, old[0]) if old is not None and old[0] is not None else None
         for k in (key, old_key):
-            if k is not None:
-                before.setdefault(k, usage.get(k, 0))
-                after.setdefault(k, usage.get(k, 0))
+            if k is not None and k not in before:
+                before[k] = after[k] = usage.get(k, 0)
         if old is not None:
             revisions[key] = max(revisions[key], old[3])
             if old_key is not None:
@@ -269,24 +170,28 @@ def _replay(
         flush=True,
     )
     if not args.dry_run:
-        batch: list[list[Any]] = []
+        rated_at = millis_of(datetime.now(UTC))  # one instant for the whole run
         written = 0
-        for item, result in rated:
-            record = rated_to_record(
-                result, source_topic=item.topic, source_partition=item.partition, source_offset=item.offset
-            )
-            batch.append(rated_call_row(record, late=False))
-            if len(batch) >= args.batch_size:
-                written += _write(ledger, batch, catalog.revision)
-                _progress(written, total)
-        if batch:
-            written += _write(ledger, batch, catalog.revision)
+        for first in range(0, total, args.batch_size):
+            batch = rated[first : first + args.batch_size]
+            written += _write(ledger, batch, catalog.revision, rated_at)
             _progress(written, total)
 
+    elapsed = time.monotonic() - began
+    print(
+        f"replay: {total} calls read, rated{'' if args.dry_run else ' and written'} in {elapsed:.2f} s "
+        f"({total / max(elapsed, 1e-9):,.0f} calls/s)",
+        file=sys.stderr,
+        flush=True,
+    )
+    catalogs: dict[int, Catalog] = {catalog.revision: catalog}  # revision -> catalog, read once each
     rows = []
     for key in sorted(before):  # (tenant, period start)
-        old_money = _charges(ledger, catalog, timelines, key, before[key], revisions[key] or catalog.revision)
-        new_money = _charges(ledger, catalog, timelines, key, after[key], catalog.revision)
+        revision = revisions[key] or catalog.revision
+        if revision not in catalogs:
+            catalogs[revision] = catalog_at_revision(ledger, revision, catalog)
+        old_money = _charges(catalogs[revision], timelines, key, before[key])
+        new_money = _charges(catalog, timelines, key, after[key])
         rows.append((key[0], key[1].date().isoformat(), old_money, new_money, new_money - old_money))
     print(format_table(rows))
     if skipped:
@@ -294,13 +199,29 @@ def _replay(
     return 0
 
 
-def _write(ledger: Ledger, batch: list[list[Any]], revision: int) -> int:
-    first, last = batch[0], batch[-1]
-    token = f"replay:{revision}:{first[0]}:{first[1]}:{last[0]}:{last[1]}:{len(batch)}"
-    ledger.write_rows("rated_calls", batch, dedup_token=token)
+def _write(ledger: Ledger, batch: list[tuple[CallFacts, BulkRating]], revision: int, rated_at: int) -> int:
+    """One insert of ``rated_calls`` columns (sinks/schema.py order) for a batch of rated calls."""
+    first, last = batch[0][0], batch[-1][0]
+    token = (
+        f"replay:{revision}:{first.tenant_id}:{first.event_id}:{last.tenant_id}:{last.event_id}:{len(batch)}"
+    )
+    facts = list(zip(*(item for item, _ in batch), strict=True))  # the CallFacts fields as columns
+    ratings = [r for _, r in batch]
     n = len(batch)
-    batch.clear()
-    return n
+    columns = [
+        *facts[:12],  # tenant_id .. gateway_id, timestamps as epoch millis
+        [r.period_start_millis for r in ratings],
+        [r.period_end_millis for r in ratings],
+        [r.plan_id for r in ratings],
+        [f"{r.raw_millis // 1000}.{r.raw_millis % 1000:03d}" for r in ratings],  # Decimal(18, 3), exact
+        [r.billable_seconds for r in ratings],
+        [revision] * n,
+        [0] * n,  # late: a replay rates history, not a late arrival
+        [rated_at] * n,
+        facts[12],  # source_partition
+        facts[13],  # source_offset
+    ]
+    return ledger.insert_columns("rated_calls", columns, dedup_token=token)
 
 
 def _progress(written: int, total: int) -> None:

@@ -319,7 +319,10 @@ class Meter(Outputs, Parking, Balances, Retention):
         balance_key = self.balance_key(tenant, rated.period.start)
         before = self._balance_cache.get(balance_key)
         if before is None:
-            before = int(self.balances[balance_key])
+            # A rebalance may clear the cache in the middle of a batch (at a yield): the batch's own value,
+            # not yet in the table, comes first.
+            unwritten = self._unwritten_balances.get(balance_key)
+            before = unwritten[0] if unwritten is not None else int(self.balances[balance_key])
         after = before + rated.billable_seconds
         self._unwritten_balances[balance_key] = (after, faust.current_event())
         self._balance_cache[balance_key] = after

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from pipeline.commands.cliargs import build_parser
 from pipeline.commands.clients import kafka, make_serde
 from pipeline.commands.ledger_commands import cmd_invoice, cmd_ledger, cmd_replay, cmd_sql, cmd_usage
-from pipeline.errors import InputError
+from pipeline.errors import BrokerError, InputError
 from pipeline.settings import Settings
 from rating.catalog import Catalog
 from rating.errors import CallmeterError
@@ -79,7 +79,7 @@ def cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from pipeline.catalogs import read_catalog
-    from pipeline.commands.supervisor import SINK_ONLY, child_role, is_child, supervise
+    from pipeline.commands.supervisor import SINK_ONLY, child_role, is_child, restarted, supervise
     from pipeline.errors import RetryableError
     from pipeline.stream.guard import EXIT_RETRY
 
@@ -108,6 +108,11 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
             result = stats.to_dict()
     except RetryableError as exc:
         print(f"callmeter: error: {exc}", file=sys.stderr)
+        return EXIT_RETRY
+    except BrokerError as exc:
+        if not restarted():
+            raise
+        print(f"callmeter: error: {exc}; retrying", file=sys.stderr)
         return EXIT_RETRY
     print(json.dumps(result, sort_keys=True))
     return 0

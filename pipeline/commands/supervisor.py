@@ -36,12 +36,21 @@ from pipeline.stream.guard import EXIT_RETRY
 
 CHILD_ENV = "CALLMETER_WORKER_CHILD"
 ROLE_ENV = "CALLMETER_WORKER_ROLE"
+# Set on a process started again after a fault: it waits out an unreachable broker (see restarted()).
+RESTARTED_ENV = "CALLMETER_WORKER_RESTARTED"
 # A child that ran this long before failing counts as healthy: the restart budget starts again.
 _HEALTHY_SECONDS = 120.0
 
 
 def is_child() -> bool:
     return os.environ.get(CHILD_ENV) == "1"
+
+
+def restarted() -> bool:
+    """A restart after a fault: the broker may be what failed (killed, restarting), so a broker that
+    cannot be reached yet is one more recoverable fault, within ``worker_restarts``, not a bad setting.
+    On a first start it is reported and the command fails (it usually is a bad address)."""
+    return os.environ.get(RESTARTED_ENV) == "1"
 
 
 def child_role() -> str:
@@ -145,7 +154,7 @@ def _tend(child: _Child, argv: Sequence[str], settings: Settings, stopping: bool
         return None
     if child.proc is None:
         if child.restart_at is not None and time.monotonic() >= child.restart_at and not stopping:
-            _start(child, argv)
+            _start(child, argv, {RESTARTED_ENV: "1"})
         elif stopping:
             child.done = True
         return None

@@ -18,16 +18,18 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
-from confluent_kafka.schema_registry.avro import AvroSerializer
-from confluent_kafka.schema_registry.error import SchemaRegistryError
-from confluent_kafka.serialization import MessageField, SerializationContext
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.read import SchemaResolutionError
 from fastavro.schema import fingerprint as _fastavro_fingerprint
 from fastavro.schema import to_parsing_canonical_form
+
+# The registry client pulls in httpx, authlib and joserfc (~0.27 s of imports): imported where a
+# registry is configured, so commands that only read single-object values (replay) start faster.
+if TYPE_CHECKING:
+    from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+    from confluent_kafka.schema_registry.avro import AvroSerializer
 
 from schemas.errors import INVALID_EVENT, UNDECODABLE, UNKNOWN_SCHEMA, RegistryError, SerdeError
 
@@ -151,6 +153,8 @@ class Serde:
         self._serializers: dict[str, AvroSerializer] = {}
         self._registry: SchemaRegistryClient | None = None
         if registry_url:
+            from confluent_kafka.schema_registry import SchemaRegistryClient
+
             conf = {"url": registry_url}
             if registry_basic_auth:
                 conf["basic.auth.user.info"] = registry_basic_auth
@@ -235,6 +239,10 @@ class Serde:
         return buf.getvalue()
 
     def _encode_confluent(self, record_name: str, record: dict[str, Any], topic: str) -> bytes:
+        from confluent_kafka.schema_registry.avro import AvroSerializer
+        from confluent_kafka.schema_registry.error import SchemaRegistryError
+        from confluent_kafka.serialization import MessageField, SerializationContext
+
         assert self._registry is not None
         version = self.current_version(record_name)
         serializer = self._serializers.get(record_name)
@@ -311,6 +319,8 @@ class Serde:
         if self._registry is None:
             msg = f"Confluent-framed value with schema id {schema_id}, but no schema registry is configured"
             raise SerdeError(UNKNOWN_SCHEMA, msg)
+        from confluent_kafka.schema_registry.error import SchemaRegistryError
+
         try:
             schema = self._registry.get_schema(schema_id)
         except SchemaRegistryError as exc:

@@ -55,11 +55,6 @@ class Settings(BaseSettings):
     # false: `callmeter worker` runs stream workers only and a `callmeter sink` service (exactly one)
     # writes the ledger: N worker services on several hosts and one sink (docs/deployment.md).
     worker_ledger_sink: bool = True
-    # Events the stream agent takes at a time (Faust take_events): one critical section against commits,
-    # one balance write per tenant-period, instead of per event. The wait bounds how long an event can sit
-    # in a partial batch, so it bounds the added call-to-balance latency.
-    worker_batch_events: int = 500
-    worker_batch_wait_seconds: float = 0.02
     # Set by `callmeter worker` for each process it starts; not an operator setting.
     worker_index: int = 0
     sink_batch_rows: int = 20000

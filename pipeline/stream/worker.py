@@ -6,10 +6,10 @@ tenant's calls and provisioning share P and its state lives in partition P of ev
 
 0. When partition P is assigned, its transactional producer starts and closes, as aborted, anything an
    earlier owner left open under the same producer id before this worker writes (stream/fencing.py).
-1. The consumer (read_committed) hands the agent a batch of events (``take_events``; any partitions).
-   From here to their acknowledgement the batch is one critical section: no Faust commit can run in the
-   middle of it (pipeline/stream/guard.py). Steps 2-5 run for each event in turn, with that event as
-   Faust's current event, so its table writes and outputs go to its own partition's transaction.
+1. The consumer (read_committed) hands the agent an event from P. From here to its acknowledgement the
+   event is one critical section (a batch of one, ``CommitGuard.batch``): no Faust commit can run in the
+   middle of it (pipeline/stream/guard.py). The event is Faust's current event, so its table writes and
+   outputs go to P's transaction.
 2. Undecodable or invalid: a DeadLetter record (original bytes, source topic/partition/offset, reason,
    message) is sent to ``deadletter`` partition P inside P's transaction. A decoded event's key is left
    with a checksum of its bytes: an identical copy is a duplicate, a corrected resend is processed.
@@ -18,21 +18,19 @@ tenant's calls and provisioning share P and its state lives in partition P of ev
    so the ledger can count duplicates per gateway.
 4. State writes (``seen``, ``tenants``, ``parked``, ``balances``, ``alerted``) go to RocksDB and, through
    Faust's producer buffer, to partition P of their changelog topics inside P's transaction. A balance
-   is kept in memory during the batch and written once at its end (under an event of its partition),
-   or earlier when a provisioning event or a re-rating is about to read the table.
+   is written at the end of the event (``_write_balances``, before the acknowledgement).
    (Crash point ``worker-4-state-written``.)
 5. Outputs (rated call, accepted provisioning event, dead letter, duplicate, alert) go to partition P of their
-   topics inside P's transaction (``_send`` picks P's transactional producer explicitly). After the
-   batch's last event and its balance writes, every event of the batch is acknowledged and the critical
-   section ends. (Crash points ``worker-5-output-sent``, ``after-event``.)
-6. Every commit interval (and at a rebalance or shutdown) the guard waits for the current batch, drains
+   topics inside P's transaction (``_send`` picks P's transactional producer explicitly). The event is
+   acknowledged and the critical section ends. (Crash points ``worker-5-output-sent``, ``after-event``.)
+6. Every commit interval (and at a rebalance or shutdown) the guard waits for the current event, drains
    the buffered changelog writes into their transactions, and Faust adds P's consumed offsets and
    commits. Only now do 2-5 become visible to read_committed readers: all of them or none.
    (Crash point ``worker-6-committed``, just after.)
 
    A crash before 6 aborts the transaction (the restarted worker's producers fence it; transactions
    time out after 10 s): changelog writes, outputs and offsets roll back together and the events are
-   processed again from the last commit. An exception inside a batch stops the process at once
+   processed again from the last commit. An exception inside an event stops the process at once
    without any commit (pipeline/stream/guard.py) and ``callmeter worker`` starts a new one. RocksDB is
    only a cache of the changelogs and may still hold writes of the aborted transaction, so the worker marks a
    clean shutdown and, after an unclean one, deletes its local state and rebuilds it from the

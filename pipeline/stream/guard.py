@@ -11,7 +11,8 @@ each event one critical section with respect to commits:
 2. Every Faust commit (``Consumer.force_commit``) takes the same lock first, then drains Faust's
    buffer of table writes into the transaction (``_drain_table_writes``: Faust itself does not).
 3. A rebalance commits every transaction before partitions are revoked (``_commit_then_revoke``).
-4. An exception (or a cancellation) in the middle of an event *poisons* the guard: no commit happens
+4. An exception (or a cancellation) in the middle of an event, or a send that failed for good,
+   *poisons* the guard: no commit happens
    after that, and the process leaves at once with ``EXIT_RETRY`` without writing its clean-shutdown
    marker. The open transactions are aborted by the broker when the next worker's producers fence them
    (same transactional ids), and the next start rebuilds local state from the changelogs, exactly as
@@ -29,6 +30,7 @@ import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
+import faust.topics as faust_topics
 import faust.transport.consumer as faust_consumer
 import faust.transport.drivers.aiokafka as faust_aiokafka
 
@@ -156,3 +158,24 @@ def _settings_extra(self: Any) -> Any:
 
 
 faust_aiokafka.Producer._settings_extra = _settings_extra  # type: ignore[method-assign]
+
+_original_on_published = faust_topics.Topic._on_published
+
+
+def _on_published_or_die(self: Any, fut: Any, message: Any, producer: Any, state: Any) -> None:
+    """A send that failed for good (fenced after a broker loss, delivery timed out) stops the process.
+
+    Under ``exactly_once`` every output and changelog record belongs to its partition's transaction: one
+    lost leaves the transaction unfit to commit. Faust only logged it, and the agent then waited without
+    end on a producer buffer that never drained (make chaos, broker killed -9: two minutes until the
+    stall watchdog). Leaving at once (step 4) restarts from the last commit instead."""
+    _original_on_published(self, fut, message, producer, state)
+    guard: CommitGuard | None = getattr(self.app, "callmeter_guard", None)
+    if guard is None or fut.cancelled() or fut.exception() is None:
+        return
+    guard.poisoned = True
+    exc = fut.exception()
+    die(f"a send to {message.message.channel.get_topic_name()} failed: {type(exc).__name__}: {exc}")
+
+
+faust_topics.Topic._on_published = _on_published_or_die  # type: ignore[method-assign]

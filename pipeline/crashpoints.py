@@ -6,10 +6,11 @@ stops there for an hour (a worker alive but stuck: heartbeats go on, nothing com
 agent it awaits, so the worker still answers /metrics, in the sink it blocks the sink's thread). Unset,
 callers skip the call behind a module constant, so the hot path pays one truthiness test.
 
-Steps: ``worker-4-state-written`` (dedupe key and balance written, output not yet sent),
-``worker-5-output-sent`` (output sent, event not yet acknowledged), ``after-event`` (whole event done,
-before its offset is committed), ``worker-6-committed`` (a transaction just committed),
-``sink-3-inserted`` (ledger rows inserted, offsets not committed).
+Steps: ``consumer-skip`` (the n-th fetched ``calls`` record never reaches the agent, see
+pipeline/stream/continuity.py), ``worker-4-state-written`` (dedupe key and balance written, output not
+yet sent), ``worker-5-output-sent`` (output sent, event not yet acknowledged), ``after-event``
+(whole event done, before its offset is committed), ``worker-6-committed`` (a transaction just
+committed), ``sink-3-inserted`` (ledger rows inserted, offsets not committed).
 
 ``recovery-short`` is a fault of another kind (mode ``short``, see ``armed``): the first changelog
 recovery of the process loses the last record of every batch it applies to the tables, as when Faust

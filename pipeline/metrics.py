@@ -27,6 +27,12 @@ DUPLICATES = Counter(
     ["topic"],
     registry=REGISTRY,
 )
+REDELIVERED_EVENTS = Counter(
+    "callmeter_redelivered_events",
+    "Input records the consumer delivered again within one assignment, skipped (stream/continuity.py).",
+    ["topic"],
+    registry=REGISTRY,
+)
 DEAD_LETTERS = Counter(
     "callmeter_dead_letters",
     "Records sent to the dead-letter topic, by reason code.",

@@ -6,10 +6,11 @@ tenant's calls and provisioning share P and its state lives in partition P of ev
 
 0. When partition P is assigned, its transactional producer starts and closes, as aborted, anything an
    earlier owner left open under the same producer id before this worker writes (stream/fencing.py).
-1. The consumer (read_committed) hands the agent an event from P. From here to its acknowledgement the
-   event is one critical section (a batch of one, ``CommitGuard.batch``): no Faust commit can run in the
-   middle of it (pipeline/stream/guard.py). The event is Faust's current event, so its table writes and
-   outputs go to P's transaction.
+1. The consumer (read_committed) hands the agent an event from P; an offset out of order is skipped (a
+   redelivery) or stops the process (a record never handled), see stream/continuity.py. From here to
+   its acknowledgement the event is one critical section (a batch of one, ``CommitGuard.batch``): no
+   Faust commit can run in the middle of it (pipeline/stream/guard.py). The event is Faust's current
+   event, so its table writes and outputs go to P's transaction.
 2. Undecodable or invalid: a DeadLetter record (original bytes, source topic/partition/offset, reason,
    message) is sent to ``deadletter`` partition P inside P's transaction. A decoded event's key is left
    with a checksum of its bytes: an identical copy is a duplicate, a corrected resend is processed.
@@ -61,6 +62,7 @@ from pipeline.records import call_from_record, provisioning_from_record, rated_t
 from pipeline.settings import Settings
 from pipeline.stream import fencing  # noqa: F401 - patches Faust's transactional producer start
 from pipeline.stream.balances import Balances
+from pipeline.stream.continuity import CommittedReader, Continuity
 from pipeline.stream.facts import (
     RERATING_ACTIONS,
     call_fact,
@@ -142,6 +144,8 @@ class Meter(Outputs, Parking, Balances, Retention):
         # tenant's new threshold list, never sends one twice in a period.
         self.alerted = app.Table("alerted", partitions=n, key_type=str, value_type=int, options=_ROCKSDICT)
         self.guard = CommitGuard()
+        reader = CommittedReader(bootstrap)
+        self.continuity = Continuity(lambda: app.consumer, reader.first_committed_offset)
         metrics.initialize(self.topics.inputs)
         # ERROR records of the Kafka/Faust client libraries seen during this run (see run_worker).
         self.faults = 0
@@ -167,11 +171,13 @@ class Meter(Outputs, Parking, Balances, Retention):
         async def _forget_timelines(*_args: Any, **_kwargs: Any) -> None:
             self._timelines.clear()
             self._balance_cache.clear()
+            self.continuity.forget()
 
         @app.on_partitions_assigned.connect
         async def _forget_timelines_again(*_args: Any, **_kwargs: Any) -> None:
             self._timelines.clear()
             self._balance_cache.clear()
+            self.continuity.forget()
 
         # Set once recovery is done and the agent consumes (see _Worker).
         self.ready = threading.Event()
@@ -192,6 +198,9 @@ class Meter(Outputs, Parking, Balances, Retention):
         # row, until the stall watchdog): reverted until that is understood (docs/decisions.md).
         async for event in stream.events():
             async with self.guard.batch([event]):
+                msg = event.message
+                if not await self.continuity.check(msg.topic, msg.partition, msg.offset):
+                    continue  # handled already in this assignment (stream/continuity.py, step 3)
                 await self.handle(event)
                 if _CRASH_AT:
                     await acrash_point("after-event")

@@ -185,7 +185,6 @@ class Balances(MeterParts):
         """A provisioning event changed how the tenant's calls rate (plan, cancellation, anchor): set
         every period balance to the re-rated sum, in this event's transaction (issue 8). Parked and
         revivable calls hold keys too, but no subscription covers them, so they count for nothing."""
-        self._write_balances()  # the table must hold the batch's balances before they are compared
         usage = period_usage(self.remembered_calls(tenant), timeline, self.catalog)
         prefix = f"{tenant}|"
         db = cast(Any, self.balances.data)._db_for_partition(self.partition_of(tenant))

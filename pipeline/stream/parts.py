@@ -49,9 +49,6 @@ class MeterParts:
     async def _emit_rated(self, src: tuple[Any, ...], rated: RatedCall) -> None:
         raise NotImplementedError
 
-    def _write_balances(self) -> None:
-        raise NotImplementedError
-
     def partition_of(self, tenant_id: str) -> int:
         raise NotImplementedError
 

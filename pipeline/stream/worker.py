@@ -18,8 +18,7 @@ tenant's calls and provisioning share P and its state lives in partition P of ev
    counted as a duplicate: no state write, only a Duplicate record to ``duplicates`` partition P (step 5)
    so the ledger can count duplicates per gateway.
 4. State writes (``seen``, ``tenants``, ``parked``, ``balances``, ``alerted``) go to RocksDB and, through
-   Faust's producer buffer, to partition P of their changelog topics inside P's transaction. A balance
-   is written at the end of the event (``_write_balances``, before the acknowledgement).
+   Faust's producer buffer, to partition P of their changelog topics inside P's transaction.
    (Crash point ``worker-4-state-written``.)
 5. Outputs (rated call, accepted provisioning event, dead letter, duplicate, alert) go to partition P of their
    topics inside P's transaction (``_send`` picks P's transactional producer explicitly). The event is
@@ -48,12 +47,10 @@ import json
 import logging
 import threading
 import time
-import weakref
 from datetime import datetime
 from typing import Any
 
 import faust
-from faust.streams import _current_event
 
 from pipeline import metrics
 from pipeline.crashpoints import CRASH_AT as _CRASH_AT
@@ -162,8 +159,6 @@ class Meter(Outputs, Parking, Balances, Retention):
         # Balances this worker wrote while owning their partition (a table read per call was ~3 % of the
         # event loop); cleared with the timelines at every rebalance.
         self._balance_cache: dict[str, int] = {}
-        # Balances changed in the current batch, not yet in the table: value and an event of its partition.
-        self._unwritten_balances: dict[str, tuple[int, Any]] = {}
         # Prometheus children per input topic: labels() per event was a lookup under a lock.
         self._consumed_metric = {t: metrics.EVENTS_CONSUMED.labels(topic=t) for t in self.topics.inputs}
 
@@ -204,18 +199,6 @@ class Meter(Outputs, Parking, Balances, Retention):
                 await self.handle(event)
                 if _CRASH_AT:
                     await acrash_point("after-event")
-                self._write_balances()
-
-    def _write_balances(self) -> None:
-        """Step 4 for balances: the batch's last value of each, written under an event of its partition."""
-        if not self._unwritten_balances:
-            return
-        current = _current_event.get(None)
-        for key, (value, event) in self._unwritten_balances.items():
-            _current_event.set(weakref.ref(event))
-            self.balances[key] = value
-        self._unwritten_balances.clear()
-        _current_event.set(current)
 
     def _sweep_for(self, transactional_id: str) -> tuple[int, list[str], list[str]] | None:
         """For the id of an input partition's producer: that partition, the topics it writes and the
@@ -276,8 +259,6 @@ class Meter(Outputs, Parking, Balances, Retention):
         if kind == "call":
             await self._on_call(src, record, dedupe_key)
         else:
-            # Re-rating and /balances read balances from the table: the batch's so far go in first.
-            self._write_balances()
             await self._on_provisioning(src, record, dedupe_key)
 
     async def _on_call(self, src: tuple[Any, ...], record: dict[str, Any], dedupe_key: str) -> None:
@@ -316,12 +297,9 @@ class Meter(Outputs, Parking, Balances, Retention):
         balance_key = self.balance_key(tenant, rated.period.start)
         before = self._balance_cache.get(balance_key)
         if before is None:
-            # A rebalance may clear the cache in the middle of a batch (at a yield): the batch's own value,
-            # not yet in the table, comes first.
-            unwritten = self._unwritten_balances.get(balance_key)
-            before = unwritten[0] if unwritten is not None else int(self.balances[balance_key])
+            before = int(self.balances[balance_key])
         after = before + rated.billable_seconds
-        self._unwritten_balances[balance_key] = (after, faust.current_event())
+        self.balances[balance_key] = after
         self._balance_cache[balance_key] = after
         if _CRASH_AT:
             await acrash_point("worker-4-state-written")

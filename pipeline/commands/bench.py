@@ -1,5 +1,5 @@
 """Worker throughput and peak memory on simulated traffic, on the real broker, and balance latency:
-the callmeter rows of `make bench`'s table (pipeline/benchtable.py), also runnable alone as JSON.
+the callmeter rows of `make bench`'s table (pipeline/commands/benchtable.py), also runnable alone as JSON.
 
 Run as ``python -m pipeline.commands.bench [--calls N]``. It uses its own data dir and topic prefix,
 starts the local broker unless CALLMETER_KAFKA is set, produces N call records (plus provisioning), then times
@@ -320,7 +320,7 @@ def throughput(env: dict[str, str], args: argparse.Namespace, work: Path, proces
         "duplicates": stats["duplicates"],
         "duplicates_in_ledger": stats.get("duplicates_in_ledger", {}),
         "dead_letters": stats["dead_letters"],
-        # Where this run's month lives, for a replay of it afterwards (pipeline/benchtable.py).
+        # Where this run's month lives, for a replay of it afterwards (pipeline/commands/benchtable.py).
         "topic_prefix": env["CALLMETER_TOPIC_PREFIX"],
         "data_dir": env["CALLMETER_DATA_DIR"],
     }

@@ -36,6 +36,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.errors import PipelineError
+
 FAUST_KINDS = ("faust", "faust-take", "stateful")
 KAFKA_KINDS = ("kafka", "kafka-avro")
 KINDS = FAUST_KINDS + KAFKA_KINDS
@@ -43,11 +45,11 @@ BATCH_RECORDS = 1000
 TAKE_WITHIN_SECONDS = 0.2
 """How long ``take_events`` waits for a short batch: only the run's last batch ever waits for it."""
 COMMIT_INTERVAL_SECONDS = 1.0
-"""As callmeter's worker (pipeline/worker.py), so the stateful row and the worker rows compare."""
+"""As callmeter's worker (pipeline/stream/worker.py), so the stateful row and the worker rows compare."""
 IDLE_LIMIT_SECONDS = 120.0
 
 
-class BenchError(RuntimeError):
+class BenchError(PipelineError):
     """A reference run failed; the message is one line."""
 
 

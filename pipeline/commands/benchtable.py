@@ -3,13 +3,14 @@
 Run as ``python -m pipeline.commands.benchtable [--calls N] [--only refs,callmeter,replay,balance]``.
 Rows, each with its rate and its ratio to the straightforward stateful Faust agent:
 
-1. the reference agents of pipeline/benchrefs.py (bare Faust, with ``take_events``, the stateful agent,
-   the raw confluent-kafka transactional loop with and without Avro), over N simulated CallRecords;
-2. ``callmeter worker --until-idle`` with each ``--processes`` count (pipeline/bench.py ``throughput``:
-   N simulated calls with 1 % retries, 1 % late and 0.1 % bad records, start-up included);
+1. the reference agents of pipeline/commands/benchrefs.py (bare Faust, with ``take_events``, the
+   stateful agent, the raw confluent-kafka transactional loop with and without Avro), over N simulated
+   CallRecords;
+2. ``callmeter worker --until-idle`` with each ``--processes`` count (pipeline/commands/bench.py
+   ``throughput``: N simulated calls with 1 % retries, 1 % late and 0.1 % bad records, start-up included);
 3. ``callmeter replay`` of the month the 1-process run consumed, from Kafka into new ledger rows under
    catalog revision 2 (the whole command: start-up, reading, rating, writing and the money summary);
-4. balance latency under simulator load (pipeline/bench.py ``balance_bench``), a second small table;
+4. balance latency under simulator load (pipeline/commands/bench.py ``balance_bench``), a second small table;
 5. with ``--rss-at 1000000,3000000``, peak RSS of ``worker --until-idle`` at those sizes (slow: only
    when asked).
 

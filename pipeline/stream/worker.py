@@ -142,7 +142,7 @@ class Meter(Outputs, Parking, Balances, Retention):
         self.alerted = app.Table("alerted", partitions=n, key_type=str, value_type=int, options=_ROCKSDICT)
         self.guard = CommitGuard()
         reader = CommittedReader(bootstrap)
-        self.continuity = Continuity(lambda: app.consumer, reader.first_committed_offset)
+        self.continuity = Continuity(lambda: app.consumer, reader.first_committed_offset, reader.log_start)
         metrics.initialize(self.topics.inputs)
         # ERROR records of the Kafka/Faust client libraries seen during this run (see run_worker).
         self.faults = 0

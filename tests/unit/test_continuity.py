@@ -24,7 +24,7 @@ class FakeConsumer:
 
 
 def _run(
-    offsets: list[int], committed: int | None, first_committed: dict[int, int | None]
+    offsets: list[int], committed: int | None, first_committed: dict[int, int | None], log_start: int = 0
 ) -> tuple[list[int], list[int], str]:
     """Feeds ``offsets`` of calls/0; returns the offsets handled, the broker lookups and why it died."""
     asked: list[int] = []
@@ -33,7 +33,7 @@ def _run(
         asked.append(start)
         return first_committed.get(start)
 
-    checker = Continuity(lambda: FakeConsumer({0: committed}), first)
+    checker = Continuity(lambda: FakeConsumer({0: committed}), first, lambda _t, _p: log_start)
     handled: list[int] = []
 
     async def feed() -> str:
@@ -61,12 +61,12 @@ def _no_exit(monkeypatch: pytest.MonkeyPatch) -> None:
     [
         # In order from the committed offset: no broker lookup at all.
         ([5, 6, 7], 5, {}, [5, 6, 7], [], ""),
-        # No commit yet: the first event is checked against the log start once.
-        ([0, 1, 2], None, {0: 0}, [0, 1, 2], [0], ""),
+        # No commit yet: the first event is the log start, no broker fetch.
+        ([0, 1, 2], None, {}, [0, 1, 2], [], ""),
         # Offsets 3-4 hold a transaction marker / aborted records: the broker confirms, handled.
         ([1, 2, 5, 6], 1, {3: 5}, [1, 2, 5, 6], [3], ""),
         # A record Faust never delivered (the chaos run): the worker stops before handling 2.
-        ([0, 2, 3], None, {0: 0, 1: 1}, [0], [0, 1], "offsets 1..1 never handled"),
+        ([0, 2, 3], None, {1: 1}, [0], [1], "offsets 1..1 never handled"),
         # The first event after an assignment lies past a committed record.
         ([9], 7, {7: 7}, [], [7], "offsets 7..8 never handled"),
         # A record delivered again within the assignment is skipped, not handled twice.
@@ -90,8 +90,14 @@ def test_offsets_handled_once_in_order(
     assert died in got_died and bool(died) == bool(got_died)
 
 
+def test_without_a_commit_the_first_record_past_the_log_start_is_checked() -> None:
+    # Log start 4; the first record delivered is 6: 4-5 hold a marker (fine) or records (stop).
+    assert _run([6, 7], None, {4: 6}, log_start=4)[:2] == ([6, 7], [4])
+    assert "offsets 4..5 never handled" in _run([6], None, {4: 4}, log_start=4)[2]
+
+
 def test_a_rebalance_starts_again_from_the_committed_offset() -> None:
-    checker = Continuity(lambda: FakeConsumer({0: 10}), lambda *_a: None)
+    checker = Continuity(lambda: FakeConsumer({0: 10}), lambda *_a: None, lambda _t, _p: 0)
 
     async def feed() -> list[bool]:
         out = [await checker.check("calls", 0, 10), await checker.check("calls", 0, 11)]

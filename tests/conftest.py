@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,11 +43,23 @@ def kafka_bootstrap(local_kafka: LocalKafka | None) -> str:
     return str(status["bootstrap"])
 
 
-def free_port() -> int:
-    """A loopback port nobody listens on right now (for a worker's web server)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_port(span: int = 8) -> int:
+    """A loopback port that it and the next ``span - 1`` are free right now (worker i of a run listens
+    on port + i), outside the kernel's ephemeral range. An ephemeral port (bind to port 0) was taken by
+    some process's outgoing Kafka connection while a killed worker's replacement waited to reuse it:
+    make chaos, six failed restarts on "address already in use"."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 32000 - span)
+        try:
+            for port in range(base, base + span):
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    msg = "no free loopback port range between 20000 and 32000"
+    raise RuntimeError(msg)
 
 
 @pytest.fixture

@@ -136,10 +136,18 @@ def install(meter: MeterParts) -> None:
 
     async def answer(web: Any, request: Any, tenant_id: str, endpoint: str, body: Any) -> Any:
         """Forward to the owner, or answer from local state once it is recovered (``not_serving``)."""
-        routed = await forwarded(web, request, tenant_id)
+        count, observe = _meters(endpoint)
+        try:
+            routed = await forwarded(web, request, tenant_id)
+        except KeyError:
+            # Before the first assignment the assignor knows no owner for any partition: the same
+            # answer as "starting", not a 500 with a traceback per request.
+            count("503")
+            return web.json(
+                {"error": "worker starting: no partition assigned yet", "tenant_id": tenant_id}, status=503
+            )
         if routed is not None:
             return routed
-        count, observe = _meters(endpoint)
         started = time.perf_counter()
         try:
             at = _parse_at(request.query.get("at"))

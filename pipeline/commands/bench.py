@@ -16,7 +16,6 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -50,16 +49,18 @@ def _bound_ms(before: list[tuple[float, float]], after: list[tuple[float, float]
     return next(round(bound * 1000, 3) for bound, n in counts if n >= q * counts[-1][1])
 
 
-def balance_bench(env: dict[str, str], requests: int, load_calls: int) -> dict[str, object]:
-    """Balance and pre-call authorization latency under load from the simulator (HTTP round trips on
-    loopback, as a gateway sees them), and produce-to-balance freshness."""
+def balance_bench(
+    env: dict[str, str], requests: int, load_calls: int, rate_per_s: float
+) -> dict[str, object]:
+    """Balance and pre-call authorization latency (HTTP round trips on loopback, as a gateway sees them)
+    and produce-to-balance freshness of every call, under simulated load paced at ``rate_per_s``."""
     import random
-    import threading
     import urllib.error
     import urllib.request
 
     from confluent_kafka import Producer
 
+    from pipeline.commands.benchload import PacedLoad, freshness_ms
     from pipeline.commands.clients import make_serde
     from schemas.json_events import parse_json_event
 
@@ -123,31 +124,6 @@ def balance_bench(env: dict[str, str], requests: int, load_calls: int) -> dict[s
                 raise RuntimeError(msg)
             time.sleep(0.2)
 
-        # Freshness: one call produced -> visible in the balance. Polled every 5 ms.
-        fresh = []
-        for i in range(20):
-            started = datetime(2026, 10, 2, tzinfo=UTC) + timedelta(hours=i)
-            call = {
-                "type": "call",
-                "event_id": f"fresh-{i}",
-                "tenant_id": "fresh",
-                "call_id": f"f{i}",
-                "employee_id": None,
-                "direction": "INBOUND",
-                "from_number": "+15550000001",
-                "to_number": "+15551110001",
-                "started_at": started.isoformat().replace("+00:00", "Z"),
-                "answered_at": started.isoformat().replace("+00:00", "Z"),
-                "ended_at": (started + timedelta(seconds=10)).isoformat().replace("+00:00", "Z"),
-                "disposition": "ANSWERED",
-                "gateway_id": "gw-bench",
-            }
-            t0 = time.perf_counter()
-            publish(call)
-            while get("/balances/fresh?at=2026-10-15T00:00:00Z")["used_seconds"] != 10 * (i + 1):
-                time.sleep(0.005)
-            fresh.append(time.perf_counter() - t0)
-
         # Idle baseline: the same authorization request with nothing else running, so the figure under
         # load below can be told apart from what the endpoint itself costs.
         idle = []
@@ -156,27 +132,11 @@ def balance_bench(env: dict[str, str], requests: int, load_calls: int) -> dict[s
             get("/authorize/fresh")
             idle.append(time.perf_counter() - t0)
 
-        # Load: the simulator publishes while requests are timed (bounded count, loopback only).
-        load = threading.Thread(
-            target=lambda: subprocess.run(  # noqa: S603
-                [
-                    sys.executable,
-                    "-m",
-                    "pipeline",
-                    "simulate",
-                    "--produce",
-                    "--tenants",
-                    "20",
-                    "--calls",
-                    str(load_calls),
-                    "--seed",
-                    "9",
-                ],
-                env=env,
-                check=True,
-                capture_output=True,
-            )
-        )
+        # Load: simulated traffic published at a fixed pace (PacedLoad), not a flood: the figures are
+        # for a worker keeping up at the given share of its sustained rate, as issue 10 asks.
+        load = PacedLoad(env["CALLMETER_KAFKA"], settings, serde, rate_per_s, load_calls)
+        load_started_ms = int(time.time() * 1000)
+        load_t0 = time.monotonic()
         load.start()
         tenants = [f"tenant-{i:04d}" for i in range(1, 21)]
         deadline = time.monotonic() + 120
@@ -200,7 +160,13 @@ def balance_bench(env: dict[str, str], requests: int, load_calls: int) -> dict[s
         served_within = _bound_ms(buckets_before, _authorize_buckets(base + "/metrics"), 0.99)
         consumed_during = get("/status")["stats"]["consumed"]
         lag_after = sum(row["messages"] for row in get("/status")["lag"])
+        load.stopped.set()
         load.join()
+        load_seconds = time.monotonic() - load_t0
+        if load.error is not None:
+            raise load.error
+        time.sleep(3)  # the last calls' rated records
+        fresh = freshness_ms(env["CALLMETER_KAFKA"], settings, serde, load_started_ms)
     finally:
         worker.terminate()
         worker.wait(60)
@@ -218,8 +184,12 @@ def balance_bench(env: dict[str, str], requests: int, load_calls: int) -> dict[s
         "worker_input_lag_messages_at_start": lag_before,
         "worker_input_lag_messages_at_end": lag_after,
         "worker_consumed_by_end": consumed_during,
-        "produce_to_balance_ms_p50": round(_percentile(fresh, 0.5) * 1000, 1),
-        "produce_to_balance_ms_max": round(max(fresh) * 1000, 1),
+        "load_events_per_s_target": round(rate_per_s),
+        "load_events_per_s_achieved": round(load.achieved_rate(load_seconds)),
+        "produce_to_balance_calls": len(fresh),
+        "produce_to_balance_ms_p50": round(_percentile(fresh, 0.5), 1) if fresh else None,
+        "produce_to_balance_ms_p99": round(_percentile(fresh, 0.99), 1) if fresh else None,
+        "produce_to_balance_ms_max": round(max(fresh), 1) if fresh else None,
     }
 
 
@@ -227,6 +197,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="callmeter-bench")
     parser.add_argument("--balance", action="store_true", help="balance latency under load instead")
     parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--balance-rate", type=float, default=500.0, help="events/s of the paced load")
     parser.add_argument("--calls", type=int, default=int(os.environ.get("BENCH_CALLS", "1000000")))
     parser.add_argument("--tenants", type=int, default=50)
     parser.add_argument("--partitions", type=int, default=6)
@@ -254,7 +225,8 @@ def main() -> int:
             Settings(topic_prefix=env["CALLMETER_TOPIC_PREFIX"], partitions=args.partitions),
             env["CALLMETER_KAFKA"],
         )
-        print(json.dumps(balance_bench(env, args.requests, min(args.calls, 200000)), indent=2))
+        rate = args.balance_rate
+        print(json.dumps(balance_bench(env, args.requests, min(args.calls, 200000), rate), indent=2))
         return 0
 
     results = [throughput(env, args, work, int(n)) for n in args.processes.split(",")]

@@ -90,17 +90,18 @@ def throughput_table(rows: Sequence[Row]) -> str:
 
 
 def latency_table(result: dict[str, object]) -> str:
-    """Markdown for ``pipeline.bench.balance_bench``'s result: p50 and p99 per measure, in ms."""
+    """Markdown for ``pipeline.commands.bench.balance_bench``'s result: p50 and p99 per measure, in ms."""
     measures = [
-        ("`GET /balances` under simulator load", "balance_latency_ms"),
-        ("`GET /authorize` under simulator load", "authorize_latency_ms"),
+        ("`GET /balances` under the paced load", "balance_latency_ms"),
+        ("`GET /authorize` under the paced load", "authorize_latency_ms"),
     ]
     lines = ["| latency | p50 ms | p99 ms |", "|---|---:|---:|"]
     for what, prefix in measures:
         lines.append(f"| {what} | {result.get(prefix + '_p50', '—')} | {result.get(prefix + '_p99', '—')} |")
     lines.append(f"| `GET /authorize` idle | — | {result.get('authorize_latency_ms_p99_idle', '—')} |")
     lines.append(
-        "| call produced → visible in the balance (max instead of p99) | "
-        f"{result.get('produce_to_balance_ms_p50', '—')} | {result.get('produce_to_balance_ms_max', '—')} |"
+        f"| call produced → visible in the balance, every call of the load "
+        f"({result.get('produce_to_balance_calls', '—')}) | "
+        f"{result.get('produce_to_balance_ms_p50', '—')} | {result.get('produce_to_balance_ms_p99', '—')} |"
     )
     return "\n".join(lines)

@@ -35,6 +35,8 @@ from pipeline.settings import SAMPLE_CATALOG, Settings
 
 GROUPS = ("refs", "callmeter", "replay", "balance")
 DEFAULT_OUT = Path("docs/bench-results.md")
+# Events/s of the latency rows' paced load when no worker row was measured in the run (--only balance).
+FALLBACK_BALANCE_RATE = 500.0
 REF_WHAT = {
     "faust": "bare Faust `exactly_once` agent, consume → one output per event",
     "faust-take": "same with `stream.take_events(1000)`",
@@ -140,6 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes", default="1,2", help="worker process counts, one row each")
     parser.add_argument("--only", default=",".join(GROUPS), help=f"comma list of {', '.join(GROUPS)}")
     parser.add_argument("--requests", type=int, default=2000, help="balance latency requests")
+    parser.add_argument(
+        "--balance-rate",
+        type=float,
+        default=0.0,
+        help="events/s of the paced load during the latency rows (default: 80 %% of the fastest callmeter "
+        f"row measured in this run, else {FALLBACK_BALANCE_RATE:.0f})",
+    )
     parser.add_argument("--rss-at", default="", help="comma list of call counts: peak RSS rows (slow)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="Markdown results file")
     args = parser.parse_args(argv)
@@ -200,7 +209,8 @@ def _run(args: argparse.Namespace, groups: list[str], processes: list[int], rss_
         rows.append(Row(f"rss-{calls}", f"peak RSS at {calls:,} calls: " + row.what, *_rest(row)))
     latency: dict[str, object] | None = None
     if "balance" in groups:
-        latency = _balance(env, args, balance_bench)
+        rate = args.balance_rate or _eighty_percent(rows)
+        latency = _balance(env, args, balance_bench, rate)
     text = _report(args, rows, latency)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -213,7 +223,13 @@ def _rest(row: Row) -> tuple[Any, ...]:
     return (row.count, row.seconds, row.unit, row.peak_rss_mib, row.note, row.cpu_seconds)
 
 
-def _balance(env: dict[str, str], args: argparse.Namespace, bench: Any) -> dict[str, object]:
+def _eighty_percent(rows: list[Row]) -> float:
+    """Issue 10 times latency "at 80 % of the sustained rate": of the fastest worker row of this run."""
+    rates = [row.per_second for row in rows if row.key.startswith("worker-") and row.per_second]
+    return 0.8 * max(rates) if rates else FALLBACK_BALANCE_RATE
+
+
+def _balance(env: dict[str, str], args: argparse.Namespace, bench: Any, rate: float) -> dict[str, object]:
     from pipeline.topics import ensure_topics
 
     prefix = f"bench{uuid.uuid4().hex[:6]}."
@@ -221,7 +237,7 @@ def _balance(env: dict[str, str], args: argparse.Namespace, bench: Any) -> dict[
     env = dict(env, CALLMETER_TOPIC_PREFIX=prefix, CALLMETER_DATA_DIR=str(work / "data"))
     env.setdefault("CALLMETER_WORKER_WEB_PORT", "6099")
     ensure_topics(Settings(topic_prefix=prefix, partitions=args.partitions), env["CALLMETER_KAFKA"])
-    result: dict[str, object] = bench(env, args.requests, min(args.calls, 200000))
+    result: dict[str, object] = bench(env, args.requests, min(args.calls, 200000), rate)
     return result
 
 
@@ -237,7 +253,9 @@ def _report(args: argparse.Namespace, rows: list[Row], latency: dict[str, object
         parts += ["", throughput_table(rows)]
     if latency is not None:
         load = (
-            f"worker input lag {latency.get('worker_input_lag_messages_at_start')} → "
+            f"load paced at {latency.get('load_events_per_s_target')} events/s, 80 % of the fastest worker "
+            f"row unless --balance-rate, achieved {latency.get('load_events_per_s_achieved')}; worker "
+            f"input lag {latency.get('worker_input_lag_messages_at_start')} → "
             f"{latency.get('worker_input_lag_messages_at_end')} messages during the requests"
         )
         title = f"Balance latency ({args.requests:,} requests each; {load}):"

@@ -34,7 +34,10 @@ class PacedLoad(threading.Thread):
         self.stopped = threading.Event()
         self.sent = 0
         self.error: BaseException | None = None
-        self._producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+        # murmur2, as gateways and `callmeter produce` partition: the worker finds a tenant's state by it.
+        self._producer = Producer(
+            {"bootstrap.servers": bootstrap, "linger.ms": 5, "partitioner": "murmur2_random"}
+        )
         cfg = SimulationConfig(tenants=20, calls=max_events, seed=9)
         # Encoded before the clock starts, so the pace is not limited by this process's Avro.
         self._records: list[tuple[str, bytes, bytes]] = []

@@ -6,7 +6,7 @@ tenant_id (per-tenant views come from the balance API and from ClickHouse, not f
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
@@ -140,3 +140,14 @@ def initialize(input_topics: Iterable[str]) -> None:
     for topic in input_topics:
         EVENTS_CONSUMED.labels(topic=topic)
         DUPLICATES.labels(topic=topic)
+
+
+def endpoint_meters(endpoint: str) -> tuple[Callable[[str], None], Callable[[float], None]]:
+    """Request counter (by status) and latency histogram of a tenant endpoint: ``balances`` keeps its
+    own metric names, ``authorize`` and ``quota`` share the tenant API's."""
+    if endpoint == "balances":
+        return (lambda status: BALANCE_REQUESTS.labels(status=status).inc()), BALANCE_SECONDS.observe
+    return (
+        lambda status: TENANT_API_REQUESTS.labels(endpoint=endpoint, status=status).inc(),
+        TENANT_API_SECONDS.labels(endpoint=endpoint).observe,
+    )

@@ -10,6 +10,7 @@ from typing import Any
 
 from pipeline.settings import Settings
 from pipeline.stream.stats import Stats
+from pipeline.tenantapi.answers import balance_key
 from rating.calls import RatedCall
 from rating.catalog import Catalog
 from rating.subscription import TenantTimeline
@@ -60,4 +61,4 @@ class MeterParts:
 
     @staticmethod
     def balance_key(tenant: str, period_start: datetime) -> str:
-        return f"{tenant}|{period_start.isoformat()}"
+        return balance_key(tenant, period_start)

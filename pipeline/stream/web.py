@@ -15,48 +15,18 @@ Nothing on their path waits for Kafka: a gateway asks once per call.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from faust.exceptions import SameNode
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pipeline import metrics
-from rating.authorize import authorize
-from rating.balance import balance
-from rating.errors import CatalogError
-from rating.quota import quota
+from pipeline.tenantapi.answers import ANSWERS, Answer, parse_at
 from rating.subscription import TenantTimeline
 
 if TYPE_CHECKING:
     from pipeline.stream.parts import MeterParts
-
-
-def _parse_at(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    if parsed.tzinfo is None:
-        msg = "at must carry a UTC offset"
-        raise ValueError(msg)
-    return parsed.astimezone(UTC)
-
-
-def balance_body(meter: MeterParts, tenant_id: str, at: datetime | None) -> tuple[int, dict[str, Any]]:
-    stored = meter.read_owned(meter.tenants, tenant_id)
-    if not stored:
-        return 404, {"error": "unknown tenant", "tenant_id": tenant_id}
-    timeline = TenantTimeline.from_dict(stored)
-    now = at or datetime.now(UTC)
-    if not timeline.subscribed:
-        return 404, {"error": "tenant has no subscription", "tenant_id": tenant_id}
-    period = timeline.period_at(now)
-    used = int(meter.read_owned(meter.balances, meter.balance_key(tenant_id, period.start), tenant_id) or 0)
-    result = balance(timeline, meter.catalog, used, now, period)
-    if result is None:
-        return 404, {"error": "no plan covers the current period", "tenant_id": tenant_id}
-    return 200, result.to_json_dict()
 
 
 def _timeline(meter: MeterParts, tenant_id: str) -> TenantTimeline | None:
@@ -69,26 +39,14 @@ def _timeline(meter: MeterParts, tenant_id: str) -> TenantTimeline | None:
     return TenantTimeline.from_dict(stored) if stored else None
 
 
-def authorize_body(meter: MeterParts, tenant_id: str, at: datetime | None) -> tuple[int, dict[str, Any]]:
-    timeline = _timeline(meter, tenant_id)
-    now = at or datetime.now(UTC)
-    used = 0
-    if timeline is not None and timeline.subscribed:
-        key = meter.balance_key(tenant_id, timeline.period_at(now).start)
-        used = int(meter.read_owned(meter.balances, key, tenant_id) or 0)
-    try:
-        return 200, authorize(tenant_id, timeline, meter.catalog, used, now).to_json_dict()
-    except CatalogError as exc:
-        # callmeter cannot decide; the gateway's own unreachable policy applies (README).
-        return 503, {"error": str(exc), "tenant_id": tenant_id}
+def local_answer(meter: MeterParts, endpoint: str, tenant_id: str, at: datetime | None) -> Answer:
+    """The endpoint's answer from this worker's live state (pipeline/tenantapi/answers.py decides)."""
 
+    def used(period_start: datetime) -> int:
+        key = meter.balance_key(tenant_id, period_start)
+        return int(meter.read_owned(meter.balances, key, tenant_id) or 0)
 
-def quota_body(meter: MeterParts, tenant_id: str, at: datetime | None) -> tuple[int, dict[str, Any]]:
-    try:
-        body = quota(tenant_id, _timeline(meter, tenant_id), meter.catalog, at or datetime.now(UTC))
-    except CatalogError as exc:
-        return 503, {"error": str(exc), "tenant_id": tenant_id}
-    return 200, body.to_json_dict()
+    return ANSWERS[endpoint](tenant_id, _timeline(meter, tenant_id), used, meter.catalog, at)
 
 
 def not_serving(meter: MeterParts, tenant_id: str) -> str | None:
@@ -110,18 +68,6 @@ def not_serving(meter: MeterParts, tenant_id: str) -> str | None:
     return None
 
 
-def _meters(endpoint: str) -> tuple[Callable[[str], None], Callable[[float], None]]:
-    """Request counter and latency histogram of an endpoint (balances keep their own metric names)."""
-    if endpoint == "balances":
-        return (
-            lambda status: metrics.BALANCE_REQUESTS.labels(status=status).inc()
-        ), metrics.BALANCE_SECONDS.observe
-    return (
-        lambda status: metrics.TENANT_API_REQUESTS.labels(endpoint=endpoint, status=status).inc(),
-        metrics.TENANT_API_SECONDS.labels(endpoint=endpoint).observe,
-    )
-
-
 def install(meter: MeterParts) -> None:
     app = meter.app
 
@@ -134,9 +80,9 @@ def install(meter: MeterParts) -> None:
         except SameNode:
             return None
 
-    async def answer(web: Any, request: Any, tenant_id: str, endpoint: str, body: Any) -> Any:
+    async def answer(web: Any, request: Any, tenant_id: str, endpoint: str) -> Any:
         """Forward to the owner, or answer from local state once it is recovered (``not_serving``)."""
-        count, observe = _meters(endpoint)
+        count, observe = metrics.endpoint_meters(endpoint)
         try:
             routed = await forwarded(web, request, tenant_id)
         except KeyError:
@@ -150,7 +96,7 @@ def install(meter: MeterParts) -> None:
             return routed
         started = time.perf_counter()
         try:
-            at = _parse_at(request.query.get("at"))
+            at = parse_at(request.query.get("at"))
         except ValueError as exc:
             count("400")
             return web.json({"error": f"bad at: {exc}"}, status=400)
@@ -158,7 +104,7 @@ def install(meter: MeterParts) -> None:
         if reason is not None:
             count("503")
             return web.json({"error": reason, "tenant_id": tenant_id}, status=503)
-        status, result = body(meter, tenant_id, at)
+        status, result = local_answer(meter, endpoint, tenant_id, at)
         count(str(status))
         observe(time.perf_counter() - started)
         return web.json(result, status=status)
@@ -173,12 +119,12 @@ def install(meter: MeterParts) -> None:
 
     @app.page("/balances/{tenant_id}")
     async def balance_page(web: Any, request: Any, tenant_id: str) -> Any:
-        return await answer(web, request, tenant_id, "balances", balance_body)
+        return await answer(web, request, tenant_id, "balances")
 
     @app.page("/authorize/{tenant_id}")
     async def authorize_page(web: Any, request: Any, tenant_id: str) -> Any:
-        return await answer(web, request, tenant_id, "authorize", authorize_body)
+        return await answer(web, request, tenant_id, "authorize")
 
     @app.page("/quota/{tenant_id}")
     async def quota_page(web: Any, request: Any, tenant_id: str) -> Any:
-        return await answer(web, request, tenant_id, "quota", quota_body)
+        return await answer(web, request, tenant_id, "quota")

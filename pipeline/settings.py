@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     # balance request is forwarded to the worker owning the tenant's partition).
     worker_web_bind: str = "127.0.0.1"
     worker_web_host: str = "127.0.0.1"
+    # `callmeter worker` also answers /authorize, /quota and /balances on this port (on worker_web_bind),
+    # from its supervising process's view of the committed changelogs (pipeline/tenantapi/): nothing
+    # there does stream work, so a gateway's pre-call question does not wait behind a busy event loop.
+    # Answers are as of the workers' last commit (about a second). Unset: only the workers' endpoints.
+    api_port: int | None = None
     # Stream worker processes `callmeter worker` runs. With more than one, the ledger sink runs as a
     # process of its own beside them (chdb opens a path in one process only). Process i serves its
     # web API on worker_web_port + i and keeps its local state in <data_dir>/worker-<i>. One per core by

@@ -85,7 +85,14 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 
     if not is_child():
         # `callmeter sink` is this command with one process, the ledger sink (role "sink").
-        return supervise(settings, args.argv, SINK_ONLY if args.command == "sink" else None)
+        if args.command == "sink":
+            return supervise(settings, args.argv, SINK_ONLY)
+        api = _start_tenant_api(settings)
+        try:
+            return supervise(settings, args.argv)
+        finally:
+            if api is not None:
+                api.stop()
     catalog, text = read_catalog(settings.catalog)
     role = child_role()
     try:
@@ -116,6 +123,26 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_RETRY
     print(json.dumps(result, sort_keys=True))
     return 0
+
+
+def _start_tenant_api(settings: Settings) -> Any:
+    """The tenant API beside the supervised workers when ``api_port`` is set (pipeline/tenantapi/)."""
+    if settings.api_port is None:
+        return None
+    from pipeline.catalogs import read_catalog
+    from pipeline.local.cluster import bootstrap_servers
+    from pipeline.tenantapi.server import TenantApi
+    from pipeline.tenantapi.view import ChangelogView
+
+    catalog, _text = read_catalog(settings.catalog)
+    view = ChangelogView(lambda: bootstrap_servers(settings), settings.app_id, settings.partitions)
+    try:
+        api = TenantApi(view, catalog, settings.worker_web_bind, settings.api_port)
+    except OSError as exc:
+        msg = f"tenant API cannot listen on {settings.worker_web_bind}:{settings.api_port}: {exc.strerror}"
+        raise InputError(msg) from exc
+    api.start()
+    return api
 
 
 def _worker_url(settings: Settings, args: argparse.Namespace) -> str:

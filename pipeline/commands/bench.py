@@ -66,6 +66,10 @@ def balance_bench(
 
     port = env["CALLMETER_WORKER_WEB_PORT"]
     base = f"http://127.0.0.1:{port}"
+    # The tenant API (pipeline/tenantapi/) in the worker command's own process, beside the stream
+    # workers: what a gateway should ask before each call.
+    env = dict(env)
+    api = f"http://127.0.0.1:{env.setdefault('CALLMETER_API_PORT', str(int(port) - 1))}"
     settings = Settings(
         topic_prefix=env["CALLMETER_TOPIC_PREFIX"], partitions=int(env["CALLMETER_PARTITIONS"])
     )
@@ -103,9 +107,9 @@ def balance_bench(
         )
     try:
 
-        def get(path: str) -> dict[str, Any]:
+        def get(path: str, at: str = base) -> dict[str, Any]:
             try:
-                with urllib.request.urlopen(base + path, timeout=10) as resp:  # noqa: S310 - local worker
+                with urllib.request.urlopen(at + path, timeout=10) as resp:  # noqa: S310 - local worker
                     return dict(json.loads(resp.read()))
             except urllib.error.HTTPError as exc:
                 if exc.code == 404:
@@ -123,6 +127,11 @@ def balance_bench(
                 msg = "worker did not come up"
                 raise RuntimeError(msg)
             time.sleep(0.2)
+        while get("/balances/fresh?at=2026-10-15T00:00:00Z", api).get("tenant_id") != "fresh":
+            if time.monotonic() > deadline:
+                msg = "tenant API did not come up"
+                raise RuntimeError(msg)
+            time.sleep(0.2)
 
         # Idle baseline: the same authorization request with nothing else running, so the figure under
         # load below can be told apart from what the endpoint itself costs.
@@ -131,6 +140,11 @@ def balance_bench(
             t0 = time.perf_counter()
             get("/authorize/fresh")
             idle.append(time.perf_counter() - t0)
+        api_idle = []
+        for _ in range(min(requests, 500)):
+            t0 = time.perf_counter()
+            get("/authorize/fresh", api)
+            api_idle.append(time.perf_counter() - t0)
 
         # Load: simulated traffic published at a fixed pace (PacedLoad), not a flood: the figures are
         # for a worker keeping up at the given share of its sustained rate, as issue 10 asks.
@@ -148,15 +162,21 @@ def balance_bench(
         lag_before = sum(row["messages"] for row in get("/status")["lag"])
         buckets_before = _authorize_buckets(base + "/metrics")
         rng = random.Random(1)  # noqa: S311 - benchmark traffic
-        # Balance and pre-call authorization requests alternate, so both meet the same load.
-        latencies, authorize_latencies = [], []
+        # Balance and pre-call authorization requests, to the worker and to the tenant API, take turns,
+        # so all four meet the same load.
+        names = ("balance", "authorize", "api_balance", "api_authorize")
+        timed: dict[str, list[float]] = {name: [] for name in names}
         for _ in range(requests):
-            t0 = time.perf_counter()
-            get(f"/balances/{rng.choice(tenants)}?at=2026-10-20T00:00:00Z")
-            latencies.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            get(f"/authorize/{rng.choice(tenants)}")
-            authorize_latencies.append(time.perf_counter() - t0)
+            for name, path, at in (
+                ("balance", f"/balances/{rng.choice(tenants)}?at=2026-10-20T00:00:00Z", base),
+                ("authorize", f"/authorize/{rng.choice(tenants)}", base),
+                ("api_balance", f"/balances/{rng.choice(tenants)}?at=2026-10-20T00:00:00Z", api),
+                ("api_authorize", f"/authorize/{rng.choice(tenants)}", api),
+            ):
+                t0 = time.perf_counter()
+                get(path, at)
+                timed[name].append(time.perf_counter() - t0)
+        api_status = get("/status", api)
         served_within = _bound_ms(buckets_before, _authorize_buckets(base + "/metrics"), 0.99)
         consumed_during = get("/status")["stats"]["consumed"]
         lag_after = sum(row["messages"] for row in get("/status")["lag"])
@@ -170,14 +190,18 @@ def balance_bench(
     finally:
         worker.terminate()
         worker.wait(60)
+    ms = {
+        f"{name}_latency_ms_p{q}": round(_percentile(values, q / 100) * 1000, 2)
+        for name, values in timed.items()
+        for q in (50, 99)
+    }
     return {
-        "balance_requests": requests,
-        "balance_latency_ms_p50": round(_percentile(latencies, 0.5) * 1000, 2),
-        "balance_latency_ms_p99": round(_percentile(latencies, 0.99) * 1000, 2),
-        "authorize_requests": requests,
-        "authorize_latency_ms_p50": round(_percentile(authorize_latencies, 0.5) * 1000, 2),
-        "authorize_latency_ms_p99": round(_percentile(authorize_latencies, 0.99) * 1000, 2),
+        "requests_each": requests,
+        **ms,
         "authorize_latency_ms_p99_idle": round(_percentile(idle, 0.99) * 1000, 2),
+        "api_authorize_latency_ms_p99_idle": round(_percentile(api_idle, 0.99) * 1000, 2),
+        # How stale the tenant API's committed view was when the requests ended.
+        "api_seconds_since_last_change": api_status.get("seconds_since_last_change"),
         # From the worker's own histogram: 99 % of authorizations took at most this long inside the
         # handler; the rest of the round trip above is waiting for the event loop and the CPU.
         "authorize_handler_ms_p99_at_most": served_within,

@@ -94,11 +94,15 @@ def latency_table(result: dict[str, object]) -> str:
     measures = [
         ("`GET /balances` under the paced load", "balance_latency_ms"),
         ("`GET /authorize` under the paced load", "authorize_latency_ms"),
+        ("tenant API `GET /balances` under the paced load", "api_balance_latency_ms"),
+        ("tenant API `GET /authorize` under the paced load", "api_authorize_latency_ms"),
     ]
     lines = ["| latency | p50 ms | p99 ms |", "|---|---:|---:|"]
     for what, prefix in measures:
         lines.append(f"| {what} | {result.get(prefix + '_p50', '—')} | {result.get(prefix + '_p99', '—')} |")
     lines.append(f"| `GET /authorize` idle | — | {result.get('authorize_latency_ms_p99_idle', '—')} |")
+    idle = result.get("api_authorize_latency_ms_p99_idle", "—")
+    lines.append(f"| tenant API `GET /authorize` idle | — | {idle} |")
     lines.append(
         f"| call produced → visible in the balance, every call of the load "
         f"({result.get('produce_to_balance_calls', '—')}) | "

@@ -67,6 +67,11 @@ def test_latency_table() -> None:
         "authorize_latency_ms_p50": 6.7,
         "authorize_latency_ms_p99": 86.8,
         "authorize_latency_ms_p99_idle": 7.0,
+        "api_balance_latency_ms_p50": 0.4,
+        "api_balance_latency_ms_p99": 1.2,
+        "api_authorize_latency_ms_p50": 0.5,
+        "api_authorize_latency_ms_p99": 1.9,
+        "api_authorize_latency_ms_p99_idle": 0.8,
         "produce_to_balance_calls": 1234,
         "produce_to_balance_ms_p50": 7.4,
         "produce_to_balance_ms_p99": 18.5,
@@ -77,7 +82,10 @@ def test_latency_table() -> None:
             "|---|---:|---:|",
             "| `GET /balances` under the paced load | 6.6 | 25.8 |",
             "| `GET /authorize` under the paced load | 6.7 | 86.8 |",
+            "| tenant API `GET /balances` under the paced load | 0.4 | 1.2 |",
+            "| tenant API `GET /authorize` under the paced load | 0.5 | 1.9 |",
             "| `GET /authorize` idle | — | 7.0 |",
+            "| tenant API `GET /authorize` idle | — | 0.8 |",
             "| call produced → visible in the balance, every call of the load (1234) | 7.4 | 18.5 |",
         ]
     )

@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -23,6 +23,9 @@ from pipeline.errors import BrokerError, InputError
 from pipeline.settings import Settings
 from rating.catalog import Catalog
 from rating.errors import CallmeterError
+
+if TYPE_CHECKING:
+    from pipeline.tenantapi.server import TenantApi
 
 
 def load_catalog(path: Path) -> Catalog:
@@ -125,7 +128,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_tenant_api(settings: Settings) -> Any:
+def _start_tenant_api(settings: Settings) -> TenantApi | None:
     """The tenant API beside the supervised workers when ``api_port`` is set (pipeline/tenantapi/)."""
     if settings.api_port is None:
         return None

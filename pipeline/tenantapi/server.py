@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 import urllib.parse
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -33,8 +34,8 @@ log = logging.getLogger(__name__)
 
 
 class TenantApi:
-    """The view's consumer thread and the HTTP server's thread; ``start()`` binds (OSError when the
-    port is taken), ``stop()`` ends both."""
+    """The view's consumer thread and the HTTP server's thread. Constructing it binds the port (OSError
+    when it is taken); ``start()`` starts both threads, ``stop()`` ends them."""
 
     def __init__(self, view: ChangelogView, catalog: Catalog, bind: str, port: int) -> None:
         self.view = view
@@ -82,7 +83,7 @@ class TenantApi:
             return 503, {"error": reason, "tenant_id": tenant_id}
         view = self.view
 
-        def used(period_start: Any) -> int:
+        def used(period_start: datetime) -> int:
             return view.used_seconds(balance_key(tenant_id, period_start))
 
         status, body = ANSWERS[endpoint](tenant_id, view.timeline(tenant_id), used, self.catalog, at)

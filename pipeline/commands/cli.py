@@ -105,6 +105,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
             result = run_sink(settings, kafka(settings), catalog, make_serde(settings), args.until_idle, text)
         else:
             from pipeline.stream.runner import run_worker
+            from pipeline.tenantapi.worker_port import install
 
             stats = run_worker(
                 settings,
@@ -114,6 +115,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
                 until_idle=args.until_idle,
                 catalog_text=text,
                 with_sink=role == "worker",
+                install_routes=install,
             )
             result = stats.to_dict()
     except RetryableError as exc:
@@ -138,7 +140,12 @@ def _start_tenant_api(settings: Settings) -> TenantApi | None:
     from pipeline.tenantapi.view import ChangelogView
 
     catalog, _text = read_catalog(settings.catalog)
-    view = ChangelogView(lambda: bootstrap_servers(settings), settings.app_id, settings.partitions)
+    view = ChangelogView(
+        lambda: bootstrap_servers(settings),
+        settings.app_id,
+        settings.partitions,
+        settings.dedupe_retention_days,
+    )
     try:
         api = TenantApi(view, catalog, settings.worker_web_bind, settings.api_port)
     except OSError as exc:

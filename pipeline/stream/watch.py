@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
@@ -16,7 +16,7 @@ from pipeline.offsets import GroupOffsets
 from pipeline.stream.guard import die
 
 if TYPE_CHECKING:
-    from pipeline.stream.parts import MeterParts
+    from pipeline.stream.app import StreamApp
 
 log = logging.getLogger(__name__)
 TP = tuple[str, int]
@@ -26,7 +26,7 @@ class LagMonitor(threading.Thread):
     """Consumer lag per input partition (high watermark minus committed offset) and event-time lag
     (age of the oldest uncommitted input record, read from Kafka), refreshed every few seconds."""
 
-    def __init__(self, meter: MeterParts, bootstrap: str, every_seconds: float = 3.0) -> None:
+    def __init__(self, meter: StreamApp, bootstrap: str, every_seconds: float = 3.0) -> None:
         super().__init__(name="lag-monitor", daemon=True)
         from confluent_kafka import Consumer
 
@@ -115,18 +115,3 @@ class LagMonitor(threading.Thread):
                 log.debug("lag measurement failed", exc_info=True)
                 self._check_stall(None)
         self.peek.close()
-
-
-def meter_status(meter: MeterParts) -> dict[str, Any]:
-    return {
-        "stats": meter.stats.to_dict(),
-        "lag": [{"topic": t, "partition": p, "messages": n} for (t, p), n in sorted(meter.lag.items())],
-        "event_time_lag_seconds": metrics.EVENT_TIME_LAG._value.get(),
-        "ledger_last_write_unix": metrics.LEDGER_LAST_WRITE._value.get(),
-        "ready": meter.ready.is_set(),
-        "assigned_calls_partitions": sorted(
-            tp.partition for tp in meter.app.assignor.assigned_actives() if tp.topic == meter.topics.calls
-        ),
-        "last_5_minutes": meter.stats.window(5),
-        "parked_calls": metrics.PARKED_CALLS._value.get(),
-    }

@@ -113,7 +113,8 @@ def test_a_period_the_live_window_closed_is_answered_410_not_with_a_stale_number
     status, body = respond("balances", "t1", "2026-11-20T00:00:00Z", v, plans())
     assert status == 410
     assert body["error"] == (
-        "the period starting 2026-11-01 is closed: its usage is the ledger's (callmeter usage t1 --period 2026-11)"
+        "the period starting 2026-11-01 is closed: its usage is the ledger's "
+        "(callmeter usage t1 --period 2026-11)"
     )
     assert respond("balances", "t1", "2026-12-02T00:00:00Z", v, plans())[0] == 200
     # Another partition's window closes nothing of t1's.

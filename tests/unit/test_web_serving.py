@@ -1,6 +1,7 @@
 """The worker answers tenant questions from local state only once that state is recovered and its own
-(pipeline/tenantapi/worker_port.py ``LiveState.not_serving``): otherwise a confident 200 could say "no subscription" for a tenant
-whose timeline is still being read back from the changelog after an unclean restart."""
+(pipeline/tenantapi/worker_port.py ``LiveState.not_serving``): otherwise a confident 200 could say "no
+subscription" for a tenant whose timeline is still being read back from the changelog after an unclean
+restart."""
 
 from __future__ import annotations
 

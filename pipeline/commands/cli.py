@@ -136,10 +136,12 @@ def _start_tenant_api(settings: Settings) -> TenantApi | None:
         return None
     from pipeline.catalogs import read_catalog
     from pipeline.local.cluster import bootstrap_servers
+    from pipeline.tenantapi.ledger_usage import LedgerUsage
     from pipeline.tenantapi.server import TenantApi
     from pipeline.tenantapi.view import ChangelogView
 
     catalog, _text = read_catalog(settings.catalog)
+    ledger = LedgerUsage(settings.clickhouse_dsn, settings.clickhouse_secret, catalog)
     view = ChangelogView(
         lambda: bootstrap_servers(settings),
         settings.app_id,
@@ -147,7 +149,7 @@ def _start_tenant_api(settings: Settings) -> TenantApi | None:
         settings.dedupe_retention_days,
     )
     try:
-        api = TenantApi(view, catalog, settings.worker_web_bind, settings.api_port)
+        api = TenantApi(view, catalog, settings.worker_web_bind, settings.api_port, ledger)
     except OSError as exc:
         msg = f"tenant API cannot listen on {settings.worker_web_bind}:{settings.api_port}: {exc.strerror}"
         raise InputError(msg) from exc

@@ -6,8 +6,9 @@ API from its view of the committed changelogs (pipeline/tenantapi/view.py). Both
 servers can never disagree on a rule, a status code or a metric.
 
 A period the live window has closed (pipeline/stream/window.py) has no live number any more: its
-balance is the ledger's, and asking for it here gets 410 with where to look instead
-(docs/decisions.md, "Live balances equal the ledger").
+usage is the ledger's, and is asked of the ledger (``LedgerLookup``, ledger_usage.py); the answer then
+says ``"source": "ledger"``. Without a ledger to ask the answer is 410, naming where to look; with one
+that does not answer, 503 (docs/decisions.md, "Live balances equal the ledger").
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from rating.quota import quota
 from rating.subscription import TenantTimeline
 
 Answer = tuple[int, dict[str, Any]]
+# The ledger's billable seconds of a tenant's closed period (ledger_usage.py); raises on failure.
+LedgerLookup = Callable[[str, TenantTimeline, Period], int]
 
 
 class TenantState(Protocol):
@@ -44,6 +47,32 @@ class _Closed(Exception):
         self.period = period
 
 
+class _LedgerDown(Exception):
+    pass
+
+
+class _Source:
+    """Where an answer's usage came from: the live state, or the ledger for a closed period."""
+
+    def __init__(self, state: TenantState, ledger: LedgerLookup | None) -> None:
+        self.state = state
+        self.ledger = ledger
+        self.from_ledger = False
+
+    def used(self, tenant_id: str, timeline: TenantTimeline, period: Period) -> int:
+        used = self.state.used_seconds(tenant_id, period)
+        if used is not None:
+            return used
+        if self.ledger is None:
+            raise _Closed(period)
+        try:
+            used = self.ledger(tenant_id, timeline, period)
+        except Exception as exc:  # any failure to ask: the gateway's unreachable policy applies
+            raise _LedgerDown(str(exc)) from exc
+        self.from_ledger = True
+        return used
+
+
 def parse_at(text: str | None) -> datetime | None:
     """The ``?at=`` instant (RFC 3339 with an offset), or None for "now"; ValueError when unusable."""
     if not text:
@@ -55,32 +84,26 @@ def parse_at(text: str | None) -> datetime | None:
     return parsed.astimezone(UTC)
 
 
-def _used(state: TenantState, tenant_id: str, period: Period) -> int:
-    used = state.used_seconds(tenant_id, period)
-    if used is None:
-        raise _Closed(period)
-    return used
-
-
-def balance_answer(tenant_id: str, state: TenantState, catalog: Catalog, at: datetime | None) -> Answer:
-    timeline = state.timeline(tenant_id)
+def balance_answer(tenant_id: str, source: _Source, catalog: Catalog, at: datetime | None) -> Answer:
+    timeline = source.state.timeline(tenant_id)
     if timeline is None:
         return 404, {"error": "unknown tenant", "tenant_id": tenant_id}
     now = at or datetime.now(UTC)
     if not timeline.subscribed:
         return 404, {"error": "tenant has no subscription", "tenant_id": tenant_id}
     period = timeline.period_at(now)
-    result = balance(timeline, catalog, _used(state, tenant_id, period), now, period)
+    result = balance(timeline, catalog, source.used(tenant_id, timeline, period), now, period)
     if result is None:
         return 404, {"error": "no plan covers the current period", "tenant_id": tenant_id}
     return 200, result.to_json_dict()
 
 
-def authorize_answer(tenant_id: str, state: TenantState, catalog: Catalog, at: datetime | None) -> Answer:
+def authorize_answer(tenant_id: str, source: _Source, catalog: Catalog, at: datetime | None) -> Answer:
     now = at or datetime.now(UTC)
-    timeline = state.timeline(tenant_id)
-    subscribed = timeline is not None and timeline.subscribed
-    used = _used(state, tenant_id, timeline.period_at(now)) if timeline is not None and subscribed else 0
+    timeline = source.state.timeline(tenant_id)
+    used = 0
+    if timeline is not None and timeline.subscribed:
+        used = source.used(tenant_id, timeline, timeline.period_at(now))
     try:
         return 200, authorize(tenant_id, timeline, catalog, used, now).to_json_dict()
     except CatalogError as exc:
@@ -88,15 +111,15 @@ def authorize_answer(tenant_id: str, state: TenantState, catalog: Catalog, at: d
         return 503, {"error": str(exc), "tenant_id": tenant_id}
 
 
-def quota_answer(tenant_id: str, state: TenantState, catalog: Catalog, at: datetime | None) -> Answer:
+def quota_answer(tenant_id: str, source: _Source, catalog: Catalog, at: datetime | None) -> Answer:
     try:
-        body = quota(tenant_id, state.timeline(tenant_id), catalog, at or datetime.now(UTC))
+        body = quota(tenant_id, source.state.timeline(tenant_id), catalog, at or datetime.now(UTC))
     except CatalogError as exc:
         return 503, {"error": str(exc), "tenant_id": tenant_id}
     return 200, body.to_json_dict()
 
 
-AnswerFor = Callable[[str, TenantState, Catalog, datetime | None], Answer]
+AnswerFor = Callable[[str, _Source, Catalog, datetime | None], Answer]
 ANSWERS: dict[str, AnswerFor] = {
     "balances": balance_answer,
     "authorize": authorize_answer,
@@ -105,7 +128,12 @@ ANSWERS: dict[str, AnswerFor] = {
 
 
 def respond(
-    endpoint: str, tenant_id: str, at_text: str | None, state: TenantState, catalog: Catalog
+    endpoint: str,
+    tenant_id: str,
+    at_text: str | None,
+    state: TenantState,
+    catalog: Catalog,
+    ledger: LedgerLookup | None = None,
 ) -> Answer:
     """Status and JSON body of ``GET /<endpoint>/<tenant>[?at=...]``, counted and timed."""
     count, observe = metrics.endpoint_meters(endpoint)
@@ -119,8 +147,13 @@ def respond(
     if reason is not None:
         count("503")
         return 503, {"error": reason, "tenant_id": tenant_id}
+    source = _Source(state, ledger)
     try:
-        status, body = ANSWERS[endpoint](tenant_id, state, catalog, at)
+        status, body = ANSWERS[endpoint](tenant_id, source, catalog, at)
+        if source.from_ledger:
+            body["source"] = "ledger"
+    except _LedgerDown as down:
+        status, body = 503, {"error": f"the period is closed and the ledger did not answer: {down}"}
     except _Closed as closed:
         start = closed.period.start.date()
         status, body = (

@@ -24,7 +24,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pipeline import metrics
-from pipeline.tenantapi.answers import ANSWERS, respond
+from pipeline.tenantapi.answers import ANSWERS, LedgerLookup, respond
 from pipeline.tenantapi.view import ChangelogView
 from rating.catalog import Catalog
 
@@ -35,9 +35,12 @@ class TenantApi:
     """The view's consumer thread and the HTTP server's thread. Constructing it binds the port (OSError
     when it is taken); ``start()`` starts both threads, ``stop()`` ends them."""
 
-    def __init__(self, view: ChangelogView, catalog: Catalog, bind: str, port: int) -> None:
+    def __init__(
+        self, view: ChangelogView, catalog: Catalog, bind: str, port: int, ledger: LedgerLookup | None = None
+    ) -> None:
         self.view = view
         self.catalog = catalog
+        self.ledger = ledger
         api = self
 
         class Handler(_Handler):
@@ -69,7 +72,7 @@ class TenantApi:
         self, endpoint: str, tenant_id: str, query: dict[str, list[str]]
     ) -> tuple[int, dict[str, Any]]:
         at = query["at"][0] if query.get("at") else None
-        return respond(endpoint, tenant_id, at, self.view, self.catalog)
+        return respond(endpoint, tenant_id, at, self.view, self.catalog, self.ledger)
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -17,6 +17,7 @@ from faust.exceptions import SameNode
 from pipeline import metrics
 from pipeline.stream.app import StreamApp
 from pipeline.tenantapi.answers import ANSWERS, respond
+from pipeline.tenantapi.ledger_usage import LedgerUsage
 from rating.periods import Period
 from rating.subscription import TenantTimeline
 
@@ -56,6 +57,10 @@ class LiveState:
 
 def install(stream: StreamApp) -> None:
     app, state = stream.app, LiveState(stream)
+    settings = stream.settings
+    # Closed periods are the ledger's: a blocking read-only query of a few ms on this loop, asked only
+    # for a period no gateway authorizes against (docs/decisions.md, "Live balances equal the ledger").
+    ledger = LedgerUsage(settings.clickhouse_dsn, settings.clickhouse_secret, stream.catalog)
 
     async def answer(web: Any, request: Any, tenant_id: str, endpoint: str) -> Any:
         """Forward to the owner, or answer from local state once it is recovered (``not_serving``)."""
@@ -71,7 +76,7 @@ def install(stream: StreamApp) -> None:
             return web.json(
                 {"error": "worker starting: no partition assigned yet", "tenant_id": tenant_id}, status=503
             )
-        status, body = respond(endpoint, tenant_id, request.query.get("at"), state, stream.catalog)
+        status, body = respond(endpoint, tenant_id, request.query.get("at"), state, stream.catalog, ledger)
         return web.json(body, status=status)
 
     for endpoint in ANSWERS:

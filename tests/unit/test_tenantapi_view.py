@@ -8,7 +8,7 @@ import json
 
 from pipeline.partitioning import partition_for
 from pipeline.stream.keys import DAY_MS, balance_key, window_key
-from pipeline.tenantapi.answers import authorize_answer, respond
+from pipeline.tenantapi.answers import respond
 from pipeline.tenantapi.view import ChangelogView
 from rating.periods import Period
 from rating.subscription import TenantTimeline
@@ -87,11 +87,12 @@ def test_serving_starts_only_once_every_partition_reached_its_end() -> None:
 def test_authorize_from_the_view_counts_the_committed_period_balance() -> None:
     v = view()
     v.apply(TENANTS, enc("t1"), timeline_record())
-    v._reached_end(TENANTS, 0)
+    v._pending = set()
+    v.caught_up.set()
     assert v.timeline("t1") is not None
-    assert authorize_answer("t1", v, plans(), utc(2026, 11, 20))[1]["max_call_seconds"] == 120
+    assert respond("authorize", "t1", "2026-11-20T00:00:00Z", v, plans())[1]["max_call_seconds"] == 120
     v.apply(BALANCES, enc(balance_key("t1", PERIOD)), enc(100))
-    status, spent = authorize_answer("t1", v, plans(), utc(2026, 11, 20))
+    status, spent = respond("authorize", "t1", "2026-11-20T00:00:00Z", v, plans())
     assert status == 200
     assert (spent["allowed"], spent["max_call_seconds"]) == (True, 20)
 
@@ -120,3 +121,35 @@ def test_a_period_the_live_window_closed_is_answered_410_not_with_a_stale_number
     # Another partition's window closes nothing of t1's.
     v.apply(BALANCES, enc(window_key((partition + 1) % 6)), enc(day + 90 * DAY_MS))
     assert respond("balances", "t1", "2026-12-02T00:00:00Z", v, plans())[0] == 200
+
+
+def test_a_closed_period_is_answered_from_the_ledger_when_there_is_one() -> None:
+    v = view(retention_days=3)
+    v.apply(TENANTS, enc("t1"), timeline_record())
+    v.apply(BALANCES, enc(balance_key("t1", PERIOD)), enc(100))  # what the workers had counted
+    v.apply(BALANCES, enc(window_key(partition_for("t1", 6))), enc(int(utc(2026, 12, 20).timestamp() * 1000)))
+    v._pending = set()
+    v.caught_up.set()
+    asked = []
+
+    def ledger(tenant: str, timeline: TenantTimeline, period: Period) -> int:
+        asked.append((tenant, period.start))
+        return 110
+
+    status, body = respond("balances", "t1", "2026-11-20T00:00:00Z", v, plans(), ledger)
+    assert (status, body["used_seconds"], body["source"]) == (200, 110, "ledger")
+    assert asked == [("t1", PERIOD)]
+    status, body = respond("authorize", "t1", "2026-11-20T00:00:00Z", v, plans(), ledger)
+    assert (status, body["allowed"], body["source"]) == (200, True, "ledger")
+    assert body["max_call_seconds"] == 10
+
+    def down(tenant: str, timeline: TenantTimeline, period: Period) -> int:
+        raise OSError("connection refused")
+
+    status, body = respond("balances", "t1", "2026-11-20T00:00:00Z", v, plans(), down)
+    assert (status, body["error"]) == (
+        503,
+        "the period is closed and the ledger did not answer: connection refused",
+    )
+    # A live period never asks the ledger.
+    assert respond("balances", "t1", "2026-12-20T00:00:00Z", v, plans(), down)[0] == 200

@@ -20,7 +20,7 @@ import os
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -75,6 +75,43 @@ def _plain(value: Any) -> Any:
     return value
 
 
+# Query parameters travel to the process holding the ledger as JSON; the types JSON lacks are tagged so
+# that they reach the server-side binding as the values the caller passed (a datetime stays a datetime).
+_TAGS: dict[str, Callable[[str], Any]] = {
+    "datetime": datetime.fromisoformat,
+    "date": date.fromisoformat,
+    "decimal": Decimal,
+}
+
+
+def encode_parameters(parameters: dict[str, Any]) -> dict[str, Any]:
+    def encode(value: Any) -> Any:
+        if isinstance(value, datetime):
+            return {"$datetime": value.isoformat()}
+        if isinstance(value, date):
+            return {"$date": value.isoformat()}
+        if isinstance(value, Decimal):
+            return {"$decimal": str(value)}
+        if isinstance(value, list | tuple):
+            return [encode(v) for v in value]
+        return value
+
+    return {name: encode(value) for name, value in parameters.items()}
+
+
+def decode_parameters(parameters: dict[str, Any]) -> dict[str, Any]:
+    def decode(value: Any) -> Any:
+        if isinstance(value, dict) and len(value) == 1:
+            ((tag, text),) = value.items()
+            if tag.startswith("$") and tag[1:] in _TAGS:
+                return _TAGS[tag[1:]](text)
+        if isinstance(value, list):
+            return [decode(v) for v in value]
+        return value
+
+    return {name: decode(value) for name, value in parameters.items()}
+
+
 def endpoint_file(dsn: str) -> Path | None:
     """Where the holder of an embedded ledger announces its query port; None for a server."""
     if not dsn.startswith("chdb:"):
@@ -113,7 +150,7 @@ def _ask_holder(
         return None
     request = urllib.request.Request(
         f"http://127.0.0.1:{int(endpoint['port'])}/sql",
-        data=json.dumps({"query": sql, "parameters": parameters or {}}).encode(),
+        data=json.dumps({"query": sql, "parameters": encode_parameters(parameters or {})}).encode(),
         method="POST",
     )
     try:
@@ -147,8 +184,9 @@ class QueryServer:
                     return
                 try:
                     body = json.loads(self.rfile.read(length))
-                    sql, parameters = str(body["query"]), dict(body.get("parameters") or {})
-                except (ValueError, KeyError, TypeError):
+                    sql = str(body["query"])
+                    parameters = decode_parameters(dict(body.get("parameters") or {}))
+                except (ValueError, KeyError, TypeError, ArithmeticError):
                     self._reply(400, {"error": "POST /sql with {query, parameters} as the body"})
                     return
                 try:

@@ -51,9 +51,12 @@ MIGRATIONS_TABLE_DDL = (
 )
 
 
-def connect(dsn: str, password: str | None = None, cluster: str | None = None) -> Client:
+def connect(
+    dsn: str, password: str | None = None, cluster: str | None = None, settings: dict[str, Any] | None = None
+) -> Client:
     """Open a clickhouse-connect client: ``chdb:///path`` embedded, ``http(s)://`` a server. With a
-    ``cluster``, the client's session carries sinks/cluster.py's settings (synchronous inserts)."""
+    ``cluster``, the client's session carries sinks/cluster.py's settings (synchronous inserts); with
+    ``settings``, those (in order: with the embedded engine each is a SET on this client's own handle)."""
     if cluster and dsn.startswith("chdb:"):
         msg = (
             "clickhouse_cluster needs a ClickHouse server (CALLMETER_CLICKHOUSE_URL), not the embedded ledger"
@@ -61,12 +64,12 @@ def connect(dsn: str, password: str | None = None, cluster: str | None = None) -
         raise LedgerError(msg)
     try:
         if dsn.startswith("chdb:"):
-            return clickhouse_connect.get_client(dsn=dsn)
+            return clickhouse_connect.get_client(dsn=dsn, settings=dict(settings or {}))
         kwargs: dict[str, Any] = {"dsn": dsn}
         if password is not None:
             kwargs["password"] = password
-        if cluster:
-            kwargs["settings"] = dict(SESSION_SETTINGS)
+        if cluster or settings:
+            kwargs["settings"] = {**(SESSION_SETTINGS if cluster else {}), **(settings or {})}
         return clickhouse_connect.get_client(**kwargs)
     except Exception as exc:  # the driver raises many kinds; the caller needs one
         path = dsn.removeprefix("chdb://")
@@ -114,7 +117,8 @@ class Ledger:
     def __init__(self, client: Client, cluster: str | None = None) -> None:
         self.client = client
         self.cluster = cluster
-        # One client, used by the sink thread and by the read-only SQL endpoint (sinks/query.py).
+        # One client, shared by the sink's threads (inserts, the first-seen check, finalized periods).
+        # Analysts' queries never use it: they get a client and session of their own (sinks/query.py).
         self.lock = threading.RLock()
         self._buffers: dict[str, list[Sequence[Any]]] = {name: [] for name in COLUMNS}
 

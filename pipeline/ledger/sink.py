@@ -47,7 +47,7 @@ from schemas.errors import SerdeError
 from schemas.serde import Serde
 from sinks.errors import LedgerError
 from sinks.ledger import Ledger
-from sinks.query import QueryServer, serve_queries
+from sinks.query_server import QueryServer, serve_queries
 from sinks.schema import DUPLICATE_COLUMNS, PROVISIONING_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class LedgerSink:
         self.consumer.subscribe(self.topics.ledger_inputs)
         self._thread.start()
         # This process holds the ledger: analysts' read-only queries go through it (`callmeter sql`).
-        self._queries = serve_queries(self.ledger, self.settings.clickhouse_dsn)
+        self._queries = serve_queries(self.settings.clickhouse_dsn)
 
     def stop(self) -> None:
         if self._queries is not None:

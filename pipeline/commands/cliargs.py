@@ -89,8 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("notify", help="POST alerts to a webhook, signed, each until it answers 2xx")
     p.add_argument("--webhook", required=True, help="http(s) URL the alerts are POSTed to")
     p.add_argument("--until-idle", action="store_true", help="exit once no alert is left to deliver")
-    p = sub.add_parser("status", help="on-call summary; exit 1 when unhealthy")
-    p.add_argument("--url", help="a worker's base URL")
+    p = sub.add_parser(
+        "status", help="on-call summary of every worker process and the sink; exit 1 when unhealthy"
+    )
+    p.add_argument(
+        "--url",
+        help="worker process 0's base URL; process i answers on its port + i "
+        "(default http://127.0.0.1:$CALLMETER_WORKER_WEB_PORT)",
+    )
+    p.add_argument(
+        "--sink-url", help="the `callmeter sink` service's base URL (CALLMETER_WORKER_LEDGER_SINK=false)"
+    )
     p.add_argument("--max-lag", type=int, default=10000)
     p.add_argument("--max-duplicate-ratio", type=float, default=0.0001)
     p.add_argument("--max-ledger-age", type=float, default=300.0, help="seconds")

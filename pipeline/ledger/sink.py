@@ -41,6 +41,7 @@ from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 from pipeline import metrics
 from pipeline.crashpoints import CRASH_AT as _CRASH_AT
 from pipeline.crashpoints import crash_point
+from pipeline.ledger.health import SinkHealth, register, unregister
 from pipeline.records import CALL_FIELDS, PROVISIONING_FIELDS, payload_json, rated_call_row
 from pipeline.settings import Settings
 from schemas.errors import SerdeError
@@ -110,6 +111,7 @@ class LedgerSink:
         # Copies the ledger already held from another source record (ledger item 4), per kind.
         self.duplicates: Counter[str] = Counter()
         self.batches = 0
+        self.health = SinkHealth()
         self.last_progress = time.monotonic()
         self._stop = threading.Event()
         self._busy = False
@@ -122,6 +124,7 @@ class LedgerSink:
     # -- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
         self.consumer.subscribe(self.topics.ledger_inputs)
+        register(self.health)
         self._thread.start()
         # This process holds the ledger: analysts' read-only queries go through it (`callmeter sql`).
         self._queries = serve_queries(self.settings.clickhouse_dsn)
@@ -131,6 +134,7 @@ class LedgerSink:
             self._queries.stop()
         self._stop.set()
         self._thread.join(timeout=60)
+        unregister(self.health)
 
     def positions(self) -> dict[tuple[str, int], int] | None:
         """Positions of every assigned partition, or None while a batch is being written (or before
@@ -161,6 +165,7 @@ class LedgerSink:
         except BaseException as exc:  # surfaced to the worker, which exits non-zero
             log.exception("ledger sink stopped")
             self.error = exc
+            self.health.stopped(exc)
         finally:
             self.consumer.close()
 
@@ -197,6 +202,7 @@ class LedgerSink:
         for table, rows in pending.items():
             metrics.LEDGER_ROWS.labels(table=table).inc(rows)
         self.rows_written += written
+        self.health.wrote(written)
         if _CRASH_AT:
             crash_point("sink-3-inserted")
         # Step 4.
@@ -221,6 +227,7 @@ class LedgerSink:
                 return action()
             except LedgerError as exc:
                 metrics.LEDGER_INSERT_ERRORS.inc()
+                self.health.failed(exc)
                 if time.monotonic() + pause > deadline or self._stop.is_set():
                     raise
                 log.warning("ledger %s failed (try %d, again in %.1f s): %s", what, attempt, pause, exc)

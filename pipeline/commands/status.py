@@ -33,7 +33,7 @@ from confluent_kafka.admin import AdminClient, OffsetSpec
 from pipeline.commands.completeness import first_waiting
 from pipeline.commands.status_report import KafkaView, LedgerNote, Probe, Thresholds, render
 from pipeline.errors import BrokerError
-from pipeline.identity import describe, ledger_location, remember_cluster_id
+from pipeline.identity import describe, ledger_location, remember_cluster_id, stranger
 from pipeline.offsets import GroupOffsets
 from pipeline.settings import Settings
 
@@ -94,8 +94,6 @@ def probe(mine: dict[str, Any], role: str, index: int, url: str) -> Probe:
     except (OSError, ValueError):
         found.stranger = "a server that is not a callmeter process (no JSON at /status)"
         return found
-    from pipeline.identity import stranger
-
     whose = stranger(mine, body.get("pipeline") if isinstance(body, dict) else None)
     if whose is not None:
         found.stranger = whose

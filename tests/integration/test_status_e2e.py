@@ -73,11 +73,14 @@ def _unhealthy_line(proc: subprocess.CompletedProcess[str]) -> str:
     return last
 
 
-def test_status_counts_only_its_own_pipeline_on_a_shared_port(kafka_bootstrap: str, tmp_path: Path) -> None:
+def test_status_counts_only_its_own_pipeline_on_a_shared_port(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> None:
     port = str(free_port())
-    mine = dict(pipeline_env(kafka_bootstrap, "sa.", tmp_path / "a"), CALLMETER_WORKER_WEB_PORT=port,
+    theirs = f"{topic_prefix[:-1]}-other."
+    mine = dict(pipeline_env(kafka_bootstrap, topic_prefix, tmp_path / "a"), CALLMETER_WORKER_WEB_PORT=port,
                 CALLMETER_WORKER_PROCESSES="2")  # fmt: skip
-    other = dict(pipeline_env(kafka_bootstrap, "sb.", tmp_path / "b"), CALLMETER_WORKER_WEB_PORT=port,
+    other = dict(pipeline_env(kafka_bootstrap, theirs, tmp_path / "b"), CALLMETER_WORKER_WEB_PORT=port,
                  CALLMETER_WORKER_PROCESSES="2")  # fmt: skip
     calls = _simulated(other, tmp_path / "b.jsonl", seed=7)
     sink_url = f"http://127.0.0.1:{int(port) + 2}"
@@ -90,7 +93,7 @@ def test_status_counts_only_its_own_pipeline_on_a_shared_port(kafka_bootstrap: s
         proc = callmeter(mine, "status", check=False)
         assert "Traceback" not in proc.stderr and proc.stderr == "", proc.stderr
         unhealthy = _unhealthy_line(proc)
-        other_app = Settings(topic_prefix="sb.").app_id
+        other_app = Settings(topic_prefix=theirs).app_id
         for i in range(3):
             assert (
                 f"not counted: http://127.0.0.1:{int(port) + i} is answered by pipeline {other_app}"

@@ -44,13 +44,17 @@ def _wait_written(env: dict[str, str], calls: int) -> None:
     """Every call rated by the two worker processes and in the ledger."""
     deadline = time.monotonic() + 180
     base = int(env["CALLMETER_WORKER_WEB_PORT"])
-    while True:
-        rated = [_status_of(f"http://127.0.0.1:{base + i}")["stats"]["rated"] for i in range(2)]
-        proc = callmeter(env, "sql", "--format", "json", "SELECT count() AS n FROM rated_calls")
-        if sum(rated) == calls and json.loads(proc.stdout)[0]["n"] == calls:
-            return
-        assert time.monotonic() < deadline, (rated, proc.stdout)
+    rated: list[int] = []
+    written = -1
+    while sum(rated) != calls or written != calls:
+        assert time.monotonic() < deadline, (rated, written)
         time.sleep(1)
+        try:  # process 1 may still be starting when process 0 is ready
+            rated = [_status_of(f"http://127.0.0.1:{base + i}")["stats"]["rated"] for i in range(2)]
+        except OSError:
+            continue
+        proc = callmeter(env, "sql", "--format", "json", "SELECT count() AS n FROM rated_calls")
+        written = json.loads(proc.stdout)[0]["n"]
 
 
 def _holder_pid(env: dict[str, str]) -> int:

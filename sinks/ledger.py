@@ -57,7 +57,8 @@ class Ledger:
     def __init__(self, client: Client, cluster: str | None = None) -> None:
         self.client = client
         self.cluster = cluster
-        # One client, used by the sink thread and by the read-only SQL endpoint (sinks/query.py).
+        # One client, shared by the sink's threads (inserts, the first-seen check, finalized periods).
+        # Analysts' queries never use it: they get a client and session of their own (sinks/query.py).
         self.lock = threading.RLock()
         self._buffers: dict[str, list[Sequence[Any]]] = {name: [] for name in COLUMNS}
 

@@ -201,21 +201,9 @@ def cmd_notify(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
-    from pipeline.commands.status import kafka_lag, ledger_figures, render, worker_status
+    from pipeline.commands.status import run_status
 
-    url = _worker_url(settings, args)
-    text, health = render(
-        settings,
-        kafka_lag(settings, kafka(settings, create_topics=False)),
-        worker_status(url),
-        ledger_figures(settings),
-        url,
-        max_lag=args.max_lag,
-        max_duplicate_ratio=args.max_duplicate_ratio,
-        max_ledger_age_seconds=args.max_ledger_age,
-    )
-    print(text)
-    return 0 if not health.problems else 1
+    return run_status(settings, args, kafka(settings, create_topics=False))
 
 
 def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:

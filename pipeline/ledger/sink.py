@@ -42,11 +42,12 @@ from pipeline import metrics
 from pipeline.crashpoints import CRASH_AT as _CRASH_AT
 from pipeline.crashpoints import crash_point
 from pipeline.ledger.entries import DEAD, Entry, EntryMaker, first_seen
+from pipeline.ledger.health import SinkHealth, register, unregister
 from pipeline.settings import Settings
 from schemas.serde import Serde
 from sinks.errors import LedgerError
 from sinks.ledger import Ledger
-from sinks.query import QueryServer, serve_queries
+from sinks.query_server import QueryServer, serve_queries
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -84,6 +85,7 @@ class LedgerSink:
         # Copies the ledger already held from another source record (ledger item 4), per kind.
         self.duplicates: Counter[str] = Counter()
         self.batches = 0
+        self.health = SinkHealth()
         self.last_progress = time.monotonic()
         self._stop = threading.Event()
         self._busy = False
@@ -96,15 +98,17 @@ class LedgerSink:
     # -- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
         self.consumer.subscribe(self.topics.ledger_inputs)
+        register(self.health)
         self._thread.start()
         # This process holds the ledger: analysts' read-only queries go through it (`callmeter sql`).
-        self._queries = serve_queries(self.ledger, self.settings.clickhouse_dsn)
+        self._queries = serve_queries(self.settings.clickhouse_dsn)
 
     def stop(self) -> None:
         if self._queries is not None:
             self._queries.stop()
         self._stop.set()
         self._thread.join(timeout=60)
+        unregister(self.health)
 
     def positions(self) -> dict[tuple[str, int], int] | None:
         """Positions of every assigned partition, or None while a batch is being written (or before
@@ -135,6 +139,7 @@ class LedgerSink:
         except BaseException as exc:  # surfaced to the worker, which exits non-zero
             log.exception("ledger sink stopped")
             self.error = exc
+            self.health.stopped(exc)
         finally:
             self.consumer.close()
 
@@ -171,6 +176,7 @@ class LedgerSink:
         for table, rows in pending.items():
             metrics.LEDGER_ROWS.labels(table=table).inc(rows)
         self.rows_written += written
+        self.health.wrote(written)
         if _CRASH_AT:
             crash_point("sink-3-inserted")
         # Step 4.
@@ -195,6 +201,7 @@ class LedgerSink:
                 return action()
             except LedgerError as exc:
                 metrics.LEDGER_INSERT_ERRORS.inc()
+                self.health.failed(exc)
                 if time.monotonic() + pause > deadline or self._stop.is_set():
                     raise
                 log.warning("ledger %s failed (try %d, again in %.1f s): %s", what, attempt, pause, exc)

@@ -18,6 +18,8 @@ import faust
 from pipeline import metrics
 from pipeline.crashpoints import CRASH_AT as _CRASH_AT
 from pipeline.crashpoints import acrash_point
+from pipeline.identity import describe
+from pipeline.ledger.health import running_sink_status
 from pipeline.partitioning import partition_for
 from pipeline.settings import Settings
 from pipeline.stream import fencing  # noqa: F401 - patches Faust's transactional producer start
@@ -175,6 +177,9 @@ class StreamApp:
     def status(self) -> dict[str, Any]:
         """The worker's ``/status`` (stream/web.py), for `callmeter status` and on-call."""
         return {
+            # Who answers (pipeline/identity.py), and its ledger sink when it runs one (one process).
+            "pipeline": describe(self.settings),
+            "sink": running_sink_status(),
             "stats": self.stats.to_dict(),
             "lag": [{"topic": t, "partition": p, "messages": n} for (t, p), n in sorted(self.lag.items())],
             "event_time_lag_seconds": metrics.EVENT_TIME_LAG._value.get(),

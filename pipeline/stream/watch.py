@@ -12,6 +12,7 @@ from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from pipeline import metrics
+from pipeline.identity import remember_cluster_id
 from pipeline.offsets import GroupOffsets
 from pipeline.stream.guard import die
 
@@ -53,6 +54,7 @@ class LagMonitor(threading.Thread):
     def measure(self) -> None:
         settings = self.meter.settings
         meta = self.admin.list_topics(timeout=10)
+        remember_cluster_id(meta.cluster_id)
         tps = [TopicPartition(t, p) for t in settings.topics.inputs for p in meta.topics[t].partitions]
         ends = self.admin.list_offsets({tp: OffsetSpec.latest() for tp in tps}, request_timeout=10)
         high = {(tp.topic, tp.partition): f.result().offset for tp, f in ends.items()}
@@ -108,6 +110,10 @@ class LagMonitor(threading.Thread):
     def run(self) -> None:
         self._progress_at = time.monotonic()
         self._last_committed = {}
+        try:  # the cluster this worker states in its /status, before the first measurement
+            remember_cluster_id(self.admin.list_topics(timeout=10).cluster_id)
+        except Exception:
+            log.debug("no cluster id yet", exc_info=True)
         while not self._halt.wait(self.every_seconds):
             try:
                 self.measure()

@@ -128,3 +128,18 @@ def test_no_module_over_the_line_limit(top: str) -> None:
         if (n := len(path.read_text().splitlines())) > MAX_LINES
     }
     assert sorted(over) == sorted(p for p in PENDING_SPLIT if p.startswith(f"{top}/"))
+
+
+def test_no_benchmark_code_ships_in_the_wheel() -> None:
+    """`make bench` lives in the top-level bench/, which pyproject.toml does not list as a package."""
+    import tomllib
+
+    shipped = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert not [p for p in shipped if p.split(".")[0] == "bench"]
+    for package in shipped:
+        folder = ROOT / package.replace(".", "/")
+        assert not [p.name for p in folder.glob("bench*.py")], package
+    on_disk = {
+        str(p.parent.relative_to(ROOT)).replace("/", ".") for p in ROOT.glob("pipeline/**/__init__.py")
+    }
+    assert on_disk <= set(shipped), f"packages not in the wheel: {sorted(on_disk - set(shipped))}"

@@ -145,6 +145,7 @@ class MemoryWorker:
                 await self.meter.handle(src)
 
         asyncio.run(run())
+        self.parts.book.flush()  # the commit after the events (protocol step 6)
 
     def outputs(self, topic: str) -> list[dict[str, Any]]:
         return [SERDE.decode(value)[1] for t, _key, value in self.sent if t == topic]

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from pipeline.commands.cliargs import build_parser
 from pipeline.commands.clients import kafka, make_serde
 from pipeline.commands.ledger_commands import cmd_invoice, cmd_ledger, cmd_replay, cmd_sql, cmd_usage
-from pipeline.errors import BrokerError, InputError
+from pipeline.errors import BrokerError, InputError, UsageError
 from pipeline.settings import Settings
 from rating.catalog import Catalog
 from rating.errors import CallmeterError
@@ -37,19 +37,17 @@ def load_catalog(path: Path) -> Catalog:
 # -- commands ------------------------------------------------------------------------------------------
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     from pipeline.local.broker import LocalKafka
-    from pipeline.local.cluster import LocalKafkaCluster
+    from pipeline.local.cluster import LocalKafkaCluster, local_stacks, stack_size
     from pipeline.topics import ensure_topics
 
     if settings.kafka:
         bootstrap = settings.kafka
-    elif args.brokers > 1 or LocalKafkaCluster.existing(settings) is not None:
-        cluster = LocalKafkaCluster.existing(settings) or LocalKafkaCluster(settings, args.brokers)
-        if args.brokers > 1 and len(cluster.nodes) != args.brokers:
-            msg = f"the local cluster in {cluster.dir} has {len(cluster.nodes)} brokers; remove it first"
-            raise InputError(msg)
-        bootstrap = cluster.up()
     else:
-        bootstrap = LocalKafka(settings).up()
+        size = stack_size(*local_stacks(settings), args.brokers, settings.data_dir.expanduser().resolve())
+        if size > 1:
+            bootstrap = (LocalKafkaCluster.existing(settings) or LocalKafkaCluster(settings, size)).up()
+        else:
+            bootstrap = LocalKafka(settings).up()
     ensure_topics(settings, bootstrap)
     print(f"kafka ready at {bootstrap}")
     return 0
@@ -60,10 +58,21 @@ def cmd_down(settings: Settings, _args: argparse.Namespace) -> int:
     from pipeline.local.cluster import LocalKafkaCluster
 
     cluster = LocalKafkaCluster.existing(settings)
-    if cluster is not None:
-        cluster.down()
-    LocalKafka(settings).down()
-    print("kafka stopped")
+    stopped = []
+    if cluster is not None and cluster.down():
+        stopped.append(f"the {len(cluster.nodes)}-broker cluster in {cluster.dir}")
+    local = LocalKafka(settings)
+    if local.down():
+        stopped.append(f"the broker in {local.state_dir}")
+    if stopped:
+        print(f"kafka stopped: {' and '.join(stopped)}")
+    else:
+        # Not an error: `down` is idempotent like `up`. But it must not claim it stopped something.
+        external = f" (CALLMETER_KAFKA={settings.kafka} is not started or stopped by callmeter)"
+        print(
+            f"kafka: nothing was running in {settings.data_dir.expanduser().resolve()}"
+            f"{external if settings.kafka else ''}"
+        )
     return 0
 
 
@@ -82,12 +91,23 @@ def cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from pipeline.catalogs import read_catalog
-    from pipeline.commands.supervisor import SINK_ONLY, child_role, is_child, restarted, supervise
+    from pipeline.commands.ports import check_ports, own_port_problem, port_plan
+    from pipeline.commands.supervisor import (
+        SINK_ONLY,
+        child_role,
+        is_child,
+        process_roles,
+        restarted,
+        supervise,
+    )
     from pipeline.errors import RetryableError
     from pipeline.stream.guard import EXIT_RETRY
 
     if not is_child():
         # `callmeter sink` is this command with one process, the ledger sink (role "sink").
+        roles = SINK_ONLY if args.command == "sink" else process_roles(settings)
+        # Every port, before anything starts: a taken one is one line now, not a child's traceback.
+        check_ports(port_plan(settings, roles, with_api=args.command != "sink"), settings.worker_web_bind)
         if args.command == "sink":
             return supervise(settings, args.argv, SINK_ONLY)
         api = _start_tenant_api(settings)
@@ -96,8 +116,15 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         finally:
             if api is not None:
                 api.stop()
-    catalog, text = read_catalog(settings.catalog)
     role = child_role()
+    taken = own_port_problem(settings, role)
+    if taken is not None:
+        # Taken since the supervisor checked it: after a fault, maybe only for a moment (retry).
+        if restarted():
+            print(f"callmeter: error: {taken}; retrying", file=sys.stderr)
+            return EXIT_RETRY
+        raise InputError(taken)
+    catalog, text = read_catalog(settings.catalog)
     try:
         if role == "sink":
             from pipeline.ledger.sink_runner import run_sink
@@ -233,9 +260,6 @@ def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
         publisher.close()
         print(" ".join(f"{t}={n}" for t, n in sorted(publisher.sent.items())))
         return 0
-    if not args.out:
-        msg = "simulate needs --out FILE or --produce"
-        raise InputError(msg)
     counts = write_file(cfg, Path(args.out))
     print(f"wrote {args.out}: " + " ".join(f"{k}={v}" for k, v in sorted(counts.items())))
     return 0
@@ -293,6 +317,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         first = exc.errors()[0]
         print(f"callmeter: error: setting {first['loc'][0]}: {first['msg']}", file=sys.stderr)
+        return 2
+    except UsageError as exc:
+        print(f"callmeter: error: {exc}", file=sys.stderr)
         return 2
     except CallmeterError as exc:
         print(f"callmeter: error: {exc}", file=sys.stderr)

@@ -71,7 +71,7 @@ class _Child:
     done: bool = False
 
 
-def _roles(settings: Settings) -> list[tuple[str, int]]:
+def process_roles(settings: Settings) -> list[tuple[str, int]]:
     # More processes than input partitions would sit idle in the group.
     n = max(1, min(settings.worker_processes, settings.partitions))
     if not settings.worker_ledger_sink:
@@ -104,7 +104,7 @@ def supervise(settings: Settings, argv: Sequence[str], roles: list[tuple[str, in
                 "CALLMETER_WORKER_WEB_PORT": str(settings.worker_web_port + index),
             },
         )
-        for role, index in (roles or _roles(settings))
+        for role, index in (roles or process_roles(settings))
     ]
     stopping = False
 

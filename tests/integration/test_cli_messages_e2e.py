@@ -1,0 +1,156 @@
+"""The command line as a new user meets it: one line and a non-zero exit for what is wrong, never a
+traceback, never a silent success, never a message that says more (or other) than what happened."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.cli import callmeter
+
+pytestmark = pytest.mark.integration
+
+
+def one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
+    """The stderr of a refused command: exactly one `callmeter: error:` line, nothing else."""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("callmeter: error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+# -- simulate ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "says"),
+    [
+        ("--tenants", "0", "argument --tenants: must be at least 1, not 0"),
+        ("--calls", "-5", "argument --calls: must be at least 0, not -5"),
+        (
+            "--duplicate-rate",
+            "2",
+            "argument --duplicate-rate: must be a share from 0 to 1 (0.02 = 2 %), not 2",
+        ),
+        (
+            "--invalid-rate",
+            "-0.5",
+            "argument --invalid-rate: must be a share from 0 to 1 (0.02 = 2 %), not -0.5",
+        ),
+    ],
+)
+def test_simulate_refuses_arguments_out_of_range(
+    cm_env: dict[str, str], tmp_path: Path, flag: str, value: str, says: str
+) -> None:
+    out = tmp_path / "sim.jsonl"
+    proc = callmeter(cm_env, "simulate", flag, value, "--out", str(out), check=False)
+    assert proc.returncode == 2
+    assert one_error_line(proc) == f"callmeter: error: {says} (see callmeter --help)"
+    assert not out.exists()
+
+
+def test_simulate_without_a_destination_is_a_usage_error(cm_env: dict[str, str]) -> None:
+    proc = callmeter(cm_env, "simulate", "--calls", "3", check=False)
+    assert proc.returncode == 2
+    assert "one of the arguments --out --produce is required" in one_error_line(proc)
+
+
+# -- up and down ---------------------------------------------------------------------------------------
+
+
+def _own_stack_env(cm_env: dict[str, str], data_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in cm_env.items() if k != "CALLMETER_KAFKA"}
+    env["CALLMETER_DATA_DIR"] = str(data_dir)
+    return env
+
+
+def test_down_with_nothing_running_says_so(cm_env: dict[str, str], tmp_path: Path) -> None:
+    env = _own_stack_env(cm_env, tmp_path / "empty")
+    proc = callmeter(env, "down")
+    assert proc.stdout == f"kafka: nothing was running in {tmp_path / 'empty'}\n"
+
+
+def test_up_refuses_a_second_stack_beside_a_running_broker(cm_env: dict[str, str], tmp_path: Path) -> None:
+    data = tmp_path / "stack"
+    env = _own_stack_env(cm_env, data)
+    proc = callmeter(env, "up", "--brokers", "2", check=False)
+    assert proc.returncode == 2
+    assert one_error_line(proc) == (
+        "callmeter: error: argument --brokers: must be 1 (one broker) or 3 (a cluster: replication 3, min "
+        "ISR 2), not 2 (see callmeter --help)"
+    )
+    try:
+        first = callmeter(env, "up").stdout
+        proc = callmeter(env, "up", "--brokers", "3", check=False)
+        assert proc.returncode == 1
+        assert one_error_line(proc) == (
+            f"callmeter: error: {data} holds a single broker ({data / 'kafka'}); a 3-broker cluster would "
+            "start empty beside it: run `callmeter up` to start the broker, or use another --data-dir for "
+            f"it, or `callmeter down` and delete {data / 'kafka'}"
+        )
+        assert not (data / "kafka-cluster").exists()
+        assert callmeter(env, "up").stdout == first  # still the one broker
+    finally:
+        proc = callmeter(env, "down")
+    assert proc.stdout == f"kafka stopped: the broker in {data / 'kafka'}\n"
+    assert callmeter(env, "down").stdout == f"kafka: nothing was running in {data}\n"
+
+
+# -- the worker's ports --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def taken() -> Iterator[list[socket.socket]]:
+    held: list[socket.socket] = []
+    yield held
+    for sock in held:
+        sock.close()
+
+
+def _hold(held: list[socket.socket], port: int) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen()
+    held.append(sock)
+
+
+@pytest.mark.parametrize(
+    ("processes", "offset", "who"),
+    [
+        ("1", 0, "the worker's web port (CALLMETER_WORKER_WEB_PORT)"),
+        ("2", 1, "the web port of stream worker process 1 (CALLMETER_WORKER_WEB_PORT + 1)"),
+        ("2", 2, "the ledger sink's metrics port (CALLMETER_WORKER_WEB_PORT + 2)"),
+    ],
+)
+def test_a_taken_worker_port_is_one_line_at_once(
+    cm_env: dict[str, str], taken: list[socket.socket], processes: str, offset: int, who: str
+) -> None:
+    env = dict(cm_env, CALLMETER_WORKER_PROCESSES=processes)
+    port = int(env["CALLMETER_WORKER_WEB_PORT"]) + offset
+    _hold(taken, port)
+    began = time.monotonic()
+    proc = callmeter(env, "worker", "--until-idle", check=False, timeout=60)
+    assert time.monotonic() - began < 15  # before: 71 s of restarts
+    assert proc.returncode == 1
+    assert one_error_line(proc) == (
+        f"callmeter: error: cannot listen on 127.0.0.1:{port}, {who}: already in use by another program; "
+        "stop what holds it or choose another base port (CALLMETER_WORKER_WEB_PORT / CALLMETER_API_PORT)"
+    )
+
+
+def test_a_tenant_api_port_among_the_worker_ports_is_refused(cm_env: dict[str, str]) -> None:
+    base = int(cm_env["CALLMETER_WORKER_WEB_PORT"])
+    env = dict(cm_env, CALLMETER_WORKER_PROCESSES="2", CALLMETER_API_PORT=str(base + 1))
+    proc = callmeter(env, "worker", "--until-idle", check=False, timeout=60)
+    assert proc.returncode == 2
+    assert one_error_line(proc) == (
+        f"callmeter: error: port {base + 1} is both the web port of stream worker process 1 "
+        f"(CALLMETER_WORKER_WEB_PORT + 1) and the tenant API (CALLMETER_API_PORT): this run's processes use "
+        f"{base}..{base + 2}; give the tenant API (CALLMETER_API_PORT) a port outside that range"
+    )

@@ -209,6 +209,12 @@ def cmd_alerts(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_consume(settings: Settings, args: argparse.Namespace) -> int:
+    from pipeline.commands.consume import consume
+
+    return consume(settings, kafka(settings, create_topics=False), make_serde(settings), args)
+
+
 def cmd_notify(settings: Settings, args: argparse.Namespace) -> int:
     from pipeline.commands.notify import prepare_webhook, run_notify
 
@@ -286,6 +292,7 @@ COMMANDS = {
     "invoice": cmd_invoice,
     "balance": cmd_balance,
     "alerts": cmd_alerts,
+    "consume": cmd_consume,
     "notify": cmd_notify,
     "status": cmd_status,
     "simulate": cmd_simulate,

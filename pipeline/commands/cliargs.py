@@ -124,6 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", help="write JSON lines here")
     where.add_argument("--produce", action="store_true", help="publish directly instead of writing a file")
+    p = sub.add_parser(
+        "consume",
+        help="print the records on a topic, decoded, one JSON object a line (like kcat -C)",
+        description="TOPIC: calls, provisioning, calls.rated, provisioning.accepted, alerts, deadletter "
+        "or duplicates (the topic prefix is added). Reads committed records only, joins no consumer group "
+        "and commits nothing.",
+    )
+    p.add_argument("topic", metavar="TOPIC")
+    p.add_argument(
+        "--from-beginning",
+        action="store_true",
+        help="with --follow: start at the beginning, not at the end (without --follow it always does)",
+    )
+    p.add_argument("--max", type=at_least(1), metavar="N", help="stop after N records")
+    p.add_argument("--follow", action="store_true", help="keep printing new records until interrupted")
     sub.add_parser("ledger", help="ledger row counts and dead letters by reason, as JSON")
     p = sub.add_parser("sql", help="read-only SQL over the ledger (docs/ledger.md), even while a worker runs")
     p.add_argument("query", help="one statement, or - to read it from stdin")

@@ -60,6 +60,24 @@ def test_simulate_without_a_destination_is_a_usage_error(cm_env: dict[str, str])
     assert "one of the arguments --out --produce is required" in one_error_line(proc)
 
 
+# -- produce -------------------------------------------------------------------------------------------
+
+
+def test_consume_says_when_a_topic_is_empty_and_refuses_unknown_topics(cm_env: dict[str, str]) -> None:
+    callmeter(cm_env, "up")  # with CALLMETER_KAFKA set: creates the topics only
+    proc = callmeter(cm_env, "consume", "deadletter")
+    assert proc.stdout == ""
+    assert proc.stderr == (
+        f"callmeter: 0 records from {cm_env['CALLMETER_TOPIC_PREFIX']}deadletter "
+        "(3 partitions, committed records)\n"
+    )
+    proc = callmeter(cm_env, "consume", "invoices", check=False)
+    assert proc.returncode == 2
+    assert one_error_line(proc).startswith(
+        "callmeter: error: consume: unknown topic 'invoices'; one of: calls,"
+    )
+
+
 # -- up and down ---------------------------------------------------------------------------------------
 
 

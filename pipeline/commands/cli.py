@@ -77,14 +77,13 @@ def cmd_down(settings: Settings, _args: argparse.Namespace) -> int:
 
 
 def cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
-    from pipeline.commands.produce import produce_files
+    from pipeline.commands.produce import check_input, produce_files
+    from pipeline.commands.progress import Progress
 
     paths = [Path(p) for p in args.files]
     for path in paths:
-        if not path.is_file():
-            msg = f"no such file: {path}"
-            raise InputError(msg)
-    sent = produce_files(settings, kafka(settings), make_serde(settings), paths)
+        check_input(path)
+    sent = produce_files(settings, kafka(settings), make_serde(settings), paths, Progress())
     print(" ".join(f"{topic}={n}" for topic, n in sorted(sent.items())) or "nothing to produce")
     return 0
 

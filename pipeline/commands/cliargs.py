@@ -72,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(DIR/kafka-cluster). Default: the stack this data dir already has, else 1",
     )
     sub.add_parser("down", help="stop the local Kafka broker or cluster; data stays")
-    p = sub.add_parser("produce", help="publish JSON-lines events")
-    p.add_argument("files", nargs="+")
+    p = sub.add_parser("produce", help="publish JSON-lines events, all or nothing")
+    p.add_argument("files", nargs="+", metavar="FILE", help="JSON-lines file, or - for standard input")
     p = sub.add_parser("worker", help="run the stream worker")
     p.add_argument("--until-idle", action="store_true", help="exit once everything is consumed and written")
     p = sub.add_parser(

@@ -3,8 +3,10 @@ traceback, never a silent success, never a message that says more (or other) tha
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,8 +14,14 @@ from pathlib import Path
 import pytest
 
 from tests.integration.cli import callmeter
+from tests.integration.eventfiles import call, prov
 
 pytestmark = pytest.mark.integration
+
+SUB = prov(
+    "msg-sub", "msg", "2026-11-01T00:00:00Z", "SUBSCRIPTION_STARTED", plan_id="starter", tax_region="GB"
+)
+CALL = call("msg-call", "msg", "2026-11-02T10:00:00Z", 60)
 
 
 def one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
@@ -22,6 +30,18 @@ def one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
     assert len(lines) == 1 and lines[0].startswith("callmeter: error: "), proc.stderr
     assert "Traceback" not in proc.stderr
     return lines[0]
+
+
+def run(env: dict[str, str], *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        env=env,
+        input=stdin,
+        capture_output=True,
+        timeout=300,
+        check=False,
+    )
+    return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode(), proc.stderr.decode())
 
 
 # -- simulate ------------------------------------------------------------------------------------------
@@ -61,6 +81,52 @@ def test_simulate_without_a_destination_is_a_usage_error(cm_env: dict[str, str])
 
 
 # -- produce -------------------------------------------------------------------------------------------
+
+
+def test_produce_names_the_line_that_is_not_utf8(cm_env: dict[str, str], tmp_path: Path) -> None:
+    events = tmp_path / "latin1.jsonl"
+    events.write_bytes(
+        json.dumps(SUB).encode() + b"\n" + json.dumps(CALL).replace("msg", "m\u00e9g").encode("latin-1")
+    )
+    proc = callmeter(cm_env, "produce", str(events), check=False)
+    assert proc.returncode == 1
+    assert one_error_line(proc).startswith(
+        f"callmeter: error: {events}:2: not UTF-8 text (byte 0xe9 at column "
+    )
+
+
+def test_produce_of_a_directory_says_it_is_a_directory(cm_env: dict[str, str], tmp_path: Path) -> None:
+    proc = callmeter(cm_env, "produce", str(tmp_path), check=False)
+    assert proc.returncode == 1
+    assert one_error_line(proc) == (
+        f"callmeter: error: {tmp_path} is a directory; produce takes JSON-lines files "
+        "(or - for standard input)"
+    )
+
+
+def test_produce_reads_standard_input_and_consume_shows_it_decoded(cm_env: dict[str, str]) -> None:
+    lines = (json.dumps(SUB) + "\n" + json.dumps(CALL) + "\n").encode()
+    proc = run(cm_env, "produce", "-", stdin=lines)
+    assert proc.returncode == 0, proc.stderr
+    prefix = cm_env["CALLMETER_TOPIC_PREFIX"]
+    assert proc.stdout == f"{prefix}calls=1 {prefix}provisioning=1\n"
+    assert proc.stderr == ""  # no progress line when stderr is not a terminal
+
+    proc = callmeter(cm_env, "consume", "calls")
+    records = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [(r["key"], r["record"], r["value"]["event_id"], r["value"]["ended_at"]) for r in records] == [
+        ("msg", "CallRecord", "msg-call", "2026-11-02T10:01:00.000Z")
+    ]
+    assert proc.stderr == f"callmeter: 1 record from {prefix}calls (3 partitions, committed records)\n"
+
+    # A bad line on standard input is named as such, and nothing is published.
+    proc = run(cm_env, "produce", "-", stdin=lines + b"{oops\n")
+    assert proc.returncode == 1
+    assert (
+        one_error_line(proc)
+        == "callmeter: error: <stdin>:3: not valid JSON (Expecting property name enclosed in double quotes)"
+    )
+    assert len(callmeter(cm_env, "consume", "calls").stdout.splitlines()) == 1
 
 
 def test_consume_says_when_a_topic_is_empty_and_refuses_unknown_topics(cm_env: dict[str, str]) -> None:

@@ -3,14 +3,35 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
 from pipeline.commands.consume import render as render_record
 from pipeline.commands.consume import topic_name
-from pipeline.errors import UsageError
+from pipeline.commands.produce import read_events
+from pipeline.errors import InputError, UsageError
 from pipeline.settings import Settings
 from schemas.serde import Serde
+
+# -- produce's input -----------------------------------------------------------------------------------
+
+
+def test_a_line_that_is_not_utf8_is_named_with_its_byte(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b"\n" + '{"type": "call", "tenant_id": "Caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(InputError) as err:
+        list(read_events(path))
+    assert str(err.value) == f"{path}:2: not UTF-8 text (byte 0xe9 at column 35); JSON lines must be UTF-8"
+
+
+def test_a_byte_order_mark_is_not_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf[1]\n")
+    with pytest.raises(InputError) as err:
+        list(read_events(path, "<stdin>"))
+    assert str(err.value) == "<stdin>:1: expected a JSON object"
+
 
 # -- what `consume` prints -----------------------------------------------------------------------------
 

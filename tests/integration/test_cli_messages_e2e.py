@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.cli import callmeter
-from tests.integration.eventfiles import call, prov
+from tests.integration.eventfiles import call, prov, write_events
 
 pytestmark = pytest.mark.integration
 
@@ -142,6 +142,60 @@ def test_consume_says_when_a_topic_is_empty_and_refuses_unknown_topics(cm_env: d
     assert one_error_line(proc).startswith(
         "callmeter: error: consume: unknown topic 'invoices'; one of: calls,"
     )
+
+
+# -- invoice -------------------------------------------------------------------------------------------
+
+
+def test_invoice_out_that_is_a_file_is_named(cm_env: dict[str, str], tmp_path: Path) -> None:
+    blocker = tmp_path / "invoices"
+    blocker.write_text("")
+    proc = callmeter(cm_env, "invoice", "--period", "2026-11", "--out", str(blocker), check=False)
+    assert proc.returncode == 1
+    assert one_error_line(proc) == (
+        f"callmeter: error: --out {blocker} is a file; it must name a directory "
+        "(invoices are written as <invoice_id>.json)"
+    )
+
+
+def test_a_run_with_dead_letters_then_invoices_of_nothing_say_so(
+    cm_env: dict[str, str], tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    # An empty ledger: nothing to invoice, said, exit 1 (docs/decisions.md, "Nothing to invoice").
+    proc = callmeter(cm_env, "invoice", "--period", "2026-11", "--out", str(out), check=False)
+    assert proc.returncode == 1
+    assert one_error_line(proc) == (
+        "callmeter: error: nothing to invoice: the ledger has no provisioning events yet "
+        "(`callmeter produce` them, then run `callmeter worker --until-idle`)"
+    )
+    bad = dict(CALL, event_id="msg-bad", ended_at="2026-11-02T09:59:59.500Z")
+    callmeter(cm_env, "produce", str(write_events(tmp_path / "e.jsonl", [SUB, CALL, bad])))
+    callmeter(cm_env, "worker", "--until-idle")
+
+    proc = callmeter(cm_env, "invoice", "--period", "2026-05", "--out", str(out), check=False)
+    assert proc.returncode == 1
+    assert one_error_line(proc) == (
+        "callmeter: error: nothing to invoice: no subscription of the one tenant in the ledger has a "
+        "billing period starting in 2026-05"
+    )
+    proc = callmeter(
+        cm_env, "invoice", "--period", "2026-11", "--tenant", "nobody", "--out", str(out), check=False
+    )
+    assert proc.returncode == 1
+    assert (
+        one_error_line(proc)
+        == "callmeter: error: nothing to invoice: the ledger has no provisioning events of tenant 'nobody'"
+    )
+    assert not out.exists() or not any(out.iterdir())
+    proc = callmeter(cm_env, "invoice", "--period", "2026-11", "--out", str(out))
+    assert proc.stdout == f"{out / 'msg-20261101.json'}  draft\n"
+
+    # The dead letter, decoded, with the event it could not rate.
+    letters = [json.loads(line) for line in callmeter(cm_env, "consume", "deadletter").stdout.splitlines()]
+    assert [(d["value"]["reason"], d["original_decoded"]["value"]["event_id"]) for d in letters] == [
+        ("ENDED_BEFORE_ANSWERED", "msg-bad")
+    ]
 
 
 # -- up and down ---------------------------------------------------------------------------------------

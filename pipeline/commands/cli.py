@@ -25,6 +25,7 @@ from rating.catalog import Catalog
 from rating.errors import CallmeterError
 
 if TYPE_CHECKING:
+    from pipeline.commands.worker_progress import UntilIdleProgress
     from pipeline.tenantapi.server import TenantApi
 
 
@@ -110,9 +111,12 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         if args.command == "sink":
             return supervise(settings, args.argv, SINK_ONLY)
         api = _start_tenant_api(settings)
+        progress = _until_idle_progress(settings) if args.until_idle else None
         try:
             return supervise(settings, args.argv)
         finally:
+            if progress is not None:
+                progress.stop()
             if api is not None:
                 api.stop()
     role = child_role()
@@ -172,6 +176,18 @@ def _start_tenant_api(settings: Settings) -> TenantApi | None:
         raise InputError(msg) from exc
     api.start()
     return api
+
+
+def _until_idle_progress(settings: Settings) -> UntilIdleProgress | None:
+    """The terminal's progress line for `worker --until-idle` (nothing when stderr is not a terminal)."""
+    from pipeline.commands.progress import Progress
+    from pipeline.commands.worker_progress import UntilIdleProgress
+    from pipeline.local.cluster import bootstrap_servers
+
+    progress = Progress()
+    if not progress.enabled:
+        return None
+    return UntilIdleProgress(settings, bootstrap_servers(settings), progress).start()
 
 
 def _worker_url(settings: Settings, args: argparse.Namespace) -> str:

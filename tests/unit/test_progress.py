@@ -7,6 +7,7 @@ import io
 import pytest
 
 from pipeline.commands.progress import Progress, render
+from pipeline.commands.worker_progress import remaining
 
 # -- the progress line ---------------------------------------------------------------------------------
 
@@ -68,3 +69,8 @@ def test_progress_on_a_terminal_redraws_in_place_and_erases_itself() -> None:
         "producing: 100/100 events (100 %), 50 events/s, ETA 0:00",
         "",
     ]
+
+
+def test_remaining_records_count_from_the_committed_offset_or_the_start() -> None:
+    ends = {("calls", 0): (0, 100), ("calls", 1): (10, 50), ("calls", 2): (0, 0)}
+    assert remaining(ends, {("calls", 0): 40, ("calls", 1): -1}) == 60 + 40

@@ -234,6 +234,7 @@ class LedgerSink:
         collapse with the ones written before."""
         known = self.ledger.known_events(e.key for e in entries if e.key is not None)
         kept = []
+        notes: list[tuple[str, str]] = []
         for entry in entries:
             if entry.key is None:
                 kept.append(entry)
@@ -241,32 +242,29 @@ class LedgerSink:
             copies = known.setdefault(entry.key, [])
             mine = (*entry.source, entry.payload)
             if copies and mine not in copies:
-                kept.append(self._duplicate(entry, copies[0]))
+                kept.append(self._duplicate(entry, copies[0], notes))
                 continue
             if not copies:
                 copies.append(mine)
             kept.append(entry)
+        if notes:
+            # One line per batch: a resent file or a fresh cluster can bring thousands of them.
+            log.warning("%s", duplicates_summary(notes))
         return kept
 
-    def _duplicate(self, entry: _Entry, first: tuple[int, int, str]) -> _Entry:
+    def _duplicate(self, entry: _Entry, first: tuple[int, int, str], notes: list[tuple[str, str]]) -> _Entry:
         """Count a copy the ledger already holds and record it in ``duplicates`` (detected_by 'ledger')."""
         assert entry.key is not None
         kind = _KIND[entry.key[0]]
         self.duplicates[kind] += 1
         metrics.LEDGER_DUPLICATES.labels(kind=kind).inc()
         other = "" if first[2] == entry.payload else " with another payload"
-        log.warning(
-            "%s %s/%s from partition %d offset %d is already in the ledger%s (first seen at partition %d "
-            "offset %d): recorded as a duplicate, not billed",
-            kind,
-            entry.key[1],
-            entry.key[2],
-            entry.source[0],
-            entry.source[1],
-            other,
-            first[0],
-            first[1],
+        note = (
+            f"{kind} {entry.key[1]}/{entry.key[2]} from partition {entry.source[0]} offset {entry.source[1]}"
+            f"{other} (first seen at partition {first[0]} offset {first[1]})"
         )
+        log.debug("already in the ledger, recorded as a duplicate, not billed: %s", note)
+        notes.append((kind + other, note))
         topic = self.topics.calls if kind == "call" else self.topics.provisioning
         at = entry.written_at or datetime.now(UTC)
         event_time = entry.event_time or at
@@ -366,3 +364,16 @@ class LedgerSink:
             text = f"expected {expected} on output topic, got {name}"
             raise LedgerError(text)
         return record
+
+
+def duplicates_summary(notes: list[tuple[str, str]], shown: int = 3) -> str:
+    """One warning for the copies of a batch the ledger already held: counts by kind (copies with
+    another payload apart: a reused event id, worth a look) and the first few, each in full."""
+    counts = Counter(kind for kind, _note in notes)
+    by_kind = ", ".join(f"{kind} {n}" for kind, n in sorted(counts.items()))
+    first = "; ".join(note for _kind, note in notes[:shown])
+    more = f"; and {len(notes) - shown} more" if len(notes) > shown else ""
+    return (
+        f"{len(notes)} event{'s' if len(notes) != 1 else ''} already in the ledger, recorded as duplicates, "
+        f"not billed ({by_kind}): {first}{more}"
+    )

@@ -104,6 +104,9 @@ def run_worker(
         meter.app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False, stdout=sys.stderr
     )
     worker.meter = meter
+    # Faust's start-up spinner writes cursor escape codes even when stderr is a log file, and several
+    # worker processes share one terminal: progress is the supervisor's (`--until-idle` on a terminal).
+    worker.spinner = None
     loop = worker.loop
 
     def stop_soon() -> None:

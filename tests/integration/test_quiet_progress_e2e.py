@@ -7,6 +7,7 @@ import json
 import os
 import pty
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -14,12 +15,52 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.cli import callmeter
+from tests.integration.cli import EXAMPLES, callmeter, delete_topics
 
 pytestmark = pytest.mark.integration
 
 
 # -- quiet logs, progress on a terminal only -----------------------------------------------------------
+
+NOISE = (
+    "\x1b[",  # Faust's spinner: cursor escape codes in a log file
+    "\b",
+    "Invalid state transition",
+    "Error in recovery",
+    "Has not committed",
+    "Heartbeat failed",
+    "is not assigned",
+    "Traceback",
+    "worker: events consumed",  # progress belongs on a terminal only
+)
+
+
+def test_a_two_process_run_logs_nothing_alarming_and_summarises_copies_in_the_ledger(
+    cm_env: dict[str, str], tmp_path: Path
+) -> None:
+    env = dict(cm_env, CALLMETER_WORKER_PROCESSES="2", CALLMETER_CATALOG=str(EXAMPLES / "catalog.yaml"))
+    callmeter(env, "produce", str(EXAMPLES / "events.jsonl"))
+    first = callmeter(env, "worker", "--until-idle")
+    # A fresh cluster under the same ledger: every event comes again, from other offsets (reversed
+    # order), and the ledger holds it already. (At the same offsets they would be a redelivery.)
+    delete_topics(env)
+    for state in ("worker", "worker-1"):
+        shutil.rmtree(Path(env["CALLMETER_DATA_DIR"]) / state, ignore_errors=True)
+    again = tmp_path / "reversed.jsonl"
+    again.write_text("".join(reversed((EXAMPLES / "events.jsonl").read_text().splitlines(keepends=True))))
+    callmeter(env, "produce", str(again))
+    second = callmeter(env, "worker", "--until-idle")
+    for proc in (first, second):
+        for noise in NOISE:
+            assert noise not in proc.stderr, (noise, proc.stderr[-3000:])
+    copies = sum(json.loads(second.stdout.splitlines()[-1])["duplicates_in_ledger"].values())
+    summaries = [line for line in second.stderr.splitlines() if "already in the ledger" in line]
+    counted = [
+        re.search(r"WARNING pipeline\.ledger\.sink: (\d+) events? already in the ledger", s)
+        for s in summaries
+    ]
+    assert all(counted), summaries
+    assert sum(int(m.group(1)) for m in counted if m) == copies > len(summaries) > 0
 
 
 def on_a_terminal(env: dict[str, str], *args: str) -> tuple[int, str, str]:

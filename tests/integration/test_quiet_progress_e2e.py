@@ -20,6 +20,35 @@ from tests.integration.cli import EXAMPLES, callmeter, delete_topics
 pytestmark = pytest.mark.integration
 
 
+# -- the demo ------------------------------------------------------------------------------------------
+
+
+def test_the_demo_prints_no_python_reprs(cm_env: dict[str, str]) -> None:
+    proc = callmeter(cm_env, "demo", "--calls", "120", "--tenants", "2")
+    assert "{'" not in proc.stdout and "Traceback" not in proc.stderr, proc.stdout
+    prefix = cm_env["CALLMETER_TOPIC_PREFIX"]
+    assert f"-> published {prefix}calls=" in proc.stdout
+    assert "\nduplicates dropped this run: " in proc.stdout
+    assert "\x1b[" not in proc.stderr
+
+
+def test_examples_readme_walk_has_no_traceback(cm_env: dict[str, str], tmp_path: Path) -> None:
+    """The README's commands on the shipped examples: each prints what it did, nothing alarming."""
+    env = dict(cm_env, CALLMETER_CATALOG=str(EXAMPLES / "catalog.yaml"))
+    for args in (
+        ("produce", str(EXAMPLES / "events.jsonl")),
+        ("worker", "--until-idle"),
+        ("invoice", "--period", "2026-11", "--out", str(tmp_path / "inv")),
+        ("ledger",),
+        ("consume", "alerts", "--max", "1"),
+    ):
+        proc = callmeter(env, *args)
+        assert proc.stdout.strip(), args
+        assert "Traceback" not in proc.stderr, (args, proc.stderr)
+        assert "\x1b[" not in proc.stderr, args
+    assert os.listdir(tmp_path / "inv")
+
+
 # -- quiet logs, progress on a terminal only -----------------------------------------------------------
 
 NOISE = (

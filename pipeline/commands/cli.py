@@ -332,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=os.environ.get("CALLMETER_LOG_LEVEL", "WARNING").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from pipeline.commands.logfilters import install as quiet_expected_library_logs
+    from pipeline.logfilters import install as quiet_expected_library_logs
 
     quiet_expected_library_logs()
     started = time.monotonic()

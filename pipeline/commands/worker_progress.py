@@ -65,8 +65,8 @@ class UntilIdleProgress:
         sink = GroupOffsets(self.bootstrap, f"{self.settings.app_id}-ledger")
         try:
             self._draw(ends_reader, workers, sink, inputs, outputs)
-        except KafkaException:
-            pass  # progress is a courtesy: a broker hiccup must not disturb the run it describes
+        except Exception:  # noqa: S110 - progress is a courtesy: it must never disturb the run
+            pass
         finally:
             for client in (workers, sink):
                 with contextlib.suppress(KafkaException, RuntimeError):
@@ -92,13 +92,18 @@ class UntilIdleProgress:
         baseline: int | None = None
         showing = ""
         ledger_start = 0
-        while not self._stop.is_set():
-            input_ends = ends(inputs)
-            todo = remaining(input_ends, workers.committed(inputs, timeout=5))
+        first = True
+        while not self._stop.wait(0 if first else self.interval):
+            first = False
+            try:
+                input_ends = ends(inputs)
+                todo = remaining(input_ends, workers.committed(inputs, timeout=5))
+                behind = remaining(ends(outputs), sink.committed(outputs, timeout=5)) if todo == 0 else 0
+            except KafkaException:
+                continue  # topics not created yet, a coordinator loading: ask again next time
             total = sum(high - low for low, high in input_ends.values())
             if baseline is None:
                 baseline = total - todo  # committed before this run began
-            behind = remaining(ends(outputs), sink.committed(outputs, timeout=5)) if todo == 0 else 0
             if behind > 0:
                 if showing != "ledger":
                     showing, ledger_start = "ledger", behind
@@ -109,4 +114,3 @@ class UntilIdleProgress:
                     showing = "inputs"
                     self.progress.phase("worker: events consumed", total - baseline, "events")
                 self.progress.update(total - todo - baseline, total - baseline)
-            self._stop.wait(self.interval)

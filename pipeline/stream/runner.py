@@ -15,6 +15,7 @@ from pathlib import Path
 
 import faust
 
+from pipeline import logfilters
 from pipeline.catalogs import open_ledger
 from pipeline.errors import RetryableError
 from pipeline.idle import IdleWatch
@@ -65,6 +66,12 @@ class _Worker(faust.Worker):
         # at volume, not a fault; operators watch lag and throughput instead.
         logging.getLogger("faust.transport.producer").setLevel(max(level, logging.ERROR))
         self.meter.ready.set()
+
+    def _schedule_shutdown(self, signum: signal.Signals) -> None:
+        # A stop on purpose (SIGTERM, SIGINT, idle): the Kafka client's complaints about a group that
+        # rebalances while it closes are expected from now on (pipeline/logfilters.py).
+        logfilters.stopping()
+        super()._schedule_shutdown(signum)
 
 
 def run_worker(

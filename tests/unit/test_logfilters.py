@@ -8,8 +8,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from pipeline.commands.logfilters import EXPECTED, install
+from pipeline import logfilters
 from pipeline.ledger.sink import duplicates_summary
+from pipeline.logfilters import EXPECTED, install
 
 # -- expected library log lines ------------------------------------------------------------------------
 
@@ -115,6 +116,32 @@ def test_expected_lines_still_show_when_debugging(captured: list[logging.LogReco
     assert [(r.levelname, r.getMessage()) for r in captured] == [
         ("DEBUG", "Error in recovery dictionary changed size during iteration")
     ]
+
+
+STOPPING_RACE = [
+    (
+        logging.ERROR,
+        "Error sending OffsetFetchRequest to node 1 [KafkaConnectionError: Connection at 127.0.0.1:34623 "
+        "closed] -- marking coordinator dead",
+    ),
+    (logging.WARNING, "Marking the coordinator dead (node 1)for group callmeter."),
+    (logging.ERROR, "LeaveGroup request failed: [Error 15] GroupCoordinatorNotAvailableError"),
+]
+
+
+@pytest.mark.parametrize(("level", "text"), STOPPING_RACE)
+def test_a_group_closing_around_a_stopping_process_is_loud_until_it_stops(
+    captured: list[logging.LogRecord], level: int, text: str
+) -> None:
+    logger = logging.getLogger("aiokafka.consumer.group_coordinator")
+    try:
+        logger.log(level, "%s", text)  # mid-run: a broker or network fault
+        assert [(r.levelno, r.getMessage()) for r in captured] == [(level, text)]
+        logfilters.stopping()
+        logger.log(level, "%s", text)  # while this process stops on purpose: expected
+        assert len(captured) == 1
+    finally:
+        logfilters._STOPPING.clear()
 
 
 def test_every_rule_says_why() -> None:

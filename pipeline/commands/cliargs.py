@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--brokers",
         type=broker_count,
         default=None,
+        metavar="{1,3}",
         help="1: a single broker (DIR/kafka); 3: a KRaft cluster, replication 3, min ISR 2 "
         "(DIR/kafka-cluster). Default: the stack this data dir already has, else 1",
     )

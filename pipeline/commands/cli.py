@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -258,6 +259,13 @@ def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
     from pipeline.commands.simulate import SimulationConfig, generate, write_file
 
     year, month = _month(args.month)
+    now = datetime.now(UTC)
+    if (year, month) > (now.year, now.month):
+        # Gateways report finished calls: calls dated after now would be refused as FUTURE_EVENT at
+        # best, and inside the tolerance they would use up allowances today (docs/decisions.md).
+        message = f"--month {args.month} has not started yet: simulated calls end before now"
+        print(f"callmeter: error: {message}", file=sys.stderr)
+        return 2
     cfg = SimulationConfig(
         tenants=args.tenants,
         calls=args.calls,
@@ -267,6 +275,7 @@ def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
         late_rate=args.late_rate,
         invalid_rate=args.invalid_rate,
         seed=args.seed,
+        now=now,
     )
     if args.produce:
         from pipeline.commands.produce import EventPublisher

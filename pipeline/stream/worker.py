@@ -82,6 +82,9 @@ from schemas.serde import Serde
 
 log = logging.getLogger(__name__)
 
+# Refusals that depend on the catalog, not on the event: fixed by a catalog change, then a resend.
+CATALOG_REASONS = frozenset({Reason.UNKNOWN_PLAN, Reason.UNKNOWN_TAX_REGION})
+
 
 @dataclass
 class Parts:
@@ -286,11 +289,15 @@ class Meter:
             parts.book.sweep(p, horizon)
 
     async def _refuse(self, src: SourceRecord, key: str, event_ms: int, reason: str, message: str) -> None:
-        """Step 2: a dead letter, once per distinct bad event; an identical copy is a duplicate."""
+        """Step 2: a dead letter, once per distinct bad event; an identical copy is a duplicate. An event
+        refused for what the catalog lacks, not for what it says, keeps no key: once the catalog is
+        fixed, resending the very same record is the remedy (the ledger still counts copies sent before
+        as one dead letter, by their bytes)."""
         if self.parts.dedupe.is_copy(src.partition, key, src.value):
             await self._duplicate(src, src.key_text, "", "", None)
             return
-        self.parts.dedupe.refuse(src.partition, key, event_ms, src.value)
+        if reason not in CATALOG_REASONS:
+            self.parts.dedupe.refuse(src.partition, key, event_ms, src.value)
         await self._dead(src, reason, message)
 
     async def _dead(self, src: SourceRecord, reason: str, message: str) -> None:

@@ -158,7 +158,7 @@ class MemoryWorker:
         return MemoryWorker(
             retention_days=self.settings.dedupe_retention_days,
             now=kwargs.pop("now", self.now),
-            rating_catalog=self.catalog,
+            rating_catalog=kwargs.pop("rating_catalog", self.catalog),
             tables=self.tables,
             **kwargs,
         )

@@ -147,7 +147,7 @@ def balance_bench(
             api_idle.append(time.perf_counter() - t0)
 
         # Load: simulated traffic published at a fixed pace (PacedLoad), not a flood: the figures are
-        # for a worker keeping up at the given share of its sustained rate, as issue 10 asks.
+        # for a worker keeping up at the given share of its sustained rate.
         load = PacedLoad(env["CALLMETER_KAFKA"], settings, serde, rate_per_s, load_calls)
         load_started_ms = int(time.time() * 1000)
         load_t0 = time.monotonic()

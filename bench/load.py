@@ -1,4 +1,4 @@
-"""Paced load for the latency rows of `make bench` (issue 10: "at 80 % of the sustained rate").
+"""Paced load for the latency rows of `make bench` ("at 80 % of the sustained rate").
 
 A flood (the simulator producing as fast as it can) keeps the worker's input backlogged, so every
 request waits behind it and the figures describe an overloaded worker. ``PacedLoad`` publishes

@@ -1,4 +1,4 @@
-"""The reference rows of `make bench` (issue 10): what Faust and the Kafka client cost on their own.
+"""The reference rows of `make bench`: what Faust and the Kafka client cost on their own.
 
 Each reference is a child process, ``python -m bench.refs KIND ...``, that consumes an input
 topic already holding ``--records`` CallRecord values (real Avro from schemas/serde.py, calls from

@@ -1,4 +1,4 @@
-"""The one table `make bench` prints (issue 10): pure formatting, no I/O.
+"""The one table `make bench` prints: pure formatting, no I/O.
 
 Every throughput row carries its ratio to the straightforward stateful Faust agent measured in the same
 run on the same broker: on this shared 2-core machine absolute figures move by about 20 % from run to

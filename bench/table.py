@@ -1,4 +1,4 @@
-"""`make bench`: one table, every row measured in this run on the same broker (issue 10).
+"""`make bench`: one table, every row measured in this run on the same broker.
 
 Run as ``python -m bench.table [--calls N] [--only refs,callmeter,replay,balance]``.
 Rows, each with its rate and its ratio to the straightforward stateful Faust agent:
@@ -224,7 +224,7 @@ def _rest(row: Row) -> tuple[Any, ...]:
 
 
 def _eighty_percent(rows: list[Row]) -> float:
-    """Issue 10 times latency "at 80 % of the sustained rate": of the fastest worker row of this run."""
+    """Latency is timed "at 80 % of the sustained rate": of the fastest worker row of this run."""
     rates = [row.per_second for row in rows if row.key.startswith("worker-") and row.per_second]
     return 0.8 * max(rates) if rates else FALLBACK_BALANCE_RATE
 

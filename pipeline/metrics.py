@@ -136,7 +136,7 @@ LATE_EVENTS = Counter(
 def initialize(input_topics: Iterable[str]) -> None:
     """Create the per-topic counters at 0. A labelled counter otherwise appears at its first increment,
     already above 0, and rate()/increase() cannot see that first step: a burst of duplicates right after
-    a start would never raise CallmeterDuplicateRateHigh (seen with a real Prometheus, issue 11)."""
+    a start would never raise CallmeterDuplicateRateHigh (seen with a real Prometheus)."""
     for topic in input_topics:
         EVENTS_CONSUMED.labels(topic=topic)
         DUPLICATES.labels(topic=topic)

@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     # Stream worker processes `callmeter worker` runs. With more than one, the ledger sink runs as a
     # process of its own beside them (chdb opens a path in one process only). Process i serves its
     # web API on worker_web_port + i and keeps its local state in <data_dir>/worker-<i>. One per core by
-    # default (issue 10): a Faust worker is one Python thread, so a process per core is what scales, and
+    # default: a Faust worker is one Python thread, so a process per core is what scales, and
     # the ledger sink then gets a process of its own instead of sharing the worker's GIL.
     worker_processes: int = Field(default_factory=lambda: max(1, os.cpu_count() or 1))
     # false: `callmeter worker` runs stream workers only and a `callmeter sink` service (exactly one)

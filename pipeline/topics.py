@@ -105,7 +105,7 @@ def ensure_internal_topics(
     then wait until the cluster's metadata shows every one with its partition count.
 
     Faust creates them itself, but on a fresh cluster its agents could start before the new topics
-    were in the client's metadata ("changelog topic ... has 0 partitions") and crash mid-event (issue 9).
+    were in the client's metadata ("changelog topic ... has 0 partitions") and crash mid-event.
     A changelog with another partition count than the inputs is refused: state would be mis-assigned."""
     conf: dict[str, Any] = {"bootstrap.servers": bootstrap, "error_cb": lambda _err: None, "log_level": 0}
     admin = AdminClient(conf)

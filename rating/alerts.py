@@ -1,5 +1,6 @@
-"""Which usage alerts a balance update sends (spec §8, issue 12): thresholds per tenant and the
-projected overage. Pure: seconds and aware UTC datetimes in, thresholds and instants out.
+"""Which usage alerts a balance update sends (spec §8, extended in docs/decisions.md): thresholds per
+tenant, when they were crossed, and the projected overage. Pure: seconds and aware UTC datetimes in,
+thresholds and instants out.
 
 Thresholds are whole percents of the period's included seconds, 1 to 100 (the billing docs name 50,
 75, 90, 95 and 100). A tenant's own list (ALERT_THRESHOLDS_SET) wins over its plan's catalog default,

@@ -1,4 +1,4 @@
-"""Pre-call authorization (issue 12): may a tenant's next call connect, and for how long at most.
+"""Pre-call authorization: may a tenant's next call connect, and for how long at most.
 
 Pure: the worker passes the tenant's timeline (None when it has never seen the tenant), the billable
 seconds already used in the period containing ``now`` and the time. The rule follows the spec:

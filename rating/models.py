@@ -42,7 +42,7 @@ class ProvisioningEvent:
     number: str | None = None
     number_type: str | None = None
     employee_id: str | None = None
-    # ALERT_THRESHOLDS_SET (issue 12): percents of included seconds; empty means the catalog default.
+    # ALERT_THRESHOLDS_SET: percents of included seconds; empty means the catalog default.
     alert_thresholds_percent: tuple[int, ...] | None = None
 
 

@@ -1,4 +1,4 @@
-"""Quota checks before creating an AI employee or a phone number (issue 12): "3 of 5 employees active".
+"""Quota checks before creating an AI employee or a phone number: "3 of 5 employees active".
 
 Pure counting over the tenant's timeline. The limits are those of the plan in force at ``now``
 (``service_at``: the plan of the period containing it; a PLAN_CHANGED takes effect at the next period,

@@ -229,7 +229,7 @@ class TenantTimeline:
 
     @property
     def alert_thresholds_percent(self) -> tuple[int, ...] | None:
-        """The tenant's own usage alert thresholds (issue 12), or None for the catalog default."""
+        """The tenant's own usage alert thresholds, or None for the catalog default."""
         return self._alert_thresholds
 
     # subscription -------------------------------------------------------------------------------

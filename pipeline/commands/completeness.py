@@ -1,4 +1,4 @@
-"""Is the ledger complete enough to invoice? (issue 8: an invoice from an unfinished ledger is wrong with
+"""Is the ledger complete enough to invoice? (An invoice from an unfinished ledger is wrong with
 no warning.)
 
 Two consumer groups must be done: the worker's over the input topics (every event consumed, rated,

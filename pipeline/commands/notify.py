@@ -1,4 +1,4 @@
-"""`callmeter notify --webhook URL`: deliver the alerts topic to an HTTP endpoint (issue 12).
+"""`callmeter notify --webhook URL`: deliver the alerts topic to an HTTP endpoint.
 
 Commit protocol (the offsets of the notifier's own consumer group, never the worker's):
 1. Alerts are read read_committed, so only alerts whose worker transaction committed are delivered.

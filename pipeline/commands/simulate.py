@@ -73,7 +73,7 @@ class _Tenant:
 
 
 def run_tag(cfg: SimulationConfig) -> str:
-    """Part of every event id: two runs for another month or seed never reuse an id (issue 9: a reused
+    """Part of every event id: two runs for another month or seed never reuse an id (a reused
     id with another payload is a different event that deduplication would wrongly drop)."""
     return f"{cfg.year}{cfg.month:02d}s{cfg.seed}"
 

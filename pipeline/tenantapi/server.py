@@ -2,7 +2,7 @@
 
 Started by `callmeter worker` (the supervising process, which does no stream work) when ``api_port``
 is set, so a gateway's pre-call question is not queued behind the stream worker's event loop: under
-`make bench` load that loop kept a request waiting ~25 ms at p99 (issue 12 asks < 5 ms). Every
+`make bench` load that loop kept a request waiting ~25 ms at p99 (gateways need < 5 ms). Every
 `callmeter worker` service answers for every tenant (its view holds all partitions), so nothing is
 forwarded. The bodies are the workers' own (pipeline/tenantapi/answers.py); an answer is as of the
 workers' last commit (pipeline/tenantapi/view.py). Until the view has read the committed state, and

@@ -35,12 +35,13 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
-from sinks.cluster import SESSION_SETTINGS, cluster_ddl, cluster_migrations
+from sinks.cluster import cluster_ddl, cluster_migrations
+from sinks.columns import COLUMNS, PROVISIONING_COLUMNS
+from sinks.connection import connect, one_line
 from sinks.errors import LedgerError
-from sinks.schema import COLUMNS, MIGRATIONS, PROVISIONING_COLUMNS, TS
+from sinks.schema import MIGRATIONS, TS
 
 log = logging.getLogger(__name__)
 
@@ -49,63 +50,6 @@ MIGRATIONS_TABLE_DDL = (
     f"CREATE TABLE IF NOT EXISTS schema_migrations (version UInt32, name String, "
     f"applied_at {TS}) ENGINE = MergeTree ORDER BY version"
 )
-
-
-def connect(dsn: str, password: str | None = None, cluster: str | None = None) -> Client:
-    """Open a clickhouse-connect client: ``chdb:///path`` embedded, ``http(s)://`` a server. With a
-    ``cluster``, the client's session carries sinks/cluster.py's settings (synchronous inserts)."""
-    if cluster and dsn.startswith("chdb:"):
-        msg = (
-            "clickhouse_cluster needs a ClickHouse server (CALLMETER_CLICKHOUSE_URL), not the embedded ledger"
-        )
-        raise LedgerError(msg)
-    try:
-        if dsn.startswith("chdb:"):
-            return clickhouse_connect.get_client(dsn=dsn)
-        kwargs: dict[str, Any] = {"dsn": dsn}
-        if password is not None:
-            kwargs["password"] = password
-        if cluster:
-            kwargs["settings"] = dict(SESSION_SETTINGS)
-        return clickhouse_connect.get_client(**kwargs)
-    except Exception as exc:  # the driver raises many kinds; the caller needs one
-        path = dsn.removeprefix("chdb://")
-        holders = _processes_holding(path) if dsn.startswith("chdb:") else []
-        if holders:
-            pids = ", ".join(map(str, holders))
-            msg = (
-                f"the embedded ledger at {path} is open in another process (pid {pids}, a running "
-                "`callmeter worker`?): chdb lets one process open it; stop that process or set "
-                "CALLMETER_CLICKHOUSE_URL to a ClickHouse server"
-            )
-        else:
-            msg = f"cannot open the ClickHouse ledger at {dsn.split('@')[-1]}: {_one_line(exc)}"
-        raise LedgerError(msg) from exc
-
-
-def _processes_holding(path: str) -> list[int]:
-    """Pids (other than ours) with a file under ``path`` open, from /proc; empty where there is none."""
-    import os
-
-    root = os.path.realpath(path)
-    found = []
-    try:
-        pids = [int(name) for name in os.listdir("/proc") if name.isdigit() and int(name) != os.getpid()]
-    except OSError:
-        return []
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-            if any(os.readlink(f"/proc/{pid}/fd/{fd}").startswith(root + os.sep) for fd in fds):
-                found.append(pid)
-        except OSError:
-            continue
-    return found
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
 
 
 class Ledger:
@@ -155,7 +99,7 @@ class Ledger:
         except LedgerError:
             raise
         except Exception as exc:
-            msg = f"ledger migration failed: {_one_line(exc)}"
+            msg = f"ledger migration failed: {one_line(exc)}"
             raise LedgerError(msg) from exc
 
     # -- the port -------------------------------------------------------------------------------------
@@ -180,7 +124,7 @@ class Ledger:
                 with self.lock:
                     self.client.insert(table, rows, column_names=list(COLUMNS[table]), settings=settings)
             except Exception as exc:
-                msg = f"ledger insert into {table} failed ({len(rows)} rows): {_one_line(exc)}"
+                msg = f"ledger insert into {table} failed ({len(rows)} rows): {one_line(exc)}"
                 raise LedgerError(msg) from exc
             written += len(rows)
             rows.clear()
@@ -196,7 +140,7 @@ class Ledger:
             with self.lock:
                 return [tuple(r) for r in self.client.query(sql, parameters=parameters).result_rows]
         except Exception as exc:
-            msg = f"ledger query failed: {_one_line(exc)}"
+            msg = f"ledger query failed: {one_line(exc)}"
             raise LedgerError(msg) from exc
 
     def usage_seconds(self, period_from: datetime, period_to: datetime) -> dict[tuple[str, datetime], int]:
@@ -377,7 +321,7 @@ class Ledger:
                     table, columns, column_names=list(COLUMNS[table]), column_oriented=True, settings=settings
                 )
         except Exception as exc:
-            msg = f"ledger insert into {table} failed ({len(columns[0])} rows): {_one_line(exc)}"
+            msg = f"ledger insert into {table} failed ({len(columns[0])} rows): {one_line(exc)}"
             raise LedgerError(msg) from exc
         return len(columns[0])
 

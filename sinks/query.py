@@ -29,8 +29,9 @@ from typing import Any
 
 from clickhouse_connect.driver.client import Client
 
+from sinks.connection import connect
 from sinks.errors import LedgerError
-from sinks.ledger import Ledger, connect
+from sinks.ledger import Ledger
 
 log = logging.getLogger(__name__)
 READONLY = {"readonly": 1}

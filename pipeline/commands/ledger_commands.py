@@ -100,8 +100,8 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_ledger(settings: Settings, _args: argparse.Namespace) -> int:
     """Row counts (deduplicated) and dead letters by reason: a quick look for on-call and tests."""
+    from sinks.columns import COLUMNS
     from sinks.ledger import Ledger
-    from sinks.schema import COLUMNS
 
     ledger = Ledger.open(settings.clickhouse_dsn, settings.clickhouse_secret, settings.clickhouse_cluster)
     try:

@@ -45,10 +45,10 @@ from pipeline.records import CALL_FIELDS, PROVISIONING_FIELDS, payload_json, rat
 from pipeline.settings import Settings
 from schemas.errors import SerdeError
 from schemas.serde import Serde
+from sinks.columns import DUPLICATE_COLUMNS, PROVISIONING_COLUMNS
 from sinks.errors import LedgerError
 from sinks.ledger import Ledger
 from sinks.query import QueryServer, serve_queries
-from sinks.schema import DUPLICATE_COLUMNS, PROVISIONING_COLUMNS
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")

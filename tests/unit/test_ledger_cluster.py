@@ -18,9 +18,10 @@ from typing import Any
 import pytest
 
 from sinks.cluster import SESSION_SETTINGS, ClusterDDLError, cluster_ddl, cluster_migrations
+from sinks.columns import COLUMNS
 from sinks.errors import LedgerError
 from sinks.ledger import MIGRATIONS_TABLE_DDL, Ledger
-from sinks.schema import COLUMNS, MIGRATIONS
+from sinks.schema import MIGRATIONS
 
 ROOT = Path(__file__).resolve().parents[2]
 # What the single-server migrations create (the list grows; the tests follow it).

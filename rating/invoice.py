@@ -18,6 +18,8 @@ from rating.subscription import TenantTimeline, round_cents
 
 _CENT = Decimal("0.01")
 _ZERO = Decimal("0.00")
+# A draft is recomputed by every run of the invoice job; a final invoice is issued and never changes.
+DRAFT, FINAL = "draft", "final"
 
 
 def money_text(amount: Decimal) -> str:
@@ -67,10 +69,17 @@ class Invoice:
     tax_rate: Decimal
     tax: Decimal
     total: Decimal
+    status: str = DRAFT
+
+    def __post_init__(self) -> None:
+        if self.status not in (DRAFT, FINAL):
+            msg = f"invoice status must be {DRAFT!r} or {FINAL!r}, got {self.status!r}"
+            raise RatingError(msg)
 
     def to_json_dict(self, generated_at: str) -> dict[str, Any]:
         return {
             "invoice_id": self.invoice_id,
+            "status": self.status,
             "tenant_id": self.tenant_id,
             "plan_id": self.plan_id,
             "period_start": self.period.start_date.isoformat(),

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -27,7 +27,7 @@ from pipeline.errors import PipelineError
 from rating.batch import invoices_from_usage
 from rating.calls import RatedCall, rate_call
 from rating.catalog import Catalog
-from rating.invoice import Invoice, InvoiceLine, build_invoice, money_text
+from rating.invoice import DRAFT, FINAL, Invoice, InvoiceLine, build_invoice, money_text
 from rating.models import CallEvent, ProvisioningEvent
 from rating.periods import Period, parse_month
 from rating.subscription import TenantTimeline
@@ -272,8 +272,9 @@ def run_invoices(
             )
             raise InvoiceRefused(msg)
         final = not incomplete and (finalize or now >= invoice.period.end + settlement_window)
+        invoice = replace(invoice, status=FINAL if final else DRAFT)
         text = invoice_json(invoice, now, incomplete=incomplete)
-        outputs.append(InvoiceOutput(invoice, text, "final" if final else "draft", False, tuple(adjustments)))
+        outputs.append(InvoiceOutput(invoice, text, invoice.status, False, tuple(adjustments)))
     return outputs
 
 

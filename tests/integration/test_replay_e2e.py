@@ -65,6 +65,7 @@ def rate_and_finalize_examples(env: dict[str, str], tmp_path: Path) -> None:
     assert [line.rsplit(" ", 1)[-1] for line in out.splitlines()] == ["final"] * 3
     got = read_invoices(tmp_path / "nov")
     assert {k: comparable(v) for k, v in got.items()} == {k: comparable(v) for k, v in EXPECTED.items()}
+    assert {invoice["status"] for invoice in got.values()} == {"final"}
 
 
 def test_pricing_fix_replay_carries_the_difference_once(cm_env: dict[str, str], tmp_path: Path) -> None:

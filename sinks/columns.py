@@ -77,6 +77,9 @@ ADJUSTMENT_COLUMNS = (
     "catalog_revision",
     "status",
     "generated_at",
+    "kind",
+    "tax_rate",
+    "tax",
 )
 INVOICE_COLUMNS = (
     "invoice_id",
@@ -92,6 +95,7 @@ INVOICE_COLUMNS = (
     "body",
     "generated_at",
     "status",
+    "credit_applied",
 )
 INVOICE_LINE_COLUMNS = (
     "invoice_id",

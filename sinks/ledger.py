@@ -309,6 +309,19 @@ class Ledger:
         )
         return Decimal(rows[0][0] or 0)
 
+    def credit_balances(
+        self, excluding_invoices: Sequence[str], tenant_id: str | None = None
+    ) -> dict[str, Decimal]:
+        """Each tenant's customer credit balance on its *final* invoices (drafts may still change),
+        leaving out ``excluding_invoices``: the ones being computed, whose own credit is theirs to add."""
+        rows = self.query(
+            "SELECT tenant_id, sum(granted) - sum(applied) FROM customer_credit "
+            "WHERE invoice_id NOT IN {x:Array(String)} AND ({t:String} = '' OR tenant_id = {t:String}) "
+            "GROUP BY tenant_id",
+            {"x": list(excluding_invoices), "t": tenant_id or ""},
+        )
+        return {str(tenant): Decimal(balance) for tenant, balance in rows}
+
     def insert_columns(
         self, table: str, columns: Sequence[Sequence[Any]], dedup_token: str | None = None
     ) -> int:

@@ -8,8 +8,11 @@ Final invoices (issue 4, docs/decisions.md "Final invoices and adjustments"):
 - ``--finalize``, or the settlement window after the period end having passed, makes an invoice final.
   A final invoice is never recomputed or rewritten: re-running the job writes its stored text again.
 - When a replay (a higher catalog revision) or a late call changes what a final invoice F should have
-  said, the difference (recomputed subtotal - F's subtotal - what final invoices already carried) is an
-  ``adjustment`` line on the tenant's invoice being computed for a later period, naming F and why.
+  said, the difference (recomputed subtotal - F's subtotal - what final invoices already carried) goes
+  on the tenant's invoice being computed for a later period, naming F and why: more is an
+  ``adjustment`` line (a charge, taxed with that invoice); less is a customer credit, taxed at F's rate
+  and applied with the tenant's credit balance to what is due (rating/credit.py, docs/decisions.md
+  "Credits: a customer balance").
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from pipeline.errors import PipelineError
 from rating.batch import invoices_from_usage
 from rating.calls import RatedCall, rate_call
 from rating.catalog import Catalog
-from rating.invoice import DRAFT, FINAL, Invoice, InvoiceLine, build_invoice, money_text
+from rating.credit import Credit
+from rating.invoice import DRAFT, FINAL, Invoice, InvoiceLine, build_invoice, decimal_text, money_text
 from rating.models import CallEvent, ProvisioningEvent
 from rating.periods import Period, parse_month
 from rating.subscription import TenantTimeline
@@ -40,7 +44,8 @@ class InvoiceOutput:
     text: str  # the JSON written to <invoice_id>.json
     status: str  # draft | final
     stored: bool  # True: a final invoice re-emitted from storage, not recomputed
-    adjustments: tuple[tuple[str, Decimal, str], ...] = ()  # (corrects invoice id, amount, reason)
+    # (corrects invoice id, amount before tax, reason): charges (> 0) and credits (< 0, in invoice.credits)
+    adjustments: tuple[tuple[str, Decimal, str], ...] = ()
 
 
 def month_window(year: int, month: int) -> tuple[datetime, datetime]:
@@ -179,7 +184,9 @@ def _period_of(row: dict[str, Any]) -> Period:
 
 def _adjustments(
     ledger: Ledger, catalog: Catalog, timeline: TenantTimeline, draft: Invoice, finals: list[dict[str, Any]]
-) -> list[tuple[str, Decimal, str]]:
+) -> list[tuple[str, Decimal, str, Decimal]]:
+    """(corrected invoice, amount before tax, why, its tax rate) for each final invoice of an earlier
+    period whose recomputation differs from what it and the final invoices after it already said."""
     out = []
     for final in finals:
         period = _period_of(final)
@@ -209,7 +216,8 @@ def _adjustments(
             why.append(f"re-rated with catalog revision {revision}")
         if late:
             why.append(f"{late} late call{'s' if late != 1 else ''}")
-        out.append((final["invoice_id"], delta, ", ".join(why) or "recomputed"))
+        rate = Decimal(json.loads(str(final["body"]))["tax_rate"])
+        out.append((final["invoice_id"], delta, ", ".join(why) or "recomputed", rate))
     return out
 
 
@@ -237,6 +245,7 @@ def run_invoices(
     outputs = []
     drafts, facts = _compute(ledger, catalog, period, tenant)
     stage_corrections(ledger, catalog, facts, period, tenant, now)
+    balances = ledger.credit_balances([draft.invoice_id for draft in drafts], tenant)
     for draft in drafts:
         previous = stored.get(draft.invoice_id)
         if previous is not None and previous["status"] == "final":
@@ -244,8 +253,13 @@ def run_invoices(
             continue
         timeline = timelines[draft.tenant_id]
         adjustments = _adjustments(ledger, catalog, timeline, draft, finals_by_tenant[draft.tenant_id])
+        credits = tuple(
+            Credit(corrects, f"Correction of invoice {corrects}: {why}", amount, rate)
+            for corrects, amount, why, rate in adjustments
+            if amount < 0
+        )
         invoice = draft
-        if adjustments:
+        if len(credits) < len(adjustments):
             lines = [
                 InvoiceLine(
                     code="adjustment",
@@ -255,7 +269,8 @@ def run_invoices(
                     amount=amount,
                     corrects_invoice=corrects,
                 )
-                for corrects, amount, why in adjustments
+                for corrects, amount, why, _rate in adjustments
+                if amount > 0
             ]
             invoice = build_invoice(
                 tenant_id=draft.tenant_id,
@@ -272,9 +287,13 @@ def run_invoices(
             )
             raise InvoiceRefused(msg)
         final = not incomplete and (finalize or now >= invoice.period.end + settlement_window)
-        invoice = replace(invoice, status=FINAL if final else DRAFT)
+        balance = balances.get(invoice.tenant_id, Decimal("0.00"))
+        invoice = replace(
+            invoice, status=FINAL if final else DRAFT, credits=credits, credit_balance_before=balance
+        )
         text = invoice_json(invoice, now, incomplete=incomplete)
-        outputs.append(InvoiceOutput(invoice, text, invoice.status, False, tuple(adjustments)))
+        carried = tuple((corrects, amount, why) for corrects, amount, why, _rate in adjustments)
+        outputs.append(InvoiceOutput(invoice, text, invoice.status, False, carried))
     return outputs
 
 
@@ -329,6 +348,7 @@ def write_outputs(ledger: Ledger, outputs: list[InvoiceOutput], out_dir: Path) -
                 output.text,
                 generated_at,
                 output.status,
+                invoice.customer_credit.applied,
             ],
         )
         for line_no, line in enumerate(body["lines"]):
@@ -346,7 +366,10 @@ def write_outputs(ledger: Ledger, outputs: list[InvoiceOutput], out_dir: Path) -
                     generated_at,
                 ],
             )
+        credits = {credit.corrects_invoice: credit for credit in invoice.credits}
         for corrects, amount, why in output.adjustments:
+            credit = credits.get(corrects)
+            taxed = ("credit", decimal_text(credit.tax_rate), credit.tax) if credit else ("charge", "", 0)
             ledger.add(
                 "adjustments",
                 [
@@ -358,6 +381,7 @@ def write_outputs(ledger: Ledger, outputs: list[InvoiceOutput], out_dir: Path) -
                     invoice.catalog_revision,
                     output.status,
                     generated_at,
+                    *taxed,
                 ],
             )
     ledger.flush()

@@ -39,7 +39,7 @@ from clickhouse_connect.driver.client import Client
 
 from sinks.cluster import cluster_ddl, cluster_migrations
 from sinks.columns import COLUMNS, PROVISIONING_COLUMNS
-from sinks.connection import connect, one_line
+from sinks.connect import connect, one_line
 from sinks.errors import LedgerError
 from sinks.schema import MIGRATIONS, TS
 

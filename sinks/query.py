@@ -29,9 +29,8 @@ from typing import Any
 
 from clickhouse_connect.driver.client import Client
 
-from sinks.connection import connect
 from sinks.errors import LedgerError
-from sinks.ledger import Ledger
+from sinks.ledger import Ledger, connect
 
 log = logging.getLogger(__name__)
 READONLY = {"readonly": 1}

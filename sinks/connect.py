@@ -1,4 +1,5 @@
-"""Opening the ledger's ClickHouse client: embedded chdb or a server, one clear error either way."""
+"""Opening the ledger's ClickHouse client: ``chdb:///path`` embedded (one process per path), ``http(s)://``
+a server; a path another process holds is named with its pid."""
 
 from __future__ import annotations
 

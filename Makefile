@@ -45,9 +45,9 @@ test-unit: setup promtool
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy schemas pipeline rating sinks
+	$(BIN)/mypy schemas pipeline rating sinks bench
 
-# One table, every row measured in this run on the same broker (pipeline/commands/benchtable.py): the bare Faust
+# One table, every row measured in this run on the same broker (bench/table.py): the bare Faust
 # agent, the straightforward stateful agent (the baseline of every ratio), the raw confluent-kafka
 # transactional loop, `worker --until-idle` with 1 and 2 worker processes, replay, and balance latency,
 # on BENCH_CALLS records each; also written to docs/bench-results.md. BENCH_FLAGS="--rss-at
@@ -55,7 +55,7 @@ lint: setup
 BENCH_CALLS ?= 100000
 BENCH_FLAGS ?=
 bench: setup
-	$(BIN)/python -m pipeline.commands.benchtable --calls $(BENCH_CALLS) --processes 1,2 $(BENCH_FLAGS)
+	$(BIN)/python -m bench.table --calls $(BENCH_CALLS) --processes 1,2 $(BENCH_FLAGS)
 
 clean:
 	-$(BIN)/callmeter down

@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     partitions: int = 6
     dedupe_retention_days: int = 40
     parking_timeout_seconds: int = 3600
+    # An event dated more than this past the time Kafka stamped on its record (the broker's append time
+    # on the topics callmeter creates) is dead-lettered FUTURE_EVENT: a clock fault, not usage. One
+    # billing period by default; lower it where gateways' clocks are disciplined (docs/decisions.md,
+    # "Future-dated events").
+    future_tolerance_seconds: int = Field(default=31 * 86_400, ge=0)
     settlement_window_hours: int = 48
     # --until-idle: how long nothing new must arrive before the worker exits.
     idle_seconds: float = 2.0

@@ -18,6 +18,11 @@ from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# Input records carry the broker's append time, not the producer's clock: the worker measures an event's
+# own time against it (a call dated far past it is a clock fault, rating/timing.py), and a gateway's
+# clock must not decide that. Set when callmeter creates the topics; an existing topic keeps its own.
+INPUT_TOPIC_CONFIG = {"message.timestamp.type": "LogAppendTime"}
+
 
 def _input_partitions(settings: Settings, counts: dict[str, int]) -> int | None:
     existing = {t: counts[t] for t in settings.topics.inputs if t in counts}
@@ -52,7 +57,9 @@ def ensure_topics(settings: Settings, bootstrap: str) -> None:
         if name in counts:
             continue
         partitions = _input_partitions(settings, counts) or settings.partitions
-        if _create_topics(admin, [NewTopic(name, partitions, replication)], bootstrap):
+        if _create_topics(
+            admin, [NewTopic(name, partitions, replication, config=INPUT_TOPIC_CONFIG)], bootstrap
+        ):
             log.info("created topic %s", name)
         counts = _visible(admin, bootstrap, [name])
     _input_partitions(settings, counts)

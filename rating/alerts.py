@@ -89,3 +89,38 @@ def projected_overage(period: Period, included_seconds: int, used_seconds: int, 
 
 def _ms(delta: timedelta) -> int:
     return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
+
+
+def threshold_crossing(
+    calls: Iterable[tuple[datetime, int]],
+    included_seconds: int,
+    percent: int,
+    not_before: datetime | None = None,
+) -> tuple[datetime, int] | None:
+    """When a period's usage reached ``percent`` of its included seconds, in event time.
+
+    ``calls`` are the period's calls as ``(ended_at, billable seconds)``, in any order. The crossing is
+    the earliest instant at which the calls that had ended by then add up to the threshold; the usage
+    returned is theirs at that instant. ``not_before`` (the crossing of a lower threshold already
+    announced) moves it later, never earlier, and the usage is then the usage at that later instant.
+    So, over any set of calls, a higher threshold never crosses earlier nor with less usage than a
+    lower one, whatever order the calls arrived in (docs/decisions.md, "Usage alerts in event time").
+    None when the calls do not reach the threshold."""
+    if included_seconds <= 0:
+        return None
+    by_end: dict[datetime, int] = {}
+    for ended, seconds in calls:
+        by_end[ended] = by_end.get(ended, 0) + seconds
+    limit = percent * included_seconds
+    used = 0
+    crossed = None
+    for ended in sorted(by_end):
+        used += by_end[ended]
+        if used * 100 >= limit:
+            crossed = ended
+            break
+    if crossed is None:
+        return None
+    if not_before is None or not_before <= crossed:
+        return crossed, used
+    return not_before, sum(seconds for ended, seconds in by_end.items() if ended <= not_before)

@@ -108,30 +108,64 @@ def balance(
     )
 
 
+class _PeriodRules:
+    """The rounding of each period a tenant's calls fall in, looked up once per period: the same rules
+    as ``rate_call`` (the period from the anchor, the plan in effect at the period's start; no covering
+    subscription or an unknown plan rates a call at nothing)."""
+
+    def __init__(self, timeline: TenantTimeline, catalog: Catalog) -> None:
+        self.timeline = timeline
+        self.catalog = catalog
+        self._periods: dict[datetime, tuple[Period, Rounding | None]] = {}
+
+    def rate(self, started_at: datetime, raw: Decimal) -> tuple[Period, int] | None:
+        period = period_containing(self.timeline.anchor, started_at)
+        cached = self._periods.get(period.start)
+        if cached is None:
+            plan_id = self.timeline.plan_for_period(period)
+            rounding = None
+            if plan_id is not None:
+                try:
+                    rounding = self.catalog.plan_for(plan_id, period.start).rounding
+                except UnknownPlanError:
+                    rounding = None
+            cached = self._periods[period.start] = (period, rounding)
+        if cached[1] is None:
+            return None
+        return cached[0], billable_seconds(raw, cached[1])
+
+
 def period_usage(
     calls: Iterable[tuple[datetime, Decimal]], timeline: TenantTimeline, catalog: Catalog
 ) -> dict[datetime, int]:
     """Billable seconds per period start of calls given as ``(started_at, raw_seconds)``, rated
-    against ``timeline``: what the live balances must hold after the timeline changed (issue 8).
-
-    The same rules as ``rate_call``: the call's period from the anchor, the plan in effect at the
-    period's start (no covering subscription: the call counts for nothing), the plan's rounding."""
+    against ``timeline``: what the live balances must hold after the timeline changed."""
     if not timeline.subscribed:
         return {}
     usage: dict[datetime, int] = defaultdict(int)
-    periods: dict[datetime, tuple[Period, Rounding | None]] = {}
+    rules = _PeriodRules(timeline, catalog)
     for started_at, raw in calls:
-        period = period_containing(timeline.anchor, started_at)
-        cached = periods.get(period.start)
-        if cached is None:
-            plan_id = timeline.plan_for_period(period)
-            rounding = None
-            if plan_id is not None:
-                try:
-                    rounding = catalog.plan_for(plan_id, period.start).rounding
-                except UnknownPlanError:
-                    rounding = None
-            cached = periods[period.start] = (period, rounding)
-        if cached[1] is not None:
-            usage[period.start] += billable_seconds(raw, cached[1])
+        rated = rules.rate(started_at, raw)
+        if rated is not None:
+            usage[rated[0].start] += rated[1]
     return dict(usage)
+
+
+def period_calls(
+    calls: Iterable[tuple[datetime, datetime, Decimal]],
+    timeline: TenantTimeline,
+    catalog: Catalog,
+    period_start: datetime,
+) -> list[tuple[datetime, int]]:
+    """``(ended_at, billable seconds)`` of the calls, given as ``(started_at, ended_at, raw_seconds)``,
+    that bill to the period starting at ``period_start``: what an alert's crossing is computed over
+    (``rating.alerts.threshold_crossing``)."""
+    if not timeline.subscribed:
+        return []
+    rules = _PeriodRules(timeline, catalog)
+    found = []
+    for started_at, ended_at, raw in calls:
+        rated = rules.rate(started_at, raw)
+        if rated is not None and rated[0].start == period_start:
+            found.append((ended_at, rated[1]))
+    return found

@@ -58,6 +58,7 @@ class Reason(StrEnum):
     UNKNOWN_PLAN = "UNKNOWN_PLAN"
     UNKNOWN_TAX_REGION = "UNKNOWN_TAX_REGION"
     NO_SUBSCRIPTION = "NO_SUBSCRIPTION"
+    FUTURE_EVENT = "FUTURE_EVENT"
 
 
 @dataclass(frozen=True, slots=True)

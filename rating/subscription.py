@@ -148,6 +148,11 @@ class TenantTimeline:
     def events(self) -> list[ProvisioningEvent]:
         return sorted(self._events.values(), key=_order)
 
+    def has_event(self, event_id: str) -> bool:
+        """Whether an event with this id was accepted: the timeline keeps every one for ever, so it is
+        also the complete dedupe record of the tenant's provisioning (no retention forgets it)."""
+        return event_id in self._events
+
     # replay -------------------------------------------------------------------------------------
 
     def _replay(self, event: ProvisioningEvent) -> None:

@@ -12,9 +12,12 @@ from sinks.cluster import SESSION_SETTINGS
 from sinks.errors import LedgerError
 
 
-def connect(dsn: str, password: str | None = None, cluster: str | None = None) -> Client:
+def connect(
+    dsn: str, password: str | None = None, cluster: str | None = None, settings: dict[str, Any] | None = None
+) -> Client:
     """Open a clickhouse-connect client: ``chdb:///path`` embedded, ``http(s)://`` a server. With a
-    ``cluster``, the client's session carries sinks/cluster.py's settings (synchronous inserts)."""
+    ``cluster``, the client's session carries sinks/cluster.py's settings (synchronous inserts); with
+    ``settings``, those (in order: with the embedded engine each is a SET on this client's own handle)."""
     if cluster and dsn.startswith("chdb:"):
         msg = (
             "clickhouse_cluster needs a ClickHouse server (CALLMETER_CLICKHOUSE_URL), not the embedded ledger"
@@ -22,12 +25,12 @@ def connect(dsn: str, password: str | None = None, cluster: str | None = None) -
         raise LedgerError(msg)
     try:
         if dsn.startswith("chdb:"):
-            return clickhouse_connect.get_client(dsn=dsn)
+            return clickhouse_connect.get_client(dsn=dsn, settings=dict(settings or {}))
         kwargs: dict[str, Any] = {"dsn": dsn}
         if password is not None:
             kwargs["password"] = password
-        if cluster:
-            kwargs["settings"] = dict(SESSION_SETTINGS)
+        if cluster or settings:
+            kwargs["settings"] = {**(SESSION_SETTINGS if cluster else {}), **(settings or {})}
         return clickhouse_connect.get_client(**kwargs)
     except Exception as exc:  # the driver raises many kinds; the caller needs one
         path = dsn.removeprefix("chdb://")

@@ -58,7 +58,8 @@ class Ledger:
     def __init__(self, client: Client, cluster: str | None = None) -> None:
         self.client = client
         self.cluster = cluster
-        # One client, used by the sink thread and by the read-only SQL endpoint (sinks/query.py).
+        # One client, shared by the sink's threads (inserts, the first-seen check, finalized periods).
+        # Analysts' queries never use it: they get a client and session of their own (sinks/query.py).
         self.lock = threading.RLock()
         self._buffers: dict[str, list[Sequence[Any]]] = {name: [] for name in COLUMNS}
 
@@ -217,6 +218,28 @@ class Ledger:
             key = (str(topic), str(tenant), str(event))
             if key in wanted:
                 out.setdefault(key, []).append((int(partition), int(offset), str(payload)))
+        return out
+
+    def known_dead_letters(
+        self, keys: Iterable[tuple[str, str, str]]
+    ) -> dict[tuple[str, str, str], list[tuple[int, int, str]]]:
+        """``(tag, source topic, value digest) -> [(source partition, source offset, "")]`` of the dead
+        letters already in the ledger with these original bytes (the digest is ``value_digest``): the
+        sink's first-seen check for dead letters, so a resent bad event is one dead letter."""
+        wanted = set(keys)
+        if not wanted:
+            return {}
+        rows = self.query(
+            "SELECT source_topic, toString(value_digest), source_partition, source_offset FROM dead_letters "
+            "WHERE value_digest IN {d:Array(UInt64)}",
+            {"d": sorted({int(k[2]) for k in wanted})},
+        )
+        out: dict[tuple[str, str, str], list[tuple[int, int, str]]] = {}
+        tag = next(iter(wanted))[0]
+        for topic, digest, partition, offset in rows:
+            key = (tag, str(topic), str(digest))
+            if key in wanted and (int(partition), int(offset), "") not in out.get(key, []):
+                out.setdefault(key, []).append((int(partition), int(offset), ""))
         return out
 
     def provisioning_rows(self, tenant_id: str | None = None) -> list[dict[str, Any]]:

@@ -1,60 +1,238 @@
-"""Read-only SQL over the ledger (`callmeter sql`): embedded or server, whether the pipeline runs or not.
+"""Read-only SQL over the ledger (`callmeter sql`, usage, status): embedded or server, whether the
+pipeline runs or not, and never at the expense of the sink's writes.
 
-Read-only is ClickHouse's own ``readonly = 1`` setting on every query, not a check of the text: the
-server refuses anything that writes (INSERT, ALTER, DROP, CREATE, SET ...) whatever its spelling.
+Every query runs in a ClickHouse session of its own, never the sink's: with the embedded engine a
+fresh connection handle whose session is set to the query's limits and then ``readonly = 1`` (nothing
+can change a setting after that, so the limits hold); with a server, per-query settings, which no
+later query sees. A refused statement or a query's settings therefore never reach the session the sink
+inserts through (they once did: a refused DROP left the shared session read-only and every insert
+failed). Read-only is ClickHouse's own setting, not a check of the text; the text is checked only to
+explain a refusal well and to refuse what read-only does not stop (``INTO OUTFILE`` writes a file).
+
+Limits (``QueryLimits``) are the ones clickhouse-client's read-only profiles use: rows returned (the
+engine stops producing soon after), execution time and memory; rows are streamed as the engine produces
+them, never built up whole. The statement is first parsed alone (``formatQuery``), so a syntax error
+quotes the analyst's text and nothing the driver appends to it.
 
 The embedded engine (chdb) opens a path in one process only, so while the pipeline runs, the process
-holding the ledger (the worker's sink, or the sink process) serves read-only queries on a loopback
-port it announces in ``<ledger path>.query.json`` (pid and port). ``run_sql`` asks that process when
-the file names a live one, and opens the ledger itself otherwise. Queries and the sink's inserts take
-turns on the one client (``Ledger.lock``).
+holding the ledger (the worker's sink, or the sink process) serves queries on a loopback port it
+announces in ``<ledger path>.query.json`` (sinks/query_server.py). ``open_query`` asks that process
+when the file names a live one, and opens the ledger itself otherwise.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import logging
 import os
-import threading
+import re
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
-
-from clickhouse_connect.driver.client import Client
+from typing import Any, Literal
 
 from sinks.errors import LedgerError
-from sinks.ledger import Ledger, connect
+from sinks.ledger import connect
 
-log = logging.getLogger(__name__)
-READONLY = {"readonly": 1}
 Result = tuple[list[str], list[list[Any]]]
-_MAX_QUERY_BYTES = 1_000_000
+Limit = Literal["rows", "seconds", "memory"]
 
 
-def readonly_query(client: Client, sql: str, parameters: dict[str, Any] | None = None) -> Result:
-    """Column names and rows (JSON-ready values) of one read-only query; a refusal is a LedgerError.
-    ``parameters`` fill ``{name:Type}`` placeholders server-side (never pasted into the text)."""
+@dataclass(frozen=True)
+class QueryLimits:
+    """What one query may take. ``max_rows`` 0 is no row limit."""
+
+    max_rows: int = 0
+    max_seconds: float = 60.0
+    max_memory_mb: int = 1024
+
+    def settings(self) -> dict[str, Any]:
+        """ClickHouse settings, ``readonly`` last: once it applies no setting can change."""
+        out: dict[str, Any] = {
+            "max_execution_time": self.max_seconds,
+            "max_memory_usage": self.max_memory_mb * 1024 * 1024,
+        }
+        if self.max_rows:
+            # One more than shown, to tell "exactly max_rows" from "more"; 'break' ends the query there
+            # (at a block's end) instead of failing it.
+            out.update(max_result_rows=self.max_rows + 1, result_overflow_mode="break")
+        out["readonly"] = 1
+        return out
+
+
+class QueryLimitError(LedgerError):
+    """ClickHouse stopped the query at one of its limits (``limit``: seconds or memory)."""
+
+    def __init__(self, message: str, limit: Limit) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
+@dataclass
+class QueryStream:
+    """A query's column names and its rows (JSON-ready values) as they come, at most ``max_rows``;
+    ``truncated`` turns True once the rows are read if there were more."""
+
+    columns: list[str]
+    source: Iterator[list[Any]]
+    max_rows: int = 0
+    truncated: bool = field(default=False, init=False)
+
+    @property
+    def rows(self) -> Iterator[list[Any]]:
+        for n, row in enumerate(self.source):
+            if self.max_rows and n == self.max_rows:
+                self.truncated = True
+                return
+            yield row
+
+
+@contextmanager
+def open_query(
+    dsn: str,
+    password: str | None,
+    sql: str,
+    limits: QueryLimits | None = None,
+    parameters: dict[str, Any] | None = None,
+) -> Iterator[QueryStream]:
+    """Run ``sql`` read-only against the ledger at ``dsn`` (through the process holding it if any)."""
+    limits = limits or QueryLimits()
+    announced = endpoint_file(dsn)
+    if announced is not None and announced.exists():
+        endpoint = _live_holder(announced)
+        if endpoint is not None:
+            with _ask_holder(endpoint, sql, parameters, limits) as stream:
+                yield stream
+            return
+    with local_query(dsn, password, sql, limits, parameters) as stream:
+        yield stream
+
+
+def run_sql(
+    dsn: str,
+    password: str | None,
+    sql: str,
+    timeout_seconds: float = 300.0,
+    parameters: dict[str, Any] | None = None,
+) -> Result:
+    """Every row of a read-only query, for the commands' own queries (small answers, no row limit)."""
+    with open_query(dsn, password, sql, QueryLimits(max_seconds=timeout_seconds), parameters) as stream:
+        return stream.columns, list(stream.rows)
+
+
+# -- running a query in this process -----------------------------------------------------------------
+_STREAMED = ("SELECT", "WITH")
+_ANSWERED_WHOLE = ("SHOW", "DESCRIBE", "DESC", "EXPLAIN", "EXISTS")
+_REFUSED = "refused: the ledger is read-only here (SELECT, SHOW, DESCRIBE, EXPLAIN and WITH only)"
+
+
+@contextmanager
+def local_query(
+    dsn: str, password: str | None, sql: str, limits: QueryLimits, parameters: dict[str, Any] | None
+) -> Iterator[QueryStream]:
+    """The query on a client and session of its own, opened here and closed after."""
+    embedded = dsn.startswith("chdb:")
+    # Embedded: the session carries the limits and read-only. Server: each request carries them.
+    client = connect(dsn, password, settings=limits.settings() if embedded else None)
+    per_query = None if embedded else limits.settings()
     try:
-        result = client.query(sql, parameters=parameters, settings=READONLY)
+        statement = sql.strip().rstrip(";").strip()
+        verb = _checked(client, statement, per_query, limits)
+        if verb in _STREAMED:
+            context = _driver(
+                limits,
+                lambda: client.query_row_block_stream(statement, parameters=parameters, settings=per_query),
+            )
+            with context:
+                columns = list(context.source.column_names)
+                rows = (row for block in _guarded(limits, context) for row in block)
+                yield QueryStream(columns, (_row(r) for r in rows), limits.max_rows)
+        else:
+            # chdb streams SELECTs only; these answers are small.
+            result = _driver(
+                limits, lambda: client.query(statement, parameters=parameters, settings=per_query)
+            )
+            yield QueryStream(
+                list(result.column_names), (_row(r) for r in result.result_rows), limits.max_rows
+            )
+    finally:
+        client.close()
+
+
+def _checked(client: Any, statement: str, settings: dict[str, Any] | None, limits: QueryLimits) -> str:
+    """The statement's verb, once it parses alone and is one this path runs; else a LedgerError."""
+    if not statement:
+        msg = "the query is empty"
+        raise LedgerError(msg)
+    parse = "SELECT formatQuery({q:String})"
+    formatted = str(
+        _driver(
+            limits, lambda: client.query(parse, parameters={"q": statement}, settings=settings)
+        ).result_rows[0][0]
+    )
+    verb = formatted.split(None, 1)[0].upper() if formatted.strip() else ""
+    if verb not in _STREAMED + _ANSWERED_WHOLE:
+        raise LedgerError(_REFUSED)
+    if re.search(r"^INTO\s+OUTFILE\b", formatted, flags=re.MULTILINE | re.IGNORECASE):
+        msg = "refused: INTO OUTFILE would write a file on the ledger's host; redirect the output instead"
+        raise LedgerError(msg)
+    if re.search(r"^FORMAT\s+\w+\s*$", formatted, flags=re.MULTILINE | re.IGNORECASE):
+        msg = "a FORMAT clause is not taken here: choose the output with --format (table, csv or json)"
+        raise LedgerError(msg)
+    return verb
+
+
+def _driver(limits: QueryLimits, call: Callable[[], Any]) -> Any:
+    try:
+        return call()
+    except LedgerError:
+        raise
     except Exception as exc:  # the driver raises many kinds; the caller needs one line
-        raise LedgerError(_refusal(exc)) from exc
-    return list(result.column_names), [[_plain(v) for v in row] for row in result.result_rows]
+        raise refusal(exc, limits) from exc
 
 
-def _refusal(exc: BaseException) -> str:
+def _guarded(limits: QueryLimits, blocks: Iterator[Any]) -> Iterator[Any]:
+    """Blocks as the engine produces them; an error mid-stream (a limit reached) as a LedgerError."""
+    while True:
+        try:
+            block = next(blocks)
+        except StopIteration:
+            return
+        except Exception as exc:
+            raise refusal(exc, limits) from exc
+        yield block
+
+
+def refusal(exc: BaseException, limits: QueryLimits) -> LedgerError:
+    """One line about the analyst's query: what ClickHouse refused or where it stopped it."""
     text = " ".join(str(exc).split())
-    if "(READONLY)" in text or "Code: 164" in text:
-        return "refused: the ledger is read-only here (SELECT, SHOW, DESCRIBE, EXPLAIN and WITH only)"
-    # ClickHouse repeats "Code: n. DB::Exception:" prefixes; keep the message.
+    code = getattr(exc, "code", None)
+    if code == 159 or "(TIMEOUT_EXCEEDED)" in text:
+        return QueryLimitError(f"the query ran past its time limit of {limits.max_seconds:g} s", "seconds")
+    if code == 241 or "(MEMORY_LIMIT_EXCEEDED)" in text:
+        return QueryLimitError(
+            f"the query needed more than its {limits.max_memory_mb} MB of memory", "memory"
+        )
+    if "setting in readonly mode" in text:
+        return LedgerError("refused: a query cannot change settings here")
+    if code == 164 or "(READONLY)" in text:
+        return LedgerError(_REFUSED)
+    # ClickHouse repeats "Code: n. DB::Exception:" prefixes; keep the message, not the parse check
+    # around it ("In scope SELECT formatQuery(...)") nor the driver's "FORMAT Native".
     message = text.split("DB::Exception:")[-1].strip() if "DB::Exception:" in text else text
-    return f"query failed: {message[:500]}"
+    message = re.split(r":? In scope SELECT formatQuery\(", message)[0]
+    message = re.sub(r"\s*\(version [\d.]+\)", "", message.replace(" FORMAT Native", "")).strip()
+    if len(message) > 300:  # "Expected one of:" lists every token the parser knows
+        message = message[: message.rfind(", ", 0, 300)] + ", ..."
+    return LedgerError(f"query failed: {message}")
+
+
+def _row(row: Any) -> list[Any]:
+    return [_plain(v) for v in row]
 
 
 def _plain(value: Any) -> Any:
@@ -72,7 +250,66 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value]
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
-    return value
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)  # UUID, IP addresses and the like, as ClickHouse prints them
+
+
+# -- asking the process that holds the embedded ledger --------------------------------------------------
+# Query parameters travel to the process holding the ledger as JSON; the types JSON lacks are tagged so
+# that they reach the server-side binding as the values the caller passed (a datetime stays a datetime).
+_TAGS: dict[str, Callable[[str], Any]] = {
+    "datetime": datetime.fromisoformat,
+    "date": date.fromisoformat,
+    "decimal": Decimal,
+}
+
+
+def encode_parameters(parameters: dict[str, Any]) -> dict[str, Any]:
+    def encode(value: Any) -> Any:
+        if isinstance(value, datetime):
+            return {"$datetime": value.isoformat()}
+        if isinstance(value, date):
+            return {"$date": value.isoformat()}
+        if isinstance(value, Decimal):
+            return {"$decimal": str(value)}
+        if isinstance(value, list | tuple):
+            return [encode(v) for v in value]
+        return value
+
+    return {name: encode(value) for name, value in parameters.items()}
+
+
+def decode_parameters(parameters: dict[str, Any]) -> dict[str, Any]:
+    def decode(value: Any) -> Any:
+        if isinstance(value, dict) and len(value) == 1:
+            ((tag, text),) = value.items()
+            if tag.startswith("$") and tag[1:] in _TAGS:
+                return _TAGS[tag[1:]](text)
+        if isinstance(value, list):
+            return [decode(v) for v in value]
+        return value
+
+    return {name: decode(value) for name, value in parameters.items()}
+
+
+def limits_to_json(limits: QueryLimits) -> dict[str, Any]:
+    return asdict(limits)
+
+
+def limits_from_json(body: dict[str, Any]) -> QueryLimits:
+    return QueryLimits(
+        max_rows=max(int(body["max_rows"]), 0),
+        max_seconds=float(body["max_seconds"]),
+        max_memory_mb=int(body["max_memory_mb"]),
+    )
+
+
+def error_from_json(body: dict[str, Any]) -> LedgerError:
+    limit = body.get("limit")
+    if limit in ("seconds", "memory"):
+        return QueryLimitError(str(body["error"]), limit)
+    return LedgerError(str(body.get("error", body)))
 
 
 def endpoint_file(dsn: str) -> Path | None:
@@ -82,165 +319,62 @@ def endpoint_file(dsn: str) -> Path | None:
     return Path(dsn.removeprefix("chdb://").rstrip("/") + ".query.json")
 
 
-def run_sql(
-    dsn: str,
-    password: str | None,
-    sql: str,
-    timeout_seconds: float = 300.0,
-    parameters: dict[str, Any] | None = None,
-) -> Result:
-    """Run ``sql`` read-only against the ledger at ``dsn``, through the process holding it if any."""
-    announced = endpoint_file(dsn)
-    if announced is not None and announced.exists():
-        served = _ask_holder(announced, sql, parameters, timeout_seconds)
-        if served is not None:
-            return served
-    client = connect(dsn, password)
+def _live_holder(announced: Path) -> dict[str, Any] | None:
+    """The holder's pid and port, or None when the file is stale (its process is gone)."""
     try:
-        return readonly_query(client, sql, parameters)
-    finally:
-        client.close()
-
-
-def _ask_holder(
-    announced: Path, sql: str, parameters: dict[str, Any] | None, timeout_seconds: float
-) -> Result | None:
-    """The holder's answer, or None when the file is stale (its process is gone)."""
-    try:
-        endpoint = json.loads(announced.read_text())
+        endpoint: dict[str, Any] = json.loads(announced.read_text())
         os.kill(int(endpoint["pid"]), 0)
+        int(endpoint["port"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    return endpoint
+
+
+@contextmanager
+def _ask_holder(
+    endpoint: dict[str, Any], sql: str, parameters: dict[str, Any] | None, limits: QueryLimits
+) -> Iterator[QueryStream]:
+    """The holder's answer, one JSON line at a time (sinks/query_server.py writes them)."""
+    body = {"query": sql, "parameters": encode_parameters(parameters or {}), "limits": limits_to_json(limits)}
     request = urllib.request.Request(
-        f"http://127.0.0.1:{int(endpoint['port'])}/sql",
-        data=json.dumps({"query": sql, "parameters": parameters or {}}).encode(),
-        method="POST",
+        f"http://127.0.0.1:{int(endpoint['port'])}/sql", data=json.dumps(body).encode(), method="POST"
     )
+    where = f"the process holding the ledger (pid {endpoint['pid']})"
     try:
-        with urllib.request.urlopen(request, timeout=timeout_seconds) as response:  # noqa: S310
-            body = json.loads(response.read())
+        # The engine stops the query at max_seconds; the margin covers starting it and the transfer.
+        response = urllib.request.urlopen(request, timeout=limits.max_seconds + 30)  # noqa: S310
     except urllib.error.HTTPError as exc:
         try:
-            error = json.loads(exc.read()).get("error", str(exc))
+            error = error_from_json(json.loads(exc.read()))
         except ValueError:
-            error = str(exc)
-        raise LedgerError(error) from exc
+            error = LedgerError(str(exc))
+        raise error from exc
     except (urllib.error.URLError, OSError) as exc:
-        msg = f"the process holding the ledger (pid {endpoint['pid']}) did not answer: {exc}"
+        msg = f"{where} did not answer: {exc}"
         raise LedgerError(msg) from exc
-    return list(body["columns"]), list(body["rows"])
-
-
-class QueryServer:
-    """Serves read-only queries on the ledger this process holds (embedded ledgers only)."""
-
-    def __init__(self, ledger: Ledger, announce: Path) -> None:
-        self.ledger = ledger
-        self.announce = announce
-        ledger_ref = ledger
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                if self.path != "/sql" or not 0 < length <= _MAX_QUERY_BYTES:
-                    self._reply(400, {"error": "POST /sql with {query, parameters} as the body"})
-                    return
-                try:
-                    body = json.loads(self.rfile.read(length))
-                    sql, parameters = str(body["query"]), dict(body.get("parameters") or {})
-                except (ValueError, KeyError, TypeError):
-                    self._reply(400, {"error": "POST /sql with {query, parameters} as the body"})
-                    return
-                try:
-                    with ledger_ref.lock:
-                        columns, rows = readonly_query(ledger_ref.client, sql, parameters or None)
-                except LedgerError as exc:
-                    self._reply(400, {"error": str(exc)})
-                    return
-                self._reply(200, {"columns": columns, "rows": rows})
-
-            def _reply(self, status: int, body: dict[str, Any]) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                log.debug("sql endpoint: " + format, *args)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, name="ledger-sql", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-        port = self.server.server_address[1]
-        tmp = self.announce.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pid": os.getpid(), "port": port}))
-        tmp.replace(self.announce)
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    with response:
         try:
-            if json.loads(self.announce.read_text()).get("pid") == os.getpid():
-                self.announce.unlink()
-        except (OSError, ValueError):
-            pass
+            head = json.loads(response.readline())
+        except (OSError, ValueError) as exc:
+            msg = f"{where} sent no answer: {exc}"
+            raise LedgerError(msg) from exc
+        yield QueryStream(list(head["columns"]), _lines(response, where), limits.max_rows)
 
 
-def serve_queries(ledger: Ledger, dsn: str) -> QueryServer | None:
-    announce = endpoint_file(dsn)
-    if announce is None:
-        return None  # a server: `callmeter sql` connects to it directly
-    server = QueryServer(ledger, announce)
-    server.start()
-    return server
-
-
-def render(columns: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str) -> str:
-    """``table`` (aligned, for a terminal), ``csv`` (with a header) or ``json`` (one object per row)."""
-    if fmt == "json":
-        return json.dumps([dict(zip(columns, row, strict=True)) for row in rows], indent=1) + "\n"
-    if fmt == "csv":
-        out = io.StringIO()
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(columns)
-        writer.writerows([["" if v is None else _cell(v) for v in row] for row in rows])
-        return out.getvalue()
-    if not columns:
-        return f"({len(rows)} rows)\n"
-    cells = [[_cell(v) for v in row] for row in rows]
-    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    numeric = [all(_numeric(r[i]) for r in rows) and bool(rows) for i in range(len(columns))]
-
-    def line(values: Sequence[str]) -> str:
-        parts = [v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric, strict=True)]
-        return "  ".join(parts).rstrip()
-
-    text = [line(list(columns)), line(["-" * w for w in widths]), *(line(r) for r in cells)]
-    text.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
-    return "\n".join(text) + "\n"
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "NULL"
-    if isinstance(value, list | dict):
-        return json.dumps(value)
-    return str(value)
-
-
-def _numeric(value: Any) -> bool:
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, int | float):
-        return True
-    if isinstance(value, str):
+def _lines(response: Any, where: str) -> Iterator[list[Any]]:
+    while True:
         try:
-            Decimal(value)
-        except ArithmeticError:
-            return False
-        return value.strip() != "" and not value.lower().startswith(("nan", "inf", "-inf"))
-    return False
+            line = response.readline()
+        except OSError as exc:
+            msg = f"{where} stopped answering mid-result: {exc}"
+            raise LedgerError(msg) from exc
+        if not line:
+            msg = f"{where} stopped answering mid-result"
+            raise LedgerError(msg)
+        item = json.loads(line)
+        if isinstance(item, list):
+            yield item
+        elif "error" in item:
+            raise error_from_json(item)
+        else:
+            return  # {"end": rows}

@@ -105,6 +105,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
             result = run_sink(settings, kafka(settings), catalog, make_serde(settings), args.until_idle, text)
         else:
             from pipeline.stream.runner import run_worker
+            from pipeline.tenantapi.worker_port import install
 
             stats = run_worker(
                 settings,
@@ -114,6 +115,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
                 until_idle=args.until_idle,
                 catalog_text=text,
                 with_sink=role == "worker",
+                install_routes=install,
             )
             result = stats.to_dict()
     except RetryableError as exc:
@@ -134,13 +136,20 @@ def _start_tenant_api(settings: Settings) -> TenantApi | None:
         return None
     from pipeline.catalogs import read_catalog
     from pipeline.local.cluster import bootstrap_servers
+    from pipeline.tenantapi.ledger_usage import LedgerUsage
     from pipeline.tenantapi.server import TenantApi
     from pipeline.tenantapi.view import ChangelogView
 
     catalog, _text = read_catalog(settings.catalog)
-    view = ChangelogView(lambda: bootstrap_servers(settings), settings.app_id, settings.partitions)
+    ledger = LedgerUsage(settings.clickhouse_dsn, settings.clickhouse_secret, catalog)
+    view = ChangelogView(
+        lambda: bootstrap_servers(settings),
+        settings.app_id,
+        settings.partitions,
+        settings.dedupe_retention_days,
+    )
     try:
-        api = TenantApi(view, catalog, settings.worker_web_bind, settings.api_port)
+        api = TenantApi(view, catalog, settings.worker_web_bind, settings.api_port, ledger)
     except OSError as exc:
         msg = f"tenant API cannot listen on {settings.worker_web_bind}:{settings.api_port}: {exc.strerror}"
         raise InputError(msg) from exc
@@ -192,21 +201,9 @@ def cmd_notify(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
-    from pipeline.commands.status import kafka_lag, ledger_figures, render, worker_status
+    from pipeline.commands.status import run_status
 
-    url = _worker_url(settings, args)
-    text, health = render(
-        settings,
-        kafka_lag(settings, kafka(settings, create_topics=False)),
-        worker_status(url),
-        ledger_figures(settings),
-        url,
-        max_lag=args.max_lag,
-        max_duplicate_ratio=args.max_duplicate_ratio,
-        max_ledger_age_seconds=args.max_ledger_age,
-    )
-    print(text)
-    return 0 if not health.problems else 1
+    return run_status(settings, args, kafka(settings, create_topics=False))
 
 
 def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:

@@ -13,6 +13,36 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"callmeter: error: {message} (see callmeter --help)\n")
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        msg = f"not a whole number >= 0: {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _count_positive(text: str) -> int:
+    value = _count(text)
+    if value == 0:
+        msg = f"must be > 0: {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        msg = f"not a number > 0: {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="callmeter", description="Usage metering for AI phone agents.")
     parser.add_argument("--data-dir", type=Path, help="state, broker and embedded ClickHouse (./.callmeter)")
@@ -59,8 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("notify", help="POST alerts to a webhook, signed, each until it answers 2xx")
     p.add_argument("--webhook", required=True, help="http(s) URL the alerts are POSTed to")
     p.add_argument("--until-idle", action="store_true", help="exit once no alert is left to deliver")
-    p = sub.add_parser("status", help="on-call summary; exit 1 when unhealthy")
-    p.add_argument("--url", help="a worker's base URL")
+    p = sub.add_parser(
+        "status", help="on-call summary of every worker process and the sink; exit 1 when unhealthy"
+    )
+    p.add_argument(
+        "--url",
+        help="worker process 0's base URL; process i answers on its port + i "
+        "(default http://127.0.0.1:$CALLMETER_WORKER_WEB_PORT)",
+    )
+    p.add_argument(
+        "--sink-url", help="the `callmeter sink` service's base URL (CALLMETER_WORKER_LEDGER_SINK=false)"
+    )
     p.add_argument("--max-lag", type=int, default=10000)
     p.add_argument("--max-duplicate-ratio", type=float, default=0.0001)
     p.add_argument("--max-ledger-age", type=float, default=300.0, help="seconds")
@@ -78,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sql", help="read-only SQL over the ledger (docs/ledger.md), even while a worker runs")
     p.add_argument("query", help="one statement, or - to read it from stdin")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    # clickhouse-client's read-only profile limits: ClickHouse stops a query past them.
+    p.add_argument(
+        "--max-rows", type=_count, default=10_000, help="rows printed at most, else exit 1 (0: no limit)"
+    )
+    p.add_argument("--max-seconds", type=_positive, default=60.0, help="the query's time limit")
+    p.add_argument("--max-memory-mb", type=_count_positive, default=1024, help="the query's memory limit")
     p = sub.add_parser(
         "usage", help="a tenant's period so far, forecast, daily trend, alerts and top drivers"
     )

@@ -55,8 +55,24 @@ def _waiting(
     cutoff: datetime,
     timeout: float,
 ) -> list[str]:
+    first = first_waiting(bootstrap, start, timeout)
+    lagging = [
+        f"{t}/{p} (the {owner[(t, p)]} is at offset {start[(t, p)]})"
+        for (t, p), ts_ms in first.items()
+        if ts_ms is not None and datetime.fromtimestamp(ts_ms / 1000, UTC) <= cutoff
+    ]
+    lagging += [f"{t}/{p} (no answer from the broker)" for t, p in start if (t, p) not in first]
+    return sorted(lagging)
+
+
+def first_waiting(
+    bootstrap: str, start: dict[tuple[str, int], int], timeout: float
+) -> dict[tuple[str, int], int | None]:
+    """Per partition, the timestamp (ms) of the first committed record at or after its offset in
+    ``start``, or None when nothing waits there; a partition the broker did not answer for within
+    ``timeout`` is left out. Raises KafkaException on an error of the cluster."""
     if not start:
-        return []
+        return {}
     peek = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -70,27 +86,20 @@ def _waiting(
     )
     try:
         peek.assign([TopicPartition(t, p, offset) for (t, p), offset in start.items()])
-        open_tps = set(start)
-        lagging: list[str] = []
+        found: dict[tuple[str, int], int | None] = {}
         deadline = time.monotonic() + timeout
-        while open_tps and time.monotonic() < deadline:
+        while len(found) < len(start) and time.monotonic() < deadline:
             msg = peek.poll(0.5)
             if msg is None:
                 continue
             key = (str(msg.topic()), int(msg.partition() or 0))
-            if key not in open_tps:
+            if key not in start or key in found:
                 continue
             err = msg.error()
             if err is not None and err.code() != KafkaError._PARTITION_EOF:
                 raise KafkaException(err)
-            open_tps.discard(key)
             peek.pause([TopicPartition(*key)])
-            if err is not None:
-                continue  # reached the end: nothing waits here
-            _kind, ts_ms = msg.timestamp()
-            if datetime.fromtimestamp(ts_ms / 1000, UTC) <= cutoff:
-                lagging.append(f"{key[0]}/{key[1]} (the {owner[key]} is at offset {start[key]})")
-        lagging += [f"{t}/{p} (no answer from the broker)" for t, p in sorted(open_tps)]
-        return sorted(lagging)
+            found[key] = None if err is not None else msg.timestamp()[1]
+        return found
     finally:
         peek.close()

@@ -119,15 +119,31 @@ def cmd_ledger(settings: Settings, _args: argparse.Namespace) -> int:
 
 
 def cmd_sql(settings: Settings, args: argparse.Namespace) -> int:
-    """Read-only SQL against the ledger (sinks/query.py), through the process holding it if any."""
-    from sinks.query import render, run_sql
+    """Read-only SQL against the ledger (sinks/query.py), through the process holding it if any,
+    within the limits of the flags; rows are written as they come (pipeline/commands/sql_output.py)."""
+    from pipeline.commands.sql_output import write_result
+    from sinks.query import QueryLimitError, QueryLimits, open_query
 
     query = sys.stdin.read() if args.query == "-" else args.query
     if not query.strip():
         msg = "sql: the query is empty"
         raise InputError(msg)
-    columns, rows = run_sql(settings.clickhouse_dsn, settings.clickhouse_secret, query)
-    sys.stdout.write(render(columns, rows, args.format))
+    limits = QueryLimits(args.max_rows, args.max_seconds, args.max_memory_mb)
+    try:
+        with open_query(settings.clickhouse_dsn, settings.clickhouse_secret, query, limits) as stream:
+            write_result(stream, args.format, sys.stdout)
+            truncated = stream.truncated
+    except QueryLimitError as exc:
+        flag = {"seconds": "--max-seconds", "memory": "--max-memory-mb"}[exc.limit]
+        msg = f"{exc} (raise it with {flag})"
+        raise PipelineError(msg) from exc
+    if truncated:
+        sys.stdout.flush()
+        msg = (
+            f"more than {args.max_rows} rows: printed the first {args.max_rows} "
+            "(raise --max-rows, 0 for no limit, or add a LIMIT)"
+        )
+        raise PipelineError(msg)
     return 0
 
 

@@ -1,60 +1,154 @@
-"""`callmeter status`: the on-call summary, readable at a glance, non-zero when unhealthy.
+"""`callmeter status`: the on-call summary of this pipeline, readable at a glance, exit 1 when unhealthy.
 
-Lag comes straight from Kafka and the ledger's figures from the ledger (read-only, so both work while
-the worker is down); duplicate rate, recent dead letters, event-time lag and ledger freshness come
-from the worker's ``/status``. Thresholds mirror the
-Prometheus alerts in ``deploy/prometheus/alert_rules.yml``.
+It gathers three views and status_report.py judges them:
+
+- Kafka, read directly: the cluster's id, consumer lag of the input topics, and the worker outputs the
+  ledger sink has not written yet (its group's committed offsets, each partition read from there to its
+  first waiting record). A broker that does not answer within a few seconds ends the command at once,
+  with one line.
+- Every process `callmeter worker` runs (pipeline/commands/supervisor.py ``process_roles``): stream worker
+  process i on ``worker_web_port`` + i, and the ledger sink (inside worker process 0 when there is one
+  process, else a process of its own on the next port). Each ``/status`` is asked at once, with a short
+  timeout, and counted only when it states this pipeline (pipeline/identity.py): a process of another
+  pipeline answering on one of these ports is named on one line and not counted.
+- The ledger's own figures, read-only (through the process holding it, if any), so they show while the
+  workers are down.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
-from confluent_kafka import TopicPartition
+from confluent_kafka import KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
-from pipeline.offsets import committed_offsets
+from pipeline.commands.completeness import first_waiting
+from pipeline.commands.status_report import KafkaView, LedgerNote, Probe, Thresholds, render
+from pipeline.errors import BrokerError
+from pipeline.identity import describe, ledger_location, remember_cluster_id, stranger
+from pipeline.offsets import GroupOffsets
 from pipeline.settings import Settings
 
-
-@dataclass
-class Health:
-    problems: list[str] = field(default_factory=list)
-
-    def check(self, ok: bool, problem: str) -> None:
-        if not ok:
-            self.problems.append(problem)
+KAFKA_TIMEOUT_SECONDS = 5.0
+PROBE_TIMEOUT_SECONDS = 3.0
 
 
-def kafka_lag(settings: Settings, bootstrap: str) -> dict[tuple[str, int], int]:
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    meta = admin.list_topics(timeout=10)
-    tps = [
-        TopicPartition(t, p)
-        for t in settings.topics.inputs
-        if t in meta.topics
-        for p in meta.topics[t].partitions
-    ]
-    if not tps:
-        return {}
-    ends = admin.list_offsets({tp: OffsetSpec.latest() for tp in tps}, request_timeout=10)
-    high = {(tp.topic, tp.partition): f.result().offset for tp, f in ends.items()}
-    committed = {k: max(v, 0) for k, v in committed_offsets(bootstrap, settings.app_id, list(high)).items()}
-    return {key: max(end - committed.get(key, 0), 0) for key, end in sorted(high.items())}
+def run_status(settings: Settings, args: argparse.Namespace, bootstrap: str) -> int:
+    from pipeline.commands.supervisor import process_roles
+
+    kafka = kafka_view(settings, bootstrap)
+    remember_cluster_id(kafka.cluster_id)
+    mine = describe(settings, "status")
+    base = str(args.url or f"http://127.0.0.1:{settings.worker_web_port}").rstrip("/")
+    expected = [(role, index, _port_url(base, index)) for role, index in process_roles(settings)]
+    if not settings.worker_ledger_sink and args.sink_url:
+        expected.append(("sink", 0, str(args.sink_url).rstrip("/")))
+    with ThreadPoolExecutor(max_workers=len(expected)) as pool:
+        probes = list(pool.map(lambda e: probe(mine, *e), expected))
+    holder = next((p for p in probes if p.role in ("worker", "sink")), None)
+    if holder is not None and holder.frozen:
+        ledger: dict[str, Any] | LedgerNote = LedgerNote(
+            f"not read: the process holding it ({holder.name}) does not answer", problem=False
+        )
+    else:
+        ledger = ledger_figures(settings)
+    thresholds = Thresholds(args.max_lag, args.max_duplicate_ratio, args.max_ledger_age)
+    text, problems = render(settings, mine, kafka, probes, ledger, thresholds, time.time())
+    print(text)
+    return 0 if not problems else 1
 
 
-def worker_status(url: str) -> dict[str, Any] | None:
+def _port_url(base: str, offset: int) -> str:
+    parts = urllib.parse.urlsplit(base)
+    host = parts.hostname or "127.0.0.1"
+    port = (parts.port or 80) + offset
+    return f"{parts.scheme or 'http'}://{host}:{port}"
+
+
+def probe(mine: dict[str, Any], role: str, index: int, url: str) -> Probe:
+    """What answers at ``url``'s ``/status``: a process of this pipeline, another's, or nothing."""
+    found = Probe(role, index, url)
     try:
-        with urllib.request.urlopen(f"{url}/status", timeout=5) as resp:  # noqa: S310 - operator-given URL
-            body: dict[str, Any] = json.loads(resp.read())
-            return body
-    except (OSError, urllib.error.URLError, ValueError):
-        return None
+        with urllib.request.urlopen(f"{url}/status", timeout=PROBE_TIMEOUT_SECONDS) as resp:  # noqa: S310
+            body = json.loads(resp.read())
+    except TimeoutError:
+        found.problem, found.frozen = f"does not answer within {PROBE_TIMEOUT_SECONDS:g} s", True
+        return found
+    except urllib.error.HTTPError as exc:
+        found.stranger = f"a server that is not a callmeter process (HTTP {exc.code} for /status)"
+        return found
+    except urllib.error.URLError as exc:
+        if isinstance(exc.reason, TimeoutError):
+            found.problem, found.frozen = f"does not answer within {PROBE_TIMEOUT_SECONDS:g} s", True
+        else:
+            found.problem = "DOWN (nothing answers)"
+        return found
+    except (OSError, ValueError):
+        found.stranger = "a server that is not a callmeter process (no JSON at /status)"
+        return found
+    whose = stranger(mine, body.get("pipeline") if isinstance(body, dict) else None)
+    if whose is not None:
+        found.stranger = whose
+    elif body["pipeline"].get("role") != role:
+        found.stranger = f"this pipeline's {body['pipeline'].get('role')} process, not the expected {role}"
+    else:
+        found.body = body
+    return found
+
+
+def kafka_view(settings: Settings, bootstrap: str) -> KafkaView:
+    """Cluster id, input lag and the outputs waiting for the sink; one line and BrokerError when the
+    cluster does not answer within ``KAFKA_TIMEOUT_SECONDS``."""
+    conf: dict[str, Any] = {"bootstrap.servers": bootstrap, "log_level": 0, "error_cb": lambda _e: None}
+    admin = AdminClient(conf)
+    try:
+        meta = admin.list_topics(timeout=KAFKA_TIMEOUT_SECONDS)
+        view = KafkaView(bootstrap, meta.cluster_id)
+        topics = settings.topics
+        tps = [
+            TopicPartition(t, p)
+            for t in (*topics.inputs, *topics.ledger_inputs)
+            if t in meta.topics
+            for p in meta.topics[t].partitions
+        ]
+        if not tps:
+            return view
+        ends = admin.list_offsets(
+            {tp: OffsetSpec.latest() for tp in tps}, request_timeout=KAFKA_TIMEOUT_SECONDS
+        )
+        high = {(tp.topic, tp.partition): f.result().offset for tp, f in ends.items()}
+        inputs = [key for key in high if key[0] in topics.inputs]
+        outputs = [key for key in high if key[0] not in topics.inputs]
+        committed = _committed(bootstrap, settings.app_id, inputs)
+        view.lag = {key: max(high[key] - max(committed.get(key, 0), 0), 0) for key in sorted(inputs)}
+        # Committed offsets stop before a transaction's marker: what waits is found by reading.
+        sink_at = _committed(bootstrap, f"{settings.app_id}-ledger", outputs)
+        start = {key: max(sink_at.get(key, -1), 0) for key in outputs if high[key] > 0}
+        first = first_waiting(bootstrap, start, KAFKA_TIMEOUT_SECONDS)
+        view.waiting_since = {key: ts_ms / 1000 for key, ts_ms in first.items() if ts_ms is not None}
+        view.unanswered = sorted(set(start) - set(first))
+        return view
+    except KafkaException as exc:
+        err = exc.args[0] if exc.args else exc
+        reason = err.str() if hasattr(err, "str") else str(err)
+        msg = f"Kafka at {bootstrap} did not answer within {KAFKA_TIMEOUT_SECONDS:g} s ({reason})"
+        raise BrokerError(msg) from exc
+
+
+def _committed(bootstrap: str, group: str, tps: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+    reader = GroupOffsets(bootstrap, group)
+    try:
+        return reader.committed(tps, timeout=KAFKA_TIMEOUT_SECONDS)
+    finally:
+        reader.close()
 
 
 _LEDGER_FIGURES = """
@@ -65,111 +159,37 @@ SELECT
     (SELECT groupArray((reason, n)) FROM (SELECT reason, sum(dead_letters) AS n
         FROM dead_letters_by_reason GROUP BY reason ORDER BY reason)) AS dead_letters
 """
+_TABLES = "SELECT name FROM system.tables WHERE database = currentDatabase()"
 # Migration 6; a ledger not migrated yet (the worker of a new version has not started) lacks it.
 _LEDGER_DUPLICATES = """
 SELECT kind, sum(duplicates) AS n FROM duplicates_by_gateway GROUP BY kind ORDER BY kind
 """
 
 
-def ledger_figures(settings: Settings) -> dict[str, Any] | str:
-    """What the ledger holds, read-only (through the process holding it, if any); a one-line reason
-    instead when it cannot be read. Works whether or not a worker runs."""
+def ledger_figures(settings: Settings) -> dict[str, Any] | LedgerNote:
+    """What the ledger holds, read-only (through the process holding it, if any); a one-line note
+    instead when it cannot be read, or holds nothing yet. Works whether or not a worker runs."""
     from sinks.errors import LedgerError
     from sinks.query import run_sql
 
     dsn, secret = settings.clickhouse_dsn, settings.clickhouse_secret
+    where = ledger_location(settings)
+    # Opening a missing embedded ledger would create it: a status must change nothing.
+    if dsn.startswith("chdb:") and not Path(where).exists():
+        return LedgerNote(f"empty: nothing written yet (no ledger at {where})", problem=False)
     try:
-        columns, rows = run_sql(dsn, secret, _LEDGER_FIGURES, timeout_seconds=30)
-    except LedgerError as exc:
-        return str(exc)
-    figures = dict(zip(columns, rows[0], strict=True))
-    figures["dead_letters"] = {str(reason): int(n) for reason, n in figures["dead_letters"]}
-    try:
-        _columns, kinds = run_sql(dsn, secret, _LEDGER_DUPLICATES, timeout_seconds=30)
-        figures["duplicates"] = {str(kind): int(n) for kind, n in kinds}
-    except LedgerError:
-        figures["duplicates"] = "not recorded by this ledger yet (schema before migration 6)"
-    return figures
-
-
-def _figure(counts: dict[str, int] | str) -> str:
-    if isinstance(counts, str):
-        return counts
-    return json.dumps(counts, sort_keys=True) if counts else "none"
-
-
-def render(
-    settings: Settings,
-    lag: dict[tuple[str, int], int],
-    status: dict[str, Any] | None,
-    ledger: dict[str, Any] | str,
-    url: str,
-    max_lag: int,
-    max_duplicate_ratio: float,
-    max_ledger_age_seconds: float,
-) -> tuple[str, Health]:
-    health = Health()
-    lines = [f"callmeter status  (topics {settings.topic('*')}, worker {url})", ""]
-    lines.append("consumer lag (messages)")
-    by_topic: dict[str, list[str]] = {}
-    for (topic, partition), n in lag.items():
-        by_topic.setdefault(topic, []).append(f"p{partition}={n}")
-    for topic, cells in by_topic.items():
-        lines.append(
-            f"  {topic:<28} {'  '.join(cells)}   total {sum(lag[(topic, p)] for (t, p) in lag if t == topic)}"
-        )
-    total_lag = sum(lag.values())
-    health.check(total_lag <= max_lag, f"consumer lag {total_lag} > {max_lag}")
-    if status is None:
-        lines.append("")
-        lines.append(f"worker: DOWN (nothing answers at {url}); the figures below are the ledger's")
-        health.problems.append(f"no worker answering at {url}")
-    else:
-        window = status.get("last_5_minutes", {})
-        consumed, dups, dead = (
-            window.get("consumed", 0),
-            window.get("duplicates", 0),
-            window.get("dead_letters", 0),
-        )
-        ratio = dups / consumed if consumed else 0.0
-        stats = status.get("stats", {})
-        dead_total = stats.get("dead_letters", {})
-        dup_total = sum(stats.get("duplicates", {}).values())
-        lines += [
-            "",
-            f"worker: {'ready' if status.get('ready') else 'starting'}; "
-            f"event-time lag {status.get('event_time_lag_seconds', 0):.1f} s; "
-            f"parked calls {int(status.get('parked_calls') or 0)}",
-            f"last 5 min: {consumed} events, {dups} duplicates ({ratio:.4%}), {dead} dead letters",
-            f"since start: rated {stats.get('rated', 0)}, duplicates {dup_total}, "
-            f"dead letters by reason {json.dumps(dead_total) if dead_total else 'none'}",
-        ]
-        health.check(ratio <= max_duplicate_ratio, f"duplicate rate {ratio:.4%} > {max_duplicate_ratio:.4%}")
-        health.check(dead == 0, f"{dead} dead letters in the last 5 minutes")
-        last_write = status.get("ledger_last_write_unix") or 0
-        if last_write:
-            age = time.time() - float(last_write)
-            lines.append(f"ledger: last write {age:.0f} s ago")
-            health.check(
-                age <= max_ledger_age_seconds or total_lag == 0,
-                f"ledger not written for {age:.0f} s while input is waiting",
+        tables = {str(name) for (name,) in run_sql(dsn, secret, _TABLES, timeout_seconds=30)[1]}
+        if "current_ratings" not in tables:
+            return LedgerNote(
+                "empty: no tables yet (a worker or sink creates them as it starts)", problem=False
             )
-        else:
-            lines.append("ledger: no write yet by this worker")
-    lines.append("")
-    if isinstance(ledger, str):
-        lines.append(f"ledger: cannot be read: {ledger}")
-        health.problems.append("ledger cannot be read")
-    else:
-        last_ms = ledger.get("last_event_ms") or 0
-        last = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(last_ms / 1000)) if last_ms else "never"
-        dead, dups = ledger["dead_letters"], ledger["duplicates"]
-        lines += [
-            f"ledger: {ledger['rated_calls']} rated calls, {ledger['provisioning_events']} provisioning "
-            f"events; last event written {last}",
-            f"ledger dead letters by reason: {_figure(dead)}",
-            f"ledger duplicates by kind: {_figure(dups)}",
-        ]
-    lines.append("")
-    lines.append("HEALTHY" if not health.problems else "UNHEALTHY: " + "; ".join(health.problems))
-    return "\n".join(lines), health
+        columns, rows = run_sql(dsn, secret, _LEDGER_FIGURES, timeout_seconds=30)
+        figures = dict(zip(columns, rows[0], strict=True))
+        figures["dead_letters"] = {str(reason): int(n) for reason, n in figures["dead_letters"]}
+        figures["duplicates"] = "not recorded by this ledger yet (schema before migration 6)"
+        if "duplicates_by_gateway" in tables:
+            _columns, kinds = run_sql(dsn, secret, _LEDGER_DUPLICATES, timeout_seconds=30)
+            figures["duplicates"] = {str(kind): int(n) for kind, n in kinds}
+    except LedgerError as exc:
+        return LedgerNote(f"cannot be read: {exc}", problem=True)
+    return figures

@@ -31,11 +31,11 @@ from types import FrameType
 from typing import Any
 
 from pipeline.errors import PipelineError
+from pipeline.identity import ROLE_ENV, process_role
 from pipeline.settings import Settings
 from pipeline.stream.guard import EXIT_RETRY
 
 CHILD_ENV = "CALLMETER_WORKER_CHILD"
-ROLE_ENV = "CALLMETER_WORKER_ROLE"
 # Set on a process started again after a fault: it waits out an unreachable broker (see restarted()).
 RESTARTED_ENV = "CALLMETER_WORKER_RESTARTED"
 # A child that ran this long before failing counts as healthy: the restart budget starts again.
@@ -55,7 +55,7 @@ def restarted() -> bool:
 
 def child_role() -> str:
     """``worker`` (stream worker with the ledger sink inside), ``stream`` (without) or ``sink``."""
-    return os.environ.get(ROLE_ENV, "worker")
+    return process_role()
 
 
 @dataclass
@@ -71,7 +71,9 @@ class _Child:
     done: bool = False
 
 
-def _roles(settings: Settings) -> list[tuple[str, int]]:
+def process_roles(settings: Settings) -> list[tuple[str, int]]:
+    """The processes `callmeter worker` runs, as (role, index): process i serves its web API on
+    ``worker_web_port`` + i (`callmeter status` reads them there)."""
     # More processes than input partitions would sit idle in the group.
     n = max(1, min(settings.worker_processes, settings.partitions))
     if not settings.worker_ledger_sink:
@@ -104,7 +106,7 @@ def supervise(settings: Settings, argv: Sequence[str], roles: list[tuple[str, in
                 "CALLMETER_WORKER_WEB_PORT": str(settings.worker_web_port + index),
             },
         )
-        for role, index in (roles or _roles(settings))
+        for role, index in (roles or process_roles(settings))
     ]
     stopping = False
 

@@ -8,7 +8,8 @@ Commit protocol (what a crash at each step means):
 2. Turn every record into ledger rows in memory (``Ledger.add``), keeping only first-seen copies: a
    key the ledger already holds from another source record (a resend after a fresh cluster or past
    the stream's retention) is counted in ``duplicates`` and written only as a ``duplicates`` row
-   (sinks/ledger.py item 4).
+   (sinks/ledger.py item 4). A dead letter's key is its source topic and the digest of its original
+   bytes: a copy of a bad event the ledger already holds is a duplicate, not a second dead letter.
    Crash here: nothing written, nothing committed; the batch is polled again after restart.
 3. ``Ledger.flush(token)`` inserts the rows, one insert per table, each with a deduplication token
    derived from the batch's source offsets and content. Crash or error here: the Kafka offsets are not
@@ -32,52 +33,25 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
 from pipeline import metrics
 from pipeline.crashpoints import CRASH_AT as _CRASH_AT
 from pipeline.crashpoints import crash_point
-from pipeline.records import CALL_FIELDS, PROVISIONING_FIELDS, payload_json, rated_call_row
+from pipeline.ledger.entries import DEAD, Entry, EntryMaker, first_seen
+from pipeline.ledger.health import SinkHealth, register, unregister
 from pipeline.settings import Settings
-from schemas.errors import SerdeError
 from schemas.serde import Serde
-from sinks.columns import DUPLICATE_COLUMNS, PROVISIONING_COLUMNS
 from sinks.errors import LedgerError
 from sinks.ledger import Ledger
-from sinks.query import QueryServer, serve_queries
+from sinks.query_server import QueryServer, serve_queries
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 # raw_events' topic column -> the kind the worker's counters use.
-_KIND = {"calls": "call", "provisioning": "provisioning"}
-
-
-@dataclass(frozen=True)
-class _Entry:
-    """One output record as ledger rows, with the identity the first-seen check needs."""
-
-    key: tuple[str, str, str] | None  # (raw topic, tenant, event id); None for dead letters, duplicates
-    source: tuple[int, int]  # input partition and offset of the event
-    payload: str
-    rows: list[tuple[str, list[Any]]]
-    gateway_id: str = ""
-    # The output record's Kafka timestamp: the same on every redelivery, so a duplicate the ledger finds
-    # is one row however often its batch is written.
-    written_at: datetime | None = None
-    event_time: datetime | None = None  # the call's end or the provisioning event's time
-
-
-def _header(msg: Message, name: str) -> str | None:
-    raw = msg.headers() or []
-    pairs = list(raw.items()) if isinstance(raw, dict) else list(raw)
-    for key, value in pairs:
-        if key == name and value is not None:
-            return value.decode() if isinstance(value, bytes) else str(value)
-    return None
 
 
 class LedgerSink:
@@ -88,6 +62,7 @@ class LedgerSink:
         self.topics = settings.topics
         self.serde = serde
         self.ledger = ledger
+        self._entries = EntryMaker(self.topics, serde, self._is_final)
         self.consumer = Consumer(
             {
                 "bootstrap.servers": bootstrap,
@@ -110,6 +85,7 @@ class LedgerSink:
         # Copies the ledger already held from another source record (ledger item 4), per kind.
         self.duplicates: Counter[str] = Counter()
         self.batches = 0
+        self.health = SinkHealth()
         self.last_progress = time.monotonic()
         self._stop = threading.Event()
         self._busy = False
@@ -122,15 +98,17 @@ class LedgerSink:
     # -- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
         self.consumer.subscribe(self.topics.ledger_inputs)
+        register(self.health)
         self._thread.start()
         # This process holds the ledger: analysts' read-only queries go through it (`callmeter sql`).
-        self._queries = serve_queries(self.ledger, self.settings.clickhouse_dsn)
+        self._queries = serve_queries(self.settings.clickhouse_dsn)
 
     def stop(self) -> None:
         if self._queries is not None:
             self._queries.stop()
         self._stop.set()
         self._thread.join(timeout=60)
+        unregister(self.health)
 
     def positions(self) -> dict[tuple[str, int], int] | None:
         """Positions of every assigned partition, or None while a batch is being written (or before
@@ -161,6 +139,7 @@ class LedgerSink:
         except BaseException as exc:  # surfaced to the worker, which exits non-zero
             log.exception("ledger sink stopped")
             self.error = exc
+            self.health.stopped(exc)
         finally:
             self.consumer.close()
 
@@ -180,7 +159,7 @@ class LedgerSink:
             value = msg.value() or b""
             digest.update(f"{topic}:{partition}:{offset}:{len(value)}:".encode())
             digest.update(value)
-            entries.append(self._entry(msg, topic, value))
+            entries.append(self._entries.entry(msg, topic, value))
             span = spans.setdefault((topic, partition), [offset, offset])
             span[1] = offset
         # Step 2: rows of the first-seen copies only (ledger item 4).
@@ -197,6 +176,7 @@ class LedgerSink:
         for table, rows in pending.items():
             metrics.LEDGER_ROWS.labels(table=table).inc(rows)
         self.rows_written += written
+        self.health.wrote(written)
         if _CRASH_AT:
             crash_point("sink-3-inserted")
         # Step 4.
@@ -221,6 +201,7 @@ class LedgerSink:
                 return action()
             except LedgerError as exc:
                 metrics.LEDGER_INSERT_ERRORS.inc()
+                self.health.failed(exc)
                 if time.monotonic() + pause > deadline or self._stop.is_set():
                     raise
                 log.warning("ledger %s failed (try %d, again in %.1f s): %s", what, attempt, pause, exc)
@@ -228,39 +209,30 @@ class LedgerSink:
                 time.sleep(pause)
                 pause = min(pause * 2, 10.0)
 
-    def _first_seen(self, entries: list[_Entry]) -> list[_Entry]:
-        """Drop every entry whose key the ledger (or an earlier entry of this batch) already holds from
-        another source record. The same source record again (a redelivered batch) is kept: its rows
-        collapse with the ones written before."""
-        known = self.ledger.known_events(e.key for e in entries if e.key is not None)
-        kept = []
-        for entry in entries:
-            if entry.key is None:
-                kept.append(entry)
-                continue
-            copies = known.setdefault(entry.key, [])
-            mine = (*entry.source, entry.payload)
-            if copies and mine not in copies:
-                kept.append(self._duplicate(entry, copies[0]))
-                continue
-            if not copies:
-                copies.append(mine)
-            kept.append(entry)
-        return kept
+    def _first_seen(self, entries: list[Entry]) -> list[Entry]:
+        """Step 2's first-seen check against what the ledger holds (entries.py ``first_seen``)."""
+        keys = [e.key for e in entries if e.key is not None]
+        known = self.ledger.known_events(k for k in keys if k[0] != DEAD)
+        known.update(self.ledger.known_dead_letters(k for k in keys if k[0] == DEAD))
+        return [
+            entry if first is None else self._duplicate(entry, first)
+            for entry, first in first_seen(entries, known)
+        ]
 
-    def _duplicate(self, entry: _Entry, first: tuple[int, int, str]) -> _Entry:
+    def _duplicate(self, entry: Entry, first: tuple[int, int, str]) -> Entry:
         """Count a copy the ledger already holds and record it in ``duplicates`` (detected_by 'ledger')."""
         assert entry.key is not None
-        kind = _KIND[entry.key[0]]
+        kind = entry.kind
         self.duplicates[kind] += 1
         metrics.LEDGER_DUPLICATES.labels(kind=kind).inc()
+        what = "dead letter" if entry.key[0] == DEAD else kind
         other = "" if first[2] == entry.payload else " with another payload"
         log.warning(
             "%s %s/%s from partition %d offset %d is already in the ledger%s (first seen at partition %d "
             "offset %d): recorded as a duplicate, not billed",
-            kind,
-            entry.key[1],
-            entry.key[2],
+            what,
+            entry.tenant_id,
+            entry.event_id,
             entry.source[0],
             entry.source[1],
             other,
@@ -274,95 +246,17 @@ class LedgerSink:
             topic,
             *entry.source,
             kind,
-            entry.key[1],
-            entry.key[2],
+            entry.tenant_id,
+            entry.event_id,
             entry.gateway_id,
             event_time,
             "ledger",
             at,
         ]
-        return _Entry(None, entry.source, "", [("duplicates", row)])
-
-    def _entry(self, msg: Message, topic: str, value: bytes) -> _Entry:
-        now = datetime.now(UTC)
-        kind_ms, ms = msg.timestamp()
-        written_at = datetime.fromtimestamp(ms / 1000, UTC) if kind_ms and ms > 0 else now
-        if topic == self.topics.duplicates:
-            d = self._decode(value, "Duplicate")
-            row = [d[name] for name in DUPLICATE_COLUMNS[:8]] + ["worker", d["detected_at"]]
-            return _Entry(
-                None, (int(d["source_partition"]), int(d["source_offset"])), "", [("duplicates", row)]
-            )
-        if topic == self.topics.deadletter:
-            record = self._decode(value, "DeadLetter")
-            key = record.get("key")
-            original = bytes(record["value"])
-            row = [
-                record["source_topic"],
-                record["source_partition"],
-                record["source_offset"],
-                record["reason"],
-                record["message"],
-                key.decode("utf-8", "replace") if isinstance(key, bytes) else key,
-                original.hex(),
-                record["failed_at"],
-                int.from_bytes(hashlib.blake2b(original, digest_size=8).digest(), "big"),
-                *self._identity(original),
-            ]
-            source = (int(record["source_partition"]), int(record["source_offset"]))
-            return _Entry(None, source, "", [("dead_letters", row)])
-        if topic == self.topics.rated:
-            r = self._decode(value, "RatedCall")
-            late = bool(r["late"]) or self._is_final(r["tenant_id"], r["period_start"])
-            if late:
-                metrics.LATE_EVENTS.inc()
-            payload = payload_json(r, CALL_FIELDS)
-            source = (int(r["source_partition"]), int(r["source_offset"]))
-            raw = ["calls", r["tenant_id"], r["event_id"], "CallRecord", r["started_at"], payload]
-            rows = [("rated_calls", rated_call_row(r, late=late)), ("raw_events", [*raw, *source, now])]
-            call_key = ("calls", r["tenant_id"], r["event_id"])
-            return _Entry(call_key, source, payload, rows, r["gateway_id"], written_at, r["ended_at"])
-        if topic == self.topics.accepted:
-            p = self._decode(value, "ProvisioningEvent")
-            source = (
-                int(_header(msg, "source-partition") or msg.partition() or 0),
-                int(_header(msg, "source-offset") or msg.offset() or 0),
-            )
-            payload = payload_json(p, PROVISIONING_FIELDS)
-            fields = [p.get(name) for name in PROVISIONING_COLUMNS[4:9]]
-            prov = [p["tenant_id"], p["event_id"], p["occurred_at"], p["action"], *fields, *source]
-            raw = ["provisioning", p["tenant_id"], p["event_id"], "ProvisioningEvent", p["occurred_at"]]
-            rows = [("provisioning_events", prov), ("raw_events", [*raw, payload, *source, now])]
-            prov_key = ("provisioning", p["tenant_id"], p["event_id"])
-            return _Entry(prov_key, source, payload, rows, "", written_at, p["occurred_at"])
-        text = f"sink received a record from unexpected topic {topic}"
-        raise LedgerError(text)
-
-    def _identity(self, original: bytes) -> tuple[str, str, str]:
-        """Tenant, event id and gateway of a dead letter's original bytes, or blanks when they do not
-        decode (the reason the record is a dead letter at all, often)."""
-        try:
-            _name, record = self.serde.decode(original)
-        except SerdeError:
-            return ("", "", "")
-        fields = (record.get("tenant_id"), record.get("event_id"), record.get("gateway_id"))
-        return tuple(value if isinstance(value, str) else "" for value in fields)  # type: ignore[return-value]
+        return Entry(None, entry.source, "", [("duplicates", row)])
 
     def _is_final(self, tenant_id: str, period_start: datetime) -> bool:
         if time.monotonic() - self._finalized_at > 10:
             self._finalized = self.ledger.finalized_periods()
             self._finalized_at = time.monotonic()
         return (tenant_id, period_start) in self._finalized
-
-    def _decode(self, value: bytes, expected: str) -> dict[str, Any]:
-        try:
-            name, record = self.serde.decode(value)
-        except SerdeError as exc:
-            # Our own output topics: a record we cannot read is a bug or a foreign writer; stop loudly
-            # rather than skip money.
-            text = f"undecodable record on an output topic ({exc.reason}): {exc.message}"
-            raise LedgerError(text) from exc
-        if name != expected:
-            text = f"expected {expected} on output topic, got {name}"
-            raise LedgerError(text)
-        return record

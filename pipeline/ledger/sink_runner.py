@@ -11,7 +11,8 @@ output is written, and nothing moved for ``idle_seconds``: the stream workers ex
 done, and the sink drains what they committed last.
 
 It serves its metrics (ledger rows, insert durations and failures) at ``/metrics`` on
-``worker_web_port``, as a worker does: the ledger alerts need them from the process that writes.
+``worker_web_port``, as a worker does: the ledger alerts need them from the process that writes; and
+at ``/status`` its pipeline and how its sink is doing, for `callmeter status` (sink_web.py).
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ from collections import Counter
 from types import FrameType
 from typing import Any
 
-from prometheus_client import start_http_server
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
 
-from pipeline import metrics
 from pipeline.catalogs import open_ledger
-from pipeline.errors import PipelineError, RetryableError
+from pipeline.errors import RetryableError
+from pipeline.identity import remember_cluster_id
 from pipeline.idle import IdleWatch
 from pipeline.ledger.sink import LedgerSink
+from pipeline.ledger.sink_web import SinkWeb
 from pipeline.settings import Settings
 from rating.catalog import Catalog
 from schemas.serde import Serde
@@ -43,18 +46,21 @@ def run_sink(
 ) -> dict[str, Any]:
     """Run the sink until SIGTERM/SIGINT (or idle); return its counters. Raises RetryableError when
     the ledger refused a batch (its offsets stay uncommitted; a new process takes it again)."""
+    web = SinkWeb(settings)
+    web.start()
     try:
-        server, _thread = start_http_server(
-            settings.worker_web_port, addr=settings.worker_web_bind, registry=metrics.REGISTRY
-        )
-    except OSError as exc:
-        msg = f"sink metrics: cannot listen on {settings.worker_web_bind}:{settings.worker_web_port}: {exc}"
-        raise PipelineError(msg) from exc
-    try:
+        remember_cluster_id(_cluster_id(bootstrap))
         return _run(settings, bootstrap, catalog, serde, until_idle, catalog_text)
     finally:
-        server.shutdown()
-        server.server_close()
+        web.stop()
+
+
+def _cluster_id(bootstrap: str) -> str | None:
+    """The Kafka cluster's id, which this process states in its /status (pipeline/identity.py)."""
+    try:
+        return str(AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=10).cluster_id)
+    except KafkaException:
+        return None  # not reached yet: the sink's consumer reports the outage
 
 
 def _run(

@@ -10,6 +10,7 @@ import logging
 import shutil
 import signal
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,9 +20,9 @@ from pipeline.catalogs import open_ledger
 from pipeline.errors import RetryableError
 from pipeline.idle import IdleWatch
 from pipeline.settings import Settings
+from pipeline.stream.app import StreamApp
 from pipeline.stream.stats import Stats
 from pipeline.stream.watch import LagMonitor
-from pipeline.stream.worker import Meter
 from rating.catalog import Catalog
 from schemas.serde import Serde
 
@@ -52,7 +53,7 @@ def mark_clean(state_dir: Path) -> None:
 class _Worker(faust.Worker):
     """Faust's worker, telling the meter when start-up (recovery included) has finished."""
 
-    meter: Meter
+    meter: StreamApp
 
     async def on_startup_finished(self) -> None:
         await super().on_startup_finished()
@@ -75,19 +76,27 @@ def run_worker(
     until_idle: bool,
     catalog_text: str = "",
     with_sink: bool = True,
+    install_routes: Callable[[StreamApp], None] | None = None,
 ) -> Stats:
     """Run the worker in this process until SIGTERM/SIGINT, or until idle. Raises on a sink failure.
 
-    ``with_sink``: this process also runs the ledger sink (one worker process). With several worker
-    processes the sink is a process of its own (pipeline/ledger/sink_runner.py): chdb opens a path in one
-    process only, and the sink's inserts then never compete with an event loop for the GIL."""
+    ``install_routes`` adds HTTP routes to the worker's port (the caller's: the tenant endpoints live
+    above this package). ``with_sink``: this process also runs the ledger sink (one worker process).
+    With several worker processes the sink is a process of its own (pipeline/ledger/sink_runner.py):
+    chdb opens a path in one process only, and the sink's inserts then never compete with an event
+    loop for the GIL."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     ledger = open_ledger(settings, catalog, catalog_text) if with_sink else None
     prepare_state_dir(settings.worker_state_dir)
     from pipeline.stream import recovery
 
     recovery.install(bootstrap)
-    meter = Meter(settings, bootstrap, catalog, serde)
+    meter = StreamApp(settings, bootstrap, catalog, serde)
+    from pipeline.stream import web
+
+    web.install(meter)
+    if install_routes is not None:
+        install_routes(meter)  # the tenant endpoints (pipeline/tenantapi/worker_port.py)
     from pipeline.topics import ensure_internal_topics
 
     try:

@@ -23,9 +23,14 @@ class Stats:
     revived: int = 0  # dead-lettered NO_SUBSCRIPTION, then rated when later provisioning covered them
     rebalanced: int = 0  # period balances rewritten because provisioning changed how calls rate
     keys_expired: int = 0
+    # Calls rated into a period the live window has closed: no live balance changed, the ledger decides
+    # whether each is new (pipeline/stream/window.py).
+    closed_period: int = 0
     # Copies the stream accepted (its keys were gone: fresh cluster, past retention) that the ledger
     # already held; the sink counted them as duplicates and wrote nothing (sinks/ledger.py item 4).
     duplicates_in_ledger: Counter[str] = field(default_factory=Counter)
+    # Kafka timestamp (ms) of the last record handled per input partition.
+    last_record_ms: dict[int, int] = field(default_factory=dict)
     # Per wall-clock minute: [events consumed, duplicates, dead letters], for "the last minutes".
     minutes: dict[int, list[int]] = field(default_factory=dict)
 
@@ -63,6 +68,7 @@ class Stats:
             "revived": self.revived,
             "rebalanced": self.rebalanced,
             "keys_expired": self.keys_expired,
+            "closed_period": self.closed_period,
         }
 
 

@@ -6,17 +6,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from pipeline import metrics
+from pipeline.identity import remember_cluster_id
 from pipeline.offsets import GroupOffsets
 from pipeline.stream.guard import die
 
 if TYPE_CHECKING:
-    from pipeline.stream.parts import MeterParts
+    from pipeline.stream.app import StreamApp
 
 log = logging.getLogger(__name__)
 TP = tuple[str, int]
@@ -26,7 +27,7 @@ class LagMonitor(threading.Thread):
     """Consumer lag per input partition (high watermark minus committed offset) and event-time lag
     (age of the oldest uncommitted input record, read from Kafka), refreshed every few seconds."""
 
-    def __init__(self, meter: MeterParts, bootstrap: str, every_seconds: float = 3.0) -> None:
+    def __init__(self, meter: StreamApp, bootstrap: str, every_seconds: float = 3.0) -> None:
         super().__init__(name="lag-monitor", daemon=True)
         from confluent_kafka import Consumer
 
@@ -53,6 +54,7 @@ class LagMonitor(threading.Thread):
     def measure(self) -> None:
         settings = self.meter.settings
         meta = self.admin.list_topics(timeout=10)
+        remember_cluster_id(meta.cluster_id)
         tps = [TopicPartition(t, p) for t in settings.topics.inputs for p in meta.topics[t].partitions]
         ends = self.admin.list_offsets({tp: OffsetSpec.latest() for tp in tps}, request_timeout=10)
         high = {(tp.topic, tp.partition): f.result().offset for tp, f in ends.items()}
@@ -108,6 +110,10 @@ class LagMonitor(threading.Thread):
     def run(self) -> None:
         self._progress_at = time.monotonic()
         self._last_committed = {}
+        try:  # the cluster this worker states in its /status, before the first measurement
+            remember_cluster_id(self.admin.list_topics(timeout=10).cluster_id)
+        except Exception:
+            log.debug("no cluster id yet", exc_info=True)
         while not self._halt.wait(self.every_seconds):
             try:
                 self.measure()
@@ -115,18 +121,3 @@ class LagMonitor(threading.Thread):
                 log.debug("lag measurement failed", exc_info=True)
                 self._check_stall(None)
         self.peek.close()
-
-
-def meter_status(meter: MeterParts) -> dict[str, Any]:
-    return {
-        "stats": meter.stats.to_dict(),
-        "lag": [{"topic": t, "partition": p, "messages": n} for (t, p), n in sorted(meter.lag.items())],
-        "event_time_lag_seconds": metrics.EVENT_TIME_LAG._value.get(),
-        "ledger_last_write_unix": metrics.LEDGER_LAST_WRITE._value.get(),
-        "ready": meter.ready.is_set(),
-        "assigned_calls_partitions": sorted(
-            tp.partition for tp in meter.app.assignor.assigned_actives() if tp.topic == meter.topics.calls
-        ),
-        "last_5_minutes": meter.stats.window(5),
-        "parked_calls": metrics.PARKED_CALLS._value.get(),
-    }

@@ -1,373 +1,313 @@
-"""The stream worker: deduplicate, keep tenant state, rate, emit — atomically with the input offsets.
+"""The stream worker's decisions: deduplicate, keep tenant state, rate, emit, atomically with the offsets.
 
 Commit protocol. Faust (``processing_guarantee="exactly_once"``) keeps one Kafka transaction open per
 assigned input partition P of ``calls``/``provisioning`` (the two are co-partitioned by tenant, so a
-tenant's calls and provisioning share P and its state lives in partition P of every table):
+tenant's calls and provisioning share P and its state lives in partition P of every table). Where each
+step is enforced is named in brackets.
 
 0. When partition P is assigned, its transactional producer starts and closes, as aborted, anything an
-   earlier owner left open under the same producer id before this worker writes (stream/fencing.py).
+   earlier owner left open under the same producer id before this worker writes [stream/fencing.py].
 1. The consumer (read_committed) hands the agent an event from P; an offset out of order is skipped (a
-   redelivery) or stops the process (a record never handled), see stream/continuity.py. From here to
-   its acknowledgement the event is one critical section (a batch of one, ``CommitGuard.batch``): no
-   Faust commit can run in the middle of it (pipeline/stream/guard.py). The event is Faust's current
-   event, so its table writes and outputs go to P's transaction.
-2. Undecodable or invalid: a DeadLetter record (original bytes, source topic/partition/offset, reason,
-   message) is sent to ``deadletter`` partition P inside P's transaction. A decoded event's key is left
-   with a checksum of its bytes: an identical copy is a duplicate, a corrected resend is processed.
-3. Dedupe: ``seen`` (RocksDB, changelogged) is looked up by ``(kind, tenant_id, event_id)``. A hit is
-   counted as a duplicate: no state write, only a Duplicate record to ``duplicates`` partition P (step 5)
-   so the ledger can count duplicates per gateway.
-4. State writes (``seen``, ``tenants``, ``parked``, ``balances``, ``alerted``) go to RocksDB and, through
-   Faust's producer buffer, to partition P of their changelog topics inside P's transaction.
+   redelivery) or stops the process (a record never handled) [stream/continuity.py]. From here to its
+   acknowledgement the event is one critical section: no Faust commit can run in the middle of it
+   [stream/guard.py, ``CommitGuard.batch``]. The event is Faust's current event, so its table writes and
+   outputs go to P's transaction [stream/state.py ``FaustTable``, stream/emitter.py ``faust_send``].
+2. A record that does not decode, or names no tenant or id, is dead-lettered (original bytes, source
+   position, reason, message) under a key of its bytes; a decoded event that breaks a rule
+   (rating/calls.py ``validate_call``, rating/provisioning.py, rating/timing.py: dated in the future)
+   under its own key with a checksum of its bytes. An identical copy is then a duplicate, a corrected
+   resend is processed [``Meter._refuse``, stream/dedupe.py].
+3. Dedupe: a copy of a key already held (stream/dedupe.py), or a provisioning event already in the
+   tenant's timeline, is a duplicate: no state write, only a Duplicate record (step 5).
+4. State writes, in RocksDB and, through Faust's producer buffer, partition P of their changelogs inside
+   P's transaction: the event's dedupe fact, the tenant's timeline, parked calls, the live window,
+   alert markers, and the live balances (written by ``BalanceBook.flush`` before the event is acked).
+   A call of a period the live window has closed changes no balance (stream/window.py).
    (Crash point ``worker-4-state-written``.)
-5. Outputs (rated call, accepted provisioning event, dead letter, duplicate, alert) go to partition P of their
-   topics inside P's transaction (``_send`` picks P's transactional producer explicitly). The event is
-   acknowledged and the critical section ends. (Crash points ``worker-5-output-sent``, ``after-event``.)
+5. Outputs (rated call, accepted provisioning event, dead letter, duplicate, alert) go to partition P of
+   their topics inside P's transaction [stream/emitter.py]. The event is acknowledged and the critical
+   section ends. (Crash points ``worker-5-output-sent``, ``after-event``.)
 6. Every commit interval (and at a rebalance or shutdown) the guard waits for the current event, drains
    the buffered changelog writes into their transactions, and Faust adds P's consumed offsets and
-   commits. Only now do 2-5 become visible to read_committed readers: all of them or none.
-   (Crash point ``worker-6-committed``, just after.)
+   commits [stream/guard.py]. Only now do 2-5 become visible to read_committed readers: all of them or
+   none. (Crash point ``worker-6-committed``, just after.)
 
    A crash before 6 aborts the transaction (the restarted worker's producers fence it; transactions
    time out after 10 s): changelog writes, outputs and offsets roll back together and the events are
    processed again from the last commit. An exception inside an event stops the process at once
-   without any commit (pipeline/stream/guard.py) and ``callmeter worker`` starts a new one. RocksDB is
-   only a cache of the changelogs and may still hold writes of the aborted transaction, so the worker marks a
+   without any commit [stream/guard.py] and ``callmeter worker`` starts a new one. RocksDB is only a
+   cache of the changelogs and may still hold writes of the aborted transaction, so the worker marks a
    clean shutdown and, after an unclean one, deletes its local state and rebuilds it from the
-   changelogs (read_committed) before consuming (``pipeline/stream/runner.py: prepare_state_dir``).
-   Without this a call whose dedupe key survived in RocksDB but whose rated record was aborted would be
-   lost.
+   changelogs (read_committed) before consuming [stream/runner.py ``prepare_state_dir``, verified by
+   stream/recovery.py]. Without this a call whose dedupe key survived in RocksDB but whose rated
+   record was aborted would be lost.
 7. The ledger sink (pipeline/ledger/sink.py) reads the outputs read_committed and writes ClickHouse under
    its own numbered protocol; together no crash point loses a call or counts one twice.
+
+The worker's parts each own their table (stream/state.py): the dedupe index, the tenant book, the
+parking lot, the live window and the balance book. ``Meter`` only orders what they decide; it never
+touches Faust, so its decisions are unit-tested with in-memory tables (tests/unit/test_meter.py).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import threading
 import time
-from datetime import datetime
-from typing import Any
-
-import faust
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from pipeline import metrics
 from pipeline.crashpoints import CRASH_AT as _CRASH_AT
 from pipeline.crashpoints import acrash_point
-from pipeline.records import call_from_record, provisioning_from_record, rated_to_record
+from pipeline.records import call_from_record, provisioning_from_record
 from pipeline.settings import Settings
-from pipeline.stream import fencing  # noqa: F401 - patches Faust's transactional producer start
-from pipeline.stream.balances import Balances
-from pipeline.stream.continuity import CommittedReader, Continuity
-from pipeline.stream.facts import (
-    RERATING_ACTIONS,
-    call_fact,
-    check_provisioning,
-    dead_copy_differs,
-    dead_fact,
-    ms,
-)
-from pipeline.stream.guard import CommitGuard
-from pipeline.stream.outputs import Outputs
-from pipeline.stream.parking import Parking
-from pipeline.stream.retention import Retention
-from pipeline.stream.stats import Stats, count_faults
+from pipeline.stream.balances import BalanceBook
+from pipeline.stream.dedupe import DedupeIndex, event_key, ms, raw_key
+from pipeline.stream.emitter import Emitter
+from pipeline.stream.parking import ParkedCall, ParkingLot
+from pipeline.stream.source import CALL, PROVISIONING, SourceRecord
+from pipeline.stream.stats import Stats
+from pipeline.stream.tenants import TenantBook
+from pipeline.stream.window import LiveWindow
 from rating.calls import RatedCall, rate_call, validate_call
 from rating.catalog import Catalog
-from rating.models import Reason, Rejection
+from rating.models import CallEvent, ProvisioningEvent, Reason, Rejection
+from rating.provisioning import RERATING_ACTIONS, check_provisioning
 from rating.subscription import TenantTimeline
+from rating.timing import future_rejection
 from schemas.errors import SerdeError
 from schemas.serde import Serde
 
 log = logging.getLogger(__name__)
 
-_ROCKSDICT = {"driver": "rocksdict"}
+
+@dataclass
+class Parts:
+    """The worker's parts, each owning its state (see the module docstring)."""
+
+    dedupe: DedupeIndex
+    tenants: TenantBook
+    parking: ParkingLot
+    window: LiveWindow
+    book: BalanceBook
+    emit: Emitter
+
+    def forget(self) -> None:
+        """At every rebalance: cached state of partitions that may have moved is read again."""
+        self.tenants.forget()
+        self.window.forget()
+        self.book.forget()
 
 
-class Meter(Outputs, Parking, Balances, Retention):
-    """Builds the Faust app: one agent over both input topics and four co-partitioned tables."""
-
-    def __init__(self, settings: Settings, bootstrap: str, catalog: Catalog, serde: Serde) -> None:
+class Meter:
+    def __init__(
+        self, settings: Settings, catalog: Catalog, serde: Serde, parts: Parts, stats: Stats
+    ) -> None:
         self.settings = settings
-        self.topics = settings.topics
         self.catalog = catalog
         self.serde = serde
-        self.stats = Stats()
-        self.state_dir = settings.worker_state_dir
-        n = settings.partitions
-        self.app = faust.App(
-            settings.app_id,
-            broker=f"kafka://{bootstrap}",
-            store="rocksdb://",
-            processing_guarantee="exactly_once",
-            datadir=str(self.state_dir),
-            topic_partitions=n,
-            topic_replication_factor=1,
-            consumer_auto_offset_reset="earliest",
-            table_standby_replicas=0,
-            web_enabled=True,
-            web_bind=settings.worker_web_bind,
-            web_port=settings.worker_web_port,
-            canonical_url=f"http://{settings.worker_web_host}:{settings.worker_web_port}",
-            broker_commit_interval=1.0,
-            # A worker that died (a fault, kill -9) stays a group member until its session times out,
-            # and its replacement's join waits for that: Faust's default made every restart wait a
-            # minute. Heartbeats run on their own task, so 10 s is ample for a live worker.
-            broker_session_timeout=10.0,
-            broker_heartbeat_interval=2.0,
-            stream_wait_empty=False,
-            producer_linger_ms=settings.producer_linger_ms,
-        )
-        app = self.app
-        self.source = app.topic(
-            self.topics.calls,
-            self.topics.provisioning,
-            key_serializer="raw",
-            value_serializer="raw",
-            partitions=n,
-            internal=False,
-        )
-        # Values are JSON: an int (a provisioning event's time), [ended, started, raw ms] for an accepted
-        # call, or [time, "dead", crc32] for a dead-lettered event.
-        self.seen = app.Table("seen", partitions=n, key_type=str, options=_ROCKSDICT)
-        self.tenants = app.Table("tenants", partitions=n, key_type=str, options=_ROCKSDICT)
-        self.parked = app.Table("parked", partitions=n, key_type=str, options=_ROCKSDICT)
-        self.balances = app.Table(
-            "balances", partitions=n, key_type=str, value_type=int, default=int, options=_ROCKSDICT
-        )
-        # Alerts already sent, by "tenant|period start|usage|percent", "...|projected" and
-        # "...|employees"/"...|numbers" (quota): a correction moving usage down and up again, or a
-        # tenant's new threshold list, never sends one twice in a period.
-        self.alerted = app.Table("alerted", partitions=n, key_type=str, value_type=int, options=_ROCKSDICT)
-        self.guard = CommitGuard()
-        reader = CommittedReader(bootstrap)
-        self.continuity = Continuity(lambda: app.consumer, reader.first_committed_offset, reader.log_start)
-        metrics.initialize(self.topics.inputs)
-        # ERROR records of the Kafka/Faust client libraries seen during this run (see run_worker).
-        self.faults = 0
-        count_faults(self, ("faust", "aiokafka", "mode"))
-        app.callmeter_guard = self.guard  # type: ignore[attr-defined]
-        app.callmeter_sweep_for = self._sweep_for  # type: ignore[attr-defined]
-        app.agent(self.source, name="meter")(self._agent)
-        from pipeline.stream import web
-
-        web.install(self)
-        # Parsed tenant timelines: rebuilding one from its JSON on every call was ~12 % of the event loop.
-        # Only this worker writes a tenant's state while it owns the partition; any rebalance clears it.
-        self._timelines: dict[str, TenantTimeline] = {}
-        # Balances this worker wrote while owning their partition (a table read per call was ~3 % of the
-        # event loop); cleared with the timelines at every rebalance.
-        self._balance_cache: dict[str, int] = {}
-        # Prometheus children per input topic: labels() per event was a lookup under a lock.
-        self._consumed_metric = {t: metrics.EVENTS_CONSUMED.labels(topic=t) for t in self.topics.inputs}
-
-        @app.on_partitions_revoked.connect
-        async def _forget_timelines(*_args: Any, **_kwargs: Any) -> None:
-            self._timelines.clear()
-            self._balance_cache.clear()
-            self.continuity.forget()
-
-        @app.on_partitions_assigned.connect
-        async def _forget_timelines_again(*_args: Any, **_kwargs: Any) -> None:
-            self._timelines.clear()
-            self._balance_cache.clear()
-            self.continuity.forget()
-
-        # Set once recovery is done and the agent consumes (see _Worker).
-        self.ready = threading.Event()
-        # Dedupe retention (spec §2): per input partition, the newest event time seen and the event-time
-        # day of the last sweep. In memory only: after a restart each partition sweeps once more.
-        self._watermark_ms: dict[int, int] = {}
-        self._swept_day: dict[int, int] = {}
+        self.parts = parts
+        self.stats = stats
+        self.future_tolerance = timedelta(seconds=settings.future_tolerance_seconds)
         # Parking timeout: wall-clock minute of the last sweep of parked calls per partition.
         self._parking_swept: dict[int, int] = {}
-        # Record timestamp (seconds) of the last record processed per partition, for event-time lag.
-        self._last_record_ts: dict[int, float] = {}
-        self.lag: dict[tuple[str, int], int] = {}
+        self._consumed = {t: metrics.EVENTS_CONSUMED.labels(topic=t) for t in settings.topics.inputs}
 
-    # -- the agent ------------------------------------------------------------------------------------
-    async def _agent(self, stream: Any) -> None:
-        # One event at a time is a critical section against Faust's commits (pipeline/stream/guard.py).
-        # Batches (take_events) ran ~1.5x faster but hung after a broker loss in make chaos (twice in a
-        # row, until the stall watchdog): reverted until that is understood (docs/decisions.md).
-        async for event in stream.events():
-            async with self.guard.batch([event]):
-                msg = event.message
-                if not await self.continuity.check(msg.topic, msg.partition, msg.offset):
-                    continue  # handled already in this assignment (stream/continuity.py, step 3)
-                await self.handle(event)
-                if _CRASH_AT:
-                    await acrash_point("after-event")
-
-    def _sweep_for(self, transactional_id: str) -> tuple[int, list[str], list[str]] | None:
-        """For the id of an input partition's producer: that partition, the topics it writes and the
-        inputs whose offsets it commits (stream/fencing.py, step 2). None for Faust's other ids."""
-        group, _, partition = transactional_id.rpartition("-")
-        input_group = self.app.assignor.group_for_topic(self.topics.calls)
-        if group != f"{self.app.conf.id}-{input_group}":
-            return None
-        changelogs = [table.changelog_topic.get_topic_name() for table in self.app.tables.values()]
-        outputs = [self.topics.rated, self.topics.accepted, self.topics.alerts, self.topics.deadletter]
-        return int(partition), [*outputs, self.topics.duplicates, *changelogs], self.topics.inputs
-
-    def internal_topics(self) -> dict[str, tuple[int, dict[str, str]]]:
-        """Changelog topics (compacted, one partition per input partition) and Faust's leader topic."""
-        topics = {
-            table.changelog_topic.get_topic_name(): (self.settings.partitions, {"cleanup.policy": "compact"})
-            for table in self.app.tables.values()
-        }
-        topics[f"{self.app.conf.id}-__assignor-__leader"] = (1, {})
-        return topics
-
-    async def handle(self, event: Any) -> None:
-        msg = event.message
-        topic, partition, offset = msg.topic, msg.partition, msg.offset
-        raw: bytes = event.value if isinstance(event.value, bytes) else bytes(event.value or b"")
-        key: bytes | None = msg.key
-        kind = "call" if topic == self.topics.calls else "provisioning"
-        self.stats.consumed[kind] += 1
-        self._last_record_ts[partition] = msg.timestamp
-        self._consumed_metric[topic].inc()
-        self.stats.tick(consumed=1)
-        metrics.LAST_EVENT_TIMESTAMP.set(time.time())
-        src = (topic, partition, offset, key, raw)
+    async def handle(self, src: SourceRecord) -> None:
+        """One input record, steps 2-5 (steps 1 and 6 are the agent's and the guard's)."""
+        self._count(src)
+        await self._expire_parked(src.partition)
         try:
-            name, record = self.serde.decode(raw)
+            name, record = self.serde.decode(src.value)
         except SerdeError as exc:
-            await self._dead(src, exc.reason, exc.message)
+            await self._refuse(src, raw_key(src.kind, src.value), src.timestamp_ms, exc.reason, exc.message)
             return
-        expected = "CallRecord" if kind == "call" else "ProvisioningEvent"
+        expected = "CallRecord" if src.kind == CALL else "ProvisioningEvent"
         if name != expected:
-            await self._dead(src, Reason.INVALID_EVENT, f"{name} record on topic {topic}")
+            reason, message = Reason.INVALID_EVENT, f"{name} record on topic {src.topic}"
+        elif not record.get("tenant_id") or not record.get("event_id"):
+            reason, message = Reason.INVALID_EVENT, "tenant_id and event_id must be non-empty"
+        elif src.kind == CALL:
+            await self._on_call(src, call_from_record(record))
             return
-        tenant, event_id = record.get("tenant_id"), record.get("event_id")
-        if not tenant or not event_id:
-            await self._dead(src, Reason.INVALID_EVENT, "tenant_id and event_id must be non-empty")
-            return
-        dedupe_key = f"{kind}|{tenant}|{event_id}"
-        event_time = record.get("ended_at") if kind == "call" else record.get("occurred_at")
-        if isinstance(event_time, datetime):
-            self._advance_watermark(partition, ms(event_time))
-        await self._maybe_expire_parked(partition)
-        known = self._seen_get(dedupe_key)
-        if known is not None and not dead_copy_differs(known, raw):
-            # A copy of an event already accepted, or of an invalid one already dead-lettered (the same
-            # bytes): a duplicate either way. A corrected resend of an invalid event is processed anew.
-            await self._duplicate(src, kind, record, event_time)
-            return
-        if kind == "call":
-            await self._on_call(src, record, dedupe_key)
         else:
-            await self._on_provisioning(src, record, dedupe_key)
+            await self._on_provisioning(src, provisioning_from_record(record))
+            return
+        await self._refuse(src, raw_key(src.kind, src.value), src.timestamp_ms, reason, message)
 
-    async def _on_call(self, src: tuple[Any, ...], record: dict[str, Any], dedupe_key: str) -> None:
-        call = call_from_record(record)
-        rejection = validate_call(call)
-        if rejection is not None:
-            self.seen[dedupe_key] = dead_fact(ms(call.ended_at), src[4])
-            await self._dead(src, rejection.reason, rejection.message)
+    # -- calls ----------------------------------------------------------------------------------------
+    async def _on_call(self, src: SourceRecord, call: CallEvent) -> None:
+        p, parts = src.partition, self.parts
+        key = event_key(CALL, call.tenant_id, call.event_id)
+        if parts.dedupe.is_copy(p, key, src.value):  # step 3
+            await self._duplicate(src, call.tenant_id, call.event_id, call.gateway_id, call.ended_at)
             return
-        timeline = self._timeline(call.tenant_id)
+        rejection = validate_call(call) or self._future(call.ended_at, src, "ended_at")
+        timeline = parts.tenants.get(p, call.tenant_id)
+        if rejection is None and timeline is not None and timeline.subscribed:
+            result: RatedCall | Rejection = rate_call(call, timeline, self.catalog)
+            if isinstance(result, Rejection) and result.reason != Reason.NO_SUBSCRIPTION:
+                rejection = result
+        if rejection is not None:  # step 2
+            await self._refuse(src, key, ms(call.ended_at), rejection.reason, rejection.message)
+            return
+        # Step 4: the key is consumed whatever follows (rated, parked, revivable), so a retry is a copy.
+        parts.dedupe.accept_call(p, key, call)
+        self._advance(p, call.ended_at)
         if timeline is None or not timeline.subscribed:
-            # Calls and provisioning are not ordered across topics: hold the call until the tenant's
-            # SUBSCRIPTION_STARTED arrives (spec §5). Its key is consumed now so a retry stays a duplicate.
-            self._park(src, call.tenant_id)
-            self.seen[dedupe_key] = call_fact(call)
-            return
-        result = rate_call(call, timeline, self.catalog)
-        if isinstance(result, Rejection) and result.reason == Reason.NO_SUBSCRIPTION:
-            await self._dead_but_revivable(src, call, result)
-            self.seen[dedupe_key] = call_fact(call)
+            # Events on the two topics are not ordered: hold the call until SUBSCRIPTION_STARTED (spec §5).
+            parts.parking.park(call.tenant_id, ParkedCall(src, int(time.time() * 1000), revivable=False))
+            self.stats.parked += 1
+            metrics.PARKED_CALLS.inc()
             return
         if isinstance(result, Rejection):
-            self.seen[dedupe_key] = dead_fact(ms(call.ended_at), src[4])
+            # Subscribed, but nothing covers the call's period as far as this worker knows: dead-letter it
+            # now, keep it revivable until the parking timeout (docs/decisions.md, "Parking").
             await self._dead(src, result.reason, result.message)
+            parts.parking.park(call.tenant_id, ParkedCall(src, int(time.time() * 1000), revivable=True))
             return
-        self.seen[dedupe_key] = call_fact(call)
-        await self._emit_rated(src, result)
+        await self._rated(src, result, timeline)
         if _CRASH_AT:
             await acrash_point("worker-5-output-sent")
 
-    async def _emit_rated(self, src: tuple[Any, ...], rated: RatedCall) -> None:
-        topic, partition, offset, _key, _raw = src
-        record = rated_to_record(rated, source_topic=topic, source_partition=partition, source_offset=offset)
-        value = self.serde.encode("RatedCall", record, self.topics.rated)
-        tenant = rated.call.tenant_id
-        balance_key = self.balance_key(tenant, rated.period.start)
-        before = self._balance_cache.get(balance_key)
-        if before is None:
-            before = int(self.balances[balance_key])
-        after = before + rated.billable_seconds
-        self.balances[balance_key] = after
-        self._balance_cache[balance_key] = after
+    async def _rated(self, src: SourceRecord, rated: RatedCall, timeline: TenantTimeline) -> None:
+        """A rated call: its balance and alerts (live periods only), then its outputs (steps 4-5)."""
+        p, parts = src.partition, self.parts
+        alerts = []
+        if parts.window.is_live(p, rated.period.end):
+            alerts = parts.book.add(p, rated, timeline)
+            parts.book.flush()
+        else:
+            # A closed period answers from the ledger: its first-seen check decides whether this call,
+            # whose key the worker no longer holds, is new (docs/decisions.md, "Live balances").
+            self.stats.closed_period += 1
         if _CRASH_AT:
             await acrash_point("worker-4-state-written")
         self.stats.rated += 1
         metrics.RATED_CALLS.inc()
         metrics.BILLABLE_SECONDS.inc(rated.billable_seconds)
-        await self._send(self.topics.rated, tenant.encode(), value)
-        metrics.RATED_RECORDS_PRODUCED.inc()
-        plan = self.catalog.plan_for(rated.plan_id, rated.period.start)
-        ended = rated.call.ended_at
-        timeline = self._timeline(tenant)
-        await self._usage_alerts(tenant, rated.period, plan, timeline, before, after, crossed_at=ended)
-        await self._projected_alert(tenant, rated.period, plan, after, ended)
+        await parts.emit.rated(src, rated)
+        for alert in alerts:
+            await parts.emit.alert(alert)
 
-    def _timeline(self, tenant_id: str) -> TenantTimeline | None:
-        cached = self._timelines.get(tenant_id)
-        if cached is not None:
-            return cached
-        stored = self.tenants.get(tenant_id)
-        if not stored:
-            return None
-        timeline = TenantTimeline.from_dict(stored)
-        self._timelines[tenant_id] = timeline
-        return timeline
-
-    def partition_of(self, tenant_id: str) -> int:
-        """The input partition of a tenant: the producers' murmur2 of the tenant bytes."""
-        return int(self.app.producer.key_partition(self.topics.calls, tenant_id.encode()).partition)
-
-    def read_owned(self, table: Any, key: str, tenant_id: str | None = None) -> Any:
-        """Read a key from the RocksDB of the tenant's own partition.
-
-        Outside an event, Faust's store looks keys up through a key->partition cache over whatever
-        partition databases it has open, which after a rebalance can miss a key that is on disk; the
-        tenant's partition is known, so read that database directly (opened on demand)."""
-        partition = self.partition_of(tenant_id or key)
-        db = table.data._db_for_partition(partition)
-        raw = db.get(json.dumps(key).encode())
-        return None if raw is None else json.loads(raw)
-
-    def status(self) -> dict[str, Any]:
-        from pipeline.stream.watch import meter_status
-
-        return meter_status(self)
-
-    async def _on_provisioning(self, src: tuple[Any, ...], record: dict[str, Any], dedupe_key: str) -> None:
-        topic, partition, offset, _key, raw = src
-        event = provisioning_from_record(record)
-        rejection = check_provisioning(event, self.catalog)
-        if rejection is not None:
-            self.seen[dedupe_key] = dead_fact(ms(event.occurred_at), src[4])
-            await self._dead(src, rejection.reason, rejection.message)
+    # -- provisioning ---------------------------------------------------------------------------------
+    async def _on_provisioning(self, src: SourceRecord, event: ProvisioningEvent) -> None:
+        p, parts = src.partition, self.parts
+        key = event_key(PROVISIONING, event.tenant_id, event.event_id)
+        timeline = parts.tenants.get(p, event.tenant_id)
+        if (timeline is not None and timeline.has_event(event.event_id)) or parts.dedupe.is_copy(
+            p, key, src.value
+        ):  # step 3
+            await self._duplicate(src, event.tenant_id, event.event_id, "", event.occurred_at)
             return
-        timeline = self._timeline(event.tenant_id) or TenantTimeline.from_events(event.tenant_id, [])
-        timeline = timeline.apply(event)
-        self.tenants[event.tenant_id] = timeline.to_dict()
-        self._timelines[event.tenant_id] = timeline
-        self.seen[dedupe_key] = ms(event.occurred_at)
-        headers = [
-            ("source-topic", topic.encode()),
-            ("source-partition", str(partition).encode()),
-            ("source-offset", str(offset).encode()),
-        ]
-        await self._send(self.topics.accepted, event.tenant_id.encode(), raw, headers)
-        await self._check_quotas(timeline, event)
-        if timeline.subscribed:
-            held = self.parked.get(event.tenant_id)
-            if held:
-                await self._release_parked(event.tenant_id, held, timeline)
-            if event.action in RERATING_ACTIONS:
-                await self.rerate_balances(event.tenant_id, timeline, event.occurred_at)
+        rejection = check_provisioning(event, self.catalog) or self._future(
+            event.occurred_at, src, "occurred_at"
+        )
+        if rejection is not None:  # step 2
+            await self._refuse(src, key, ms(event.occurred_at), rejection.reason, rejection.message)
+            return
+        # Step 4: the timeline keeps the event for ever; it is the tenant's provisioning dedupe record.
+        timeline = (timeline or TenantTimeline.from_events(event.tenant_id, [])).apply(event)
+        parts.tenants.put(p, timeline)
+        self._advance(p, event.occurred_at)
+        alerts = parts.book.quota(p, timeline, event)
+        await parts.emit.accepted(src, event.tenant_id)
+        for alert in alerts:
+            await parts.emit.alert(alert)
+        if not timeline.subscribed:
+            return
+        await self._release_parked(p, timeline)
+        if event.action in RERATING_ACTIONS:
+            # The change may rate remembered calls differently: live balances follow at once.
+            changed, alerts = parts.book.rerate(p, timeline, event.occurred_at)
+            parts.book.flush()
+            self.stats.rebalanced += changed
+            for alert in alerts:
+                await parts.emit.alert(alert)
+
+    async def _release_parked(self, p: int, timeline: TenantTimeline) -> None:
+        """Rate, in arrival order, the parked calls the timeline now covers. One it does not cover is
+        dead-lettered (once) and kept revivable with its original parking time."""
+        parts = self.parts
+        for parked in parts.parking.take(p, timeline.tenant_id):
+            call = call_from_record(self.serde.decode(parked.source.value)[1])  # it decoded when parked
+            result = rate_call(call, timeline, self.catalog)
+            if isinstance(result, Rejection) and result.reason == Reason.NO_SUBSCRIPTION:
+                if not parked.revivable:
+                    await self._dead(parked.source, result.reason, result.message)
+                    metrics.PARKED_CALLS.dec()
+                parts.parking.park(timeline.tenant_id, ParkedCall(parked.source, parked.parked_at_ms, True))
+                continue
+            if not parked.revivable:
+                self.stats.unparked += 1
+                metrics.PARKED_CALLS.dec()
+            if isinstance(result, Rejection):
+                # Not accepted after all: its bytes are remembered like any refused event's.
+                key = event_key(CALL, call.tenant_id, call.event_id)
+                parts.dedupe.refuse(p, key, ms(call.ended_at), parked.source.value)
+                if not parked.revivable:
+                    await self._dead(parked.source, result.reason, result.message)
+                continue
+            if parked.revivable:
+                self.stats.revived += 1
+            await self._rated(parked.source, result, timeline)
+
+    async def _expire_parked(self, p: int) -> None:
+        """At most once a wall-clock minute per partition: calls parked longer than the timeout leave
+        as NO_SUBSCRIPTION dead letters (spec §5: nothing is dropped silently), in this event's
+        transaction, and release their keys, so a resend once the tenant is subscribed is rated."""
+        minute = int(time.time() // 60)
+        if self._parking_swept.get(p) == minute:
+            return
+        self._parking_swept[p] = minute
+        timeout = self.settings.parking_timeout_seconds
+        for tenant, parked in self.parts.parking.expire(p, int(time.time() * 1000) - timeout * 1000):
+            if not parked.revivable:  # a revivable call was dead-lettered when it was refused
+                message = (
+                    f"no SUBSCRIPTION_STARTED for tenant {tenant!r} within the parking timeout ({timeout} s)"
+                )
+                await self._dead(parked.source, Reason.NO_SUBSCRIPTION, message)
+                metrics.PARKED_CALLS.dec()
+            event_id = self.serde.decode(parked.source.value)[1]["event_id"]
+            self.parts.dedupe.release(p, event_key(CALL, tenant, event_id))
+
+    # -- shared steps ---------------------------------------------------------------------------------
+    def _future(self, event_time: datetime, src: SourceRecord, what: str) -> Rejection | None:
+        return future_rejection(event_time, src.received_at, self.future_tolerance, what)
+
+    def _advance(self, p: int, event_time: datetime) -> None:
+        """An accepted event moves the live window; on a new day, forget what the window no longer holds."""
+        parts = self.parts
+        if not parts.window.advance(p, ms(event_time)):
+            return
+        floor, horizon = parts.window.key_floor_ms(p), parts.window.horizon_ms(p)
+        if floor is not None and horizon is not None:
+            self.stats.keys_expired += parts.dedupe.sweep(p, floor)
+            parts.book.sweep(p, horizon)
+
+    async def _refuse(self, src: SourceRecord, key: str, event_ms: int, reason: str, message: str) -> None:
+        """Step 2: a dead letter, once per distinct bad event; an identical copy is a duplicate."""
+        if self.parts.dedupe.is_copy(src.partition, key, src.value):
+            await self._duplicate(src, src.key_text, "", "", None)
+            return
+        self.parts.dedupe.refuse(src.partition, key, event_ms, src.value)
+        await self._dead(src, reason, message)
+
+    async def _dead(self, src: SourceRecord, reason: str, message: str) -> None:
+        self.stats.dead_letters[str(reason)] += 1
+        self.stats.tick(dead=1)
+        await self.parts.emit.dead(src, reason, message)
+
+    async def _duplicate(
+        self, src: SourceRecord, tenant: str, event_id: str, gateway: str, event_time: datetime | None
+    ) -> None:
+        self.stats.duplicates[src.kind] += 1
+        self.stats.tick(duplicates=1)
+        await self.parts.emit.duplicate(src, tenant, event_id, gateway, event_time)
+
+    def _count(self, src: SourceRecord) -> None:
+        self.stats.consumed[src.kind] += 1
+        self.stats.last_record_ms[src.partition] = src.timestamp_ms
+        self._consumed[src.topic].inc()
+        self.stats.tick(consumed=1)
+        metrics.LAST_EVENT_TIMESTAMP.set(time.time())

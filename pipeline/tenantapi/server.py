@@ -17,16 +17,14 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 import urllib.parse
-from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pipeline import metrics
-from pipeline.tenantapi.answers import ANSWERS, balance_key, parse_at
+from pipeline.tenantapi.answers import ANSWERS, LedgerLookup, respond
 from pipeline.tenantapi.view import ChangelogView
 from rating.catalog import Catalog
 
@@ -37,9 +35,12 @@ class TenantApi:
     """The view's consumer thread and the HTTP server's thread. Constructing it binds the port (OSError
     when it is taken); ``start()`` starts both threads, ``stop()`` ends them."""
 
-    def __init__(self, view: ChangelogView, catalog: Catalog, bind: str, port: int) -> None:
+    def __init__(
+        self, view: ChangelogView, catalog: Catalog, bind: str, port: int, ledger: LedgerLookup | None = None
+    ) -> None:
         self.view = view
         self.catalog = catalog
+        self.ledger = ledger
         api = self
 
         class Handler(_Handler):
@@ -70,26 +71,8 @@ class TenantApi:
     def answer(
         self, endpoint: str, tenant_id: str, query: dict[str, list[str]]
     ) -> tuple[int, dict[str, Any]]:
-        count, observe = metrics.endpoint_meters(endpoint)
-        started = time.perf_counter()
-        try:
-            at = parse_at(query["at"][0] if query.get("at") else None)
-        except ValueError as exc:
-            count("400")
-            return 400, {"error": f"bad at: {exc}"}
-        reason = self.view.not_serving()
-        if reason is not None:
-            count("503")
-            return 503, {"error": reason, "tenant_id": tenant_id}
-        view = self.view
-
-        def used(period_start: datetime) -> int:
-            return view.used_seconds(balance_key(tenant_id, period_start))
-
-        status, body = ANSWERS[endpoint](tenant_id, view.timeline(tenant_id), used, self.catalog, at)
-        count(str(status))
-        observe(time.perf_counter() - started)
-        return status, body
+        at = query["at"][0] if query.get("at") else None
+        return respond(endpoint, tenant_id, at, self.view, self.catalog, self.ledger)
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -29,7 +29,10 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from pipeline.errors import BrokerError
+from pipeline.partitioning import partition_for
+from pipeline.stream.keys import balance_key, period_is_live, window_partition
 from rating.errors import CallmeterError
+from rating.periods import Period
 from rating.subscription import TenantTimeline
 
 log = logging.getLogger(__name__)
@@ -43,16 +46,21 @@ def changelog_topic(app_id: str, table: str) -> str:
 
 
 class ChangelogView:
-    """``timeline(tenant)`` and ``used_seconds(key)`` from the committed changelogs; ``run()`` in a thread."""
+    """A ``TenantState`` (answers.py) from the committed changelogs; ``run()`` in a thread."""
 
-    def __init__(self, bootstrap: Callable[[], str], app_id: str, partitions: int) -> None:
+    def __init__(
+        self, bootstrap: Callable[[], str], app_id: str, partitions: int, retention_days: int
+    ) -> None:
         self._bootstrap = bootstrap
         self.topics = {changelog_topic(app_id, TENANTS): TENANTS, changelog_topic(app_id, BALANCES): BALANCES}
         self.partitions = partitions
+        self.retention_days = retention_days
         # Parsed once per change (a tenant's provisioning is rare); read by the HTTP threads. A dict's
         # get and set are atomic under the GIL, and each key is one value, so no lock is needed.
         self._timelines: dict[str, TenantTimeline] = {}
         self._balances: dict[str, int] = {}
+        # The live window's event-time day per input partition (stream/keys.py window_key).
+        self._windows: dict[int, int] = {}
         self._pending: set[tuple[str, int]] = set()
         self.caught_up = threading.Event()
         self.stopping = threading.Event()
@@ -64,10 +72,14 @@ class ChangelogView:
     def timeline(self, tenant_id: str) -> TenantTimeline | None:
         return self._timelines.get(tenant_id)
 
-    def used_seconds(self, key: str) -> int:
-        return self._balances.get(key, 0)
+    def used_seconds(self, tenant_id: str, period: Period) -> int | None:
+        """As the worker answers (pipeline/stream/window.py): None once the live window closed the period."""
+        window = self._windows.get(partition_for(tenant_id, self.partitions))
+        if not period_is_live(window, self.retention_days, period.end):
+            return None
+        return self._balances.get(balance_key(tenant_id, period.start), 0)
 
-    def not_serving(self) -> str | None:
+    def not_serving(self, tenant_id: str = "") -> str | None:
         if self.caught_up.is_set():
             return None
         if self.error:
@@ -112,7 +124,11 @@ class ChangelogView:
         elif decoded is None:
             self._balances.pop(name, None)
         elif isinstance(decoded, int) and not isinstance(decoded, bool):
-            self._balances[name] = decoded
+            partition = window_partition(name)
+            if partition is not None:
+                self._windows[partition] = decoded
+            else:
+                self._balances[name] = decoded
         else:
             log.warning("tenant API: balance %s is not a whole number of seconds; kept the last one", name)
             return

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.commands.benchreport import Row, cpu_us_text, latency_table, ratio_text, throughput_table
+from bench.report import Row, cpu_us_text, latency_table, ratio_text, throughput_table
 
 
 @pytest.mark.parametrize(

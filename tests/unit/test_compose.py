@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from pipeline.commands.cliargs import build_parser
-from pipeline.commands.supervisor import SINK_ONLY, _roles
+from pipeline.commands.supervisor import SINK_ONLY, process_roles
 from pipeline.settings import KAFKA_VERSION, Settings
 from pipeline.stream import web
 from tests.conftest import free_port
@@ -178,7 +178,7 @@ def _process_ports(name: str) -> list[int]:
     """The ports the service's processes serve /metrics on, as the supervisor lays them out: process i
     of `callmeter worker` on CALLMETER_WORKER_WEB_PORT + i, `callmeter sink` on the port itself."""
     settings = _settings(SERVICES[name])
-    roles = SINK_ONLY if _callmeter_services()[name][0] == "sink" else _roles(settings)
+    roles = SINK_ONLY if _callmeter_services()[name][0] == "sink" else process_roles(settings)
     return [settings.worker_web_port + index for _role, index in roles]
 
 

@@ -1,6 +1,7 @@
 """The worker answers tenant questions from local state only once that state is recovered and its own
-(pipeline/stream/web.py ``not_serving``): otherwise a confident 200 could say "no subscription" for a tenant
-whose timeline is still being read back from the changelog after an unclean restart."""
+(pipeline/tenantapi/worker_port.py ``LiveState.not_serving``): otherwise a confident 200 could say "no
+subscription" for a tenant whose timeline is still being read back from the changelog after an unclean
+restart."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 from faust.types import TP
 
-from pipeline.stream.web import not_serving
+from pipeline.tenantapi.worker_port import LiveState
 
 
 def _meter(*, ready: bool, rebalancing: bool = False, in_recovery: bool = False, owned: int = 1) -> Any:
@@ -41,4 +42,4 @@ def _meter(*, ready: bool, rebalancing: bool = False, in_recovery: bool = False,
     ],
 )
 def test_answers_only_from_recovered_owned_state(meter: Any, reason: str | None) -> None:
-    assert not_serving(meter, "acme") == reason
+    assert LiveState(meter).not_serving("acme") == reason

@@ -1,6 +1,6 @@
 """The reference rows of `make bench` (issue 10): what Faust and the Kafka client cost on their own.
 
-Each reference is a child process, ``python -m pipeline.commands.benchrefs KIND ...``, that consumes an input
+Each reference is a child process, ``python -m bench.refs KIND ...``, that consumes an input
 topic already holding ``--records`` CallRecord values (real Avro from schemas/serde.py, calls from
 pipeline/simulate.py), writes one output record per input record, and prints one JSON line: the records
 it saw and the seconds from receiving the first to having handled the last. Its own app id / group,
@@ -168,7 +168,7 @@ def run_reference(
     argv = [
         sys.executable,
         "-m",
-        "pipeline.commands.benchrefs",
+        "bench.refs",
         kind,
         "--bootstrap",
         bootstrap,
@@ -361,7 +361,7 @@ def _kafka_child(kind: str, args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.commands.benchrefs")
+    parser = argparse.ArgumentParser(prog="python -m bench.refs")
     parser.add_argument("kind", choices=KINDS)
     parser.add_argument("--bootstrap", required=True)
     parser.add_argument("--input", required=True, help="topic already holding the records")

@@ -1,7 +1,7 @@
 """Worker throughput and peak memory on simulated traffic, on the real broker, and balance latency:
-the callmeter rows of `make bench`'s table (pipeline/commands/benchtable.py), also runnable alone as JSON.
+the callmeter rows of `make bench`'s table (bench/table.py), also runnable alone as JSON.
 
-Run as ``python -m pipeline.commands.bench [--calls N]``. It uses its own data dir and topic prefix,
+Run as ``python -m bench.callmeter_rows [--calls N]``. It uses its own data dir and topic prefix,
 starts the local broker unless CALLMETER_KAFKA is set, produces N call records (plus provisioning), then times
 ``callmeter worker --until-idle`` in a child process and reads its peak RSS from the kernel.
 """
@@ -60,7 +60,7 @@ def balance_bench(
 
     from confluent_kafka import Producer
 
-    from pipeline.commands.benchload import PacedLoad, freshness_ms
+    from bench.load import PacedLoad, freshness_ms
     from pipeline.commands.clients import make_serde
     from schemas.json_events import parse_json_event
 
@@ -292,7 +292,7 @@ def throughput(env: dict[str, str], args: argparse.Namespace, work: Path, proces
     )
     produce_s = time.monotonic() - t0
 
-    from pipeline.commands.benchrefs import run_child
+    from bench.refs import run_child
 
     worker = run_child([sys.executable, "-m", "pipeline", "worker", "--until-idle"], env, timeout_s=6 * 3600)
     if worker.returncode != 0:
@@ -316,7 +316,7 @@ def throughput(env: dict[str, str], args: argparse.Namespace, work: Path, proces
         "duplicates": stats["duplicates"],
         "duplicates_in_ledger": stats.get("duplicates_in_ledger", {}),
         "dead_letters": stats["dead_letters"],
-        # Where this run's month lives, for a replay of it afterwards (pipeline/commands/benchtable.py).
+        # Where this run's month lives, for a replay of it afterwards (bench/table.py).
         "topic_prefix": env["CALLMETER_TOPIC_PREFIX"],
         "data_dir": env["CALLMETER_DATA_DIR"],
     }

@@ -90,7 +90,7 @@ def throughput_table(rows: Sequence[Row]) -> str:
 
 
 def latency_table(result: dict[str, object]) -> str:
-    """Markdown for ``pipeline.commands.bench.balance_bench``'s result: p50 and p99 per measure, in ms."""
+    """Markdown for ``bench.callmeter_rows.balance_bench``'s result: p50 and p99 per measure, in ms."""
     measures = [
         ("`GET /balances` under the paced load", "balance_latency_ms"),
         ("`GET /authorize` under the paced load", "authorize_latency_ms"),

@@ -1,16 +1,16 @@
 """`make bench`: one table, every row measured in this run on the same broker (issue 10).
 
-Run as ``python -m pipeline.commands.benchtable [--calls N] [--only refs,callmeter,replay,balance]``.
+Run as ``python -m bench.table [--calls N] [--only refs,callmeter,replay,balance]``.
 Rows, each with its rate and its ratio to the straightforward stateful Faust agent:
 
-1. the reference agents of pipeline/commands/benchrefs.py (bare Faust, with ``take_events``, the
+1. the reference agents of bench/refs.py (bare Faust, with ``take_events``, the
    stateful agent, the raw confluent-kafka transactional loop with and without Avro), over N simulated
    CallRecords;
-2. ``callmeter worker --until-idle`` with each ``--processes`` count (pipeline/commands/bench.py
+2. ``callmeter worker --until-idle`` with each ``--processes`` count (bench/callmeter_rows.py
    ``throughput``: N simulated calls with 1 % retries, 1 % late and 0.1 % bad records, start-up included);
 3. ``callmeter replay`` of the month the 1-process run consumed, from Kafka into new ledger rows under
    catalog revision 2 (the whole command: start-up, reading, rating, writing and the money summary);
-4. balance latency under simulator load (pipeline/commands/bench.py ``balance_bench``), a second small table;
+4. balance latency under simulator load (bench/callmeter_rows.py ``balance_bench``), a second small table;
 5. with ``--rss-at 1000000,3000000``, peak RSS of ``worker --until-idle`` at those sizes (slow: only
    when asked).
 
@@ -29,8 +29,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline.commands.benchrefs import KINDS, BenchError, produce_calls, run_child, run_reference
-from pipeline.commands.benchreport import Row, latency_table, throughput_table
+from bench.refs import KINDS, BenchError, produce_calls, run_child, run_reference
+from bench.report import Row, latency_table, throughput_table
 from pipeline.settings import SAMPLE_CATALOG, Settings
 
 GROUPS = ("refs", "callmeter", "replay", "balance")
@@ -135,7 +135,7 @@ def replay_row(env: dict[str, str], worker: dict[str, Any], work: Path) -> Row:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.commands.benchtable")
+    parser = argparse.ArgumentParser(prog="python -m bench.table")
     parser.add_argument("--calls", type=int, default=os.environ.get("BENCH_CALLS", "100000"))
     parser.add_argument("--tenants", type=int, default=50)
     parser.add_argument("--partitions", type=int, default=6)
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, groups: list[str], processes: list[int], rss_at: list[int]) -> int:
-    from pipeline.commands.bench import balance_bench, throughput
+    from bench.callmeter_rows import balance_bench, throughput
 
     work = Path(tempfile.mkdtemp(prefix="callmeter-bench-"))
     env = dict(os.environ, CALLMETER_PARTITIONS=str(args.partitions))

@@ -28,7 +28,7 @@ from tests.integration.cli import (
     reference_events,
     worker_stats,
 )
-from tests.integration.test_ledger_sql_e2e import doc_queries
+from tests.integration.test_ledger_sql_e2e import doc_queries, finance_panels
 
 pytestmark = pytest.mark.integration
 
@@ -224,6 +224,14 @@ def test_a_price_fix_that_lowers_a_final_invoice_is_a_customer_credit(
             "status": "final",
         }
     ]
+    # The finance dashboard's revenue nets the credit where it was granted: December's starter revenue
+    # is the 26.13 charged less the 43.56 credited; November's final invoice stays as issued.
+    panel = finance_panels()["Revenue by plan and period (invoiced, tax included)"]
+    revenue = json.loads(callmeter(cm_env, "sql", panel, "--format", "json").stdout)
+    assert {r["period"]: r["total"] for r in revenue if r["plan_id"] == "starter"} == {
+        "2026-11-01": "75.69",
+        "2026-12-01": "-17.43",
+    }
     # docs/ledger.md's ready query for balances.
     balances = callmeter(cm_env, "sql", doc_queries()["Q13"], "--format", "json").stdout
     assert json.loads(balances) == [

@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,12 +20,13 @@ from pydantic import ValidationError
 from pipeline.commands.cliargs import build_parser
 from pipeline.commands.clients import kafka, make_serde
 from pipeline.commands.ledger_commands import cmd_invoice, cmd_ledger, cmd_replay, cmd_sql, cmd_usage
-from pipeline.errors import BrokerError, InputError
+from pipeline.errors import BrokerError, InputError, UsageError
 from pipeline.settings import Settings
 from rating.catalog import Catalog
 from rating.errors import CallmeterError
 
 if TYPE_CHECKING:
+    from pipeline.commands.worker_progress import UntilIdleProgress
     from pipeline.tenantapi.server import TenantApi
 
 
@@ -37,19 +39,17 @@ def load_catalog(path: Path) -> Catalog:
 # -- commands ------------------------------------------------------------------------------------------
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     from pipeline.local.broker import LocalKafka
-    from pipeline.local.cluster import LocalKafkaCluster
+    from pipeline.local.cluster import LocalKafkaCluster, local_stacks, stack_size
     from pipeline.topics import ensure_topics
 
     if settings.kafka:
         bootstrap = settings.kafka
-    elif args.brokers > 1 or LocalKafkaCluster.existing(settings) is not None:
-        cluster = LocalKafkaCluster.existing(settings) or LocalKafkaCluster(settings, args.brokers)
-        if args.brokers > 1 and len(cluster.nodes) != args.brokers:
-            msg = f"the local cluster in {cluster.dir} has {len(cluster.nodes)} brokers; remove it first"
-            raise InputError(msg)
-        bootstrap = cluster.up()
     else:
-        bootstrap = LocalKafka(settings).up()
+        size = stack_size(*local_stacks(settings), args.brokers, settings.data_dir.expanduser().resolve())
+        if size > 1:
+            bootstrap = (LocalKafkaCluster.existing(settings) or LocalKafkaCluster(settings, size)).up()
+        else:
+            bootstrap = LocalKafka(settings).up()
     ensure_topics(settings, bootstrap)
     print(f"kafka ready at {bootstrap}")
     return 0
@@ -60,44 +60,75 @@ def cmd_down(settings: Settings, _args: argparse.Namespace) -> int:
     from pipeline.local.cluster import LocalKafkaCluster
 
     cluster = LocalKafkaCluster.existing(settings)
-    if cluster is not None:
-        cluster.down()
-    LocalKafka(settings).down()
-    print("kafka stopped")
+    stopped = []
+    if cluster is not None and cluster.down():
+        stopped.append(f"the {len(cluster.nodes)}-broker cluster in {cluster.dir}")
+    local = LocalKafka(settings)
+    if local.down():
+        stopped.append(f"the broker in {local.state_dir}")
+    if stopped:
+        print(f"kafka stopped: {' and '.join(stopped)}")
+    else:
+        # Not an error: `down` is idempotent like `up`. But it must not claim it stopped something.
+        external = f" (CALLMETER_KAFKA={settings.kafka} is not started or stopped by callmeter)"
+        print(
+            f"kafka: nothing was running in {settings.data_dir.expanduser().resolve()}"
+            f"{external if settings.kafka else ''}"
+        )
     return 0
 
 
 def cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
-    from pipeline.commands.produce import produce_files
+    from pipeline.commands.produce import check_input, produce_files
+    from pipeline.commands.progress import Progress
 
     paths = [Path(p) for p in args.files]
     for path in paths:
-        if not path.is_file():
-            msg = f"no such file: {path}"
-            raise InputError(msg)
-    sent = produce_files(settings, kafka(settings), make_serde(settings), paths)
+        check_input(path)
+    sent = produce_files(settings, kafka(settings), make_serde(settings), paths, Progress())
     print(" ".join(f"{topic}={n}" for topic, n in sorted(sent.items())) or "nothing to produce")
     return 0
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from pipeline.catalogs import read_catalog
-    from pipeline.commands.supervisor import SINK_ONLY, child_role, is_child, restarted, supervise
+    from pipeline.commands.ports import check_ports, own_port_problem, port_plan
+    from pipeline.commands.supervisor import (
+        SINK_ONLY,
+        child_role,
+        is_child,
+        process_roles,
+        restarted,
+        supervise,
+    )
     from pipeline.errors import RetryableError
     from pipeline.stream.guard import EXIT_RETRY
 
     if not is_child():
         # `callmeter sink` is this command with one process, the ledger sink (role "sink").
+        roles = SINK_ONLY if args.command == "sink" else process_roles(settings)
+        # Every port, before anything starts: a taken one is one line now, not a child's traceback.
+        check_ports(port_plan(settings, roles, with_api=args.command != "sink"), settings.worker_web_bind)
         if args.command == "sink":
             return supervise(settings, args.argv, SINK_ONLY)
         api = _start_tenant_api(settings)
+        progress = _until_idle_progress(settings) if args.until_idle else None
         try:
             return supervise(settings, args.argv)
         finally:
+            if progress is not None:
+                progress.stop()
             if api is not None:
                 api.stop()
-    catalog, text = read_catalog(settings.catalog)
     role = child_role()
+    taken = own_port_problem(settings, role)
+    if taken is not None:
+        # Taken since the supervisor checked it: after a fault, maybe only for a moment (retry).
+        if restarted():
+            print(f"callmeter: error: {taken}; retrying", file=sys.stderr)
+            return EXIT_RETRY
+        raise InputError(taken)
+    catalog, text = read_catalog(settings.catalog)
     try:
         if role == "sink":
             from pipeline.ledger.sink_runner import run_sink
@@ -157,6 +188,18 @@ def _start_tenant_api(settings: Settings) -> TenantApi | None:
     return api
 
 
+def _until_idle_progress(settings: Settings) -> UntilIdleProgress | None:
+    """The terminal's progress line for `worker --until-idle` (nothing when stderr is not a terminal)."""
+    from pipeline.commands.progress import Progress
+    from pipeline.commands.worker_progress import UntilIdleProgress
+    from pipeline.local.cluster import bootstrap_servers
+
+    progress = Progress()
+    if not progress.enabled:
+        return None
+    return UntilIdleProgress(settings, bootstrap_servers(settings), progress).start()
+
+
 def _worker_url(settings: Settings, args: argparse.Namespace) -> str:
     return str(getattr(args, "url", None) or f"http://127.0.0.1:{settings.worker_web_port}").rstrip("/")
 
@@ -191,6 +234,12 @@ def cmd_alerts(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_consume(settings: Settings, args: argparse.Namespace) -> int:
+    from pipeline.commands.consume import consume
+
+    return consume(settings, kafka(settings, create_topics=False), make_serde(settings), args)
+
+
 def cmd_notify(settings: Settings, args: argparse.Namespace) -> int:
     from pipeline.commands.notify import prepare_webhook, run_notify
 
@@ -210,6 +259,13 @@ def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
     from pipeline.commands.simulate import SimulationConfig, generate, write_file
 
     year, month = _month(args.month)
+    now = datetime.now(UTC)
+    if (year, month) > (now.year, now.month):
+        # Gateways report finished calls: calls dated after now would be refused as FUTURE_EVENT at
+        # best, and inside the tolerance they would use up allowances today (docs/decisions.md).
+        message = f"--month {args.month} has not started yet: simulated calls end before now"
+        print(f"callmeter: error: {message}", file=sys.stderr)
+        return 2
     cfg = SimulationConfig(
         tenants=args.tenants,
         calls=args.calls,
@@ -219,6 +275,7 @@ def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
         late_rate=args.late_rate,
         invalid_rate=args.invalid_rate,
         seed=args.seed,
+        now=now,
     )
     if args.produce:
         from pipeline.commands.produce import EventPublisher
@@ -230,9 +287,6 @@ def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
         publisher.close()
         print(" ".join(f"{t}={n}" for t, n in sorted(publisher.sent.items())))
         return 0
-    if not args.out:
-        msg = "simulate needs --out FILE or --produce"
-        raise InputError(msg)
     counts = write_file(cfg, Path(args.out))
     print(f"wrote {args.out}: " + " ".join(f"{k}={v}" for k, v in sorted(counts.items())))
     return 0
@@ -259,6 +313,7 @@ COMMANDS = {
     "invoice": cmd_invoice,
     "balance": cmd_balance,
     "alerts": cmd_alerts,
+    "consume": cmd_consume,
     "notify": cmd_notify,
     "status": cmd_status,
     "simulate": cmd_simulate,
@@ -283,6 +338,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=os.environ.get("CALLMETER_LOG_LEVEL", "WARNING").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from pipeline.logfilters import install as quiet_expected_library_logs
+
+    quiet_expected_library_logs()
     started = time.monotonic()
     try:
         settings = Settings(**overrides)
@@ -290,6 +348,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         first = exc.errors()[0]
         print(f"callmeter: error: setting {first['loc'][0]}: {first['msg']}", file=sys.stderr)
+        return 2
+    except UsageError as exc:
+        print(f"callmeter: error: {exc}", file=sys.stderr)
         return 2
     except CallmeterError as exc:
         print(f"callmeter: error: {exc}", file=sys.stderr)

@@ -3,8 +3,53 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer no smaller than ``minimum`` (argparse turns the error into one
+    line and exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            msg = f"{text!r} is not a whole number"
+            raise argparse.ArgumentTypeError(msg) from None
+        if value < minimum:
+            msg = f"must be at least {minimum}, not {value}"
+            raise argparse.ArgumentTypeError(msg)
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def rate(text: str) -> float:
+    """An argparse type: a share of the events, from 0 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        msg = f"{text!r} is not a number"
+        raise argparse.ArgumentTypeError(msg) from None
+    if not 0.0 <= value <= 1.0:  # also refuses nan
+        msg = f"must be a share from 0 to 1 (0.02 = 2 %), not {text}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+# A single broker, or a cluster that survives losing one broker: 3 KRaft controllers keep a majority
+# when one dies, 2 do not, and more than 3 add nothing a laptop can show (replication stays 3).
+BROKER_COUNTS = (1, 3)
+
+
+def broker_count(text: str) -> int:
+    if text.strip() not in {str(n) for n in BROKER_COUNTS}:
+        msg = f"must be 1 (one broker) or 3 (a cluster: replication 3, min ISR 2), not {text}"
+        raise argparse.ArgumentTypeError(msg)
+    return int(text)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,11 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("up", help="start the local Kafka broker in the background (idempotent)")
     p.add_argument(
-        "--brokers", type=int, default=1, help="run a KRaft cluster of N brokers (replication 3, min ISR 2)"
+        "--brokers",
+        type=broker_count,
+        default=None,
+        metavar="{1,3}",
+        help="1: a single broker (DIR/kafka); 3: a KRaft cluster, replication 3, min ISR 2 "
+        "(DIR/kafka-cluster). Default: the stack this data dir already has, else 1",
     )
-    sub.add_parser("down", help="stop the local Kafka broker; data stays")
-    p = sub.add_parser("produce", help="publish JSON-lines events")
-    p.add_argument("files", nargs="+")
+    sub.add_parser("down", help="stop the local Kafka broker or cluster; data stays")
+    p = sub.add_parser("produce", help="publish JSON-lines events, all or nothing")
+    p.add_argument("files", nargs="+", metavar="FILE", help="JSON-lines file, or - for standard input")
     p = sub.add_parser("worker", help="run the stream worker")
     p.add_argument("--until-idle", action="store_true", help="exit once everything is consumed and written")
     p = sub.add_parser(
@@ -77,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tenant")
     p.add_argument("--dry-run", action="store_true", help="show the money difference, write nothing")
     p.add_argument("--source", choices=["auto", "kafka", "ledger"], default="auto")
-    p.add_argument("--batch-size", type=int, default=50_000, help="calls per ledger insert")
+    p.add_argument("--batch-size", type=at_least(1), default=50_000, help="calls per ledger insert")
     p = sub.add_parser("balance", help="print a tenant's live balance (needs a running worker)")
     p.add_argument("tenant")
     p.add_argument("--at", help="RFC 3339 time: the balance of the period containing it (default now)")
@@ -104,15 +154,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-duplicate-ratio", type=float, default=0.0001)
     p.add_argument("--max-ledger-age", type=float, default=300.0, help="seconds")
     p = sub.add_parser("simulate", help="synthetic gateway traffic")
-    p.add_argument("--tenants", type=int, default=5)
-    p.add_argument("--calls", type=int, default=2000)
+    p.add_argument("--tenants", type=at_least(1), default=5)
+    p.add_argument("--calls", type=at_least(0), default=2000)
     p.add_argument("--month", default="2026-10", help="YYYY-MM of the simulated billing periods")
-    p.add_argument("--duplicate-rate", type=float, default=0.02)
-    p.add_argument("--late-rate", type=float, default=0.01)
-    p.add_argument("--invalid-rate", type=float, default=0.002)
+    p.add_argument("--duplicate-rate", type=rate, default=0.02, help="share of calls resent, 0..1")
+    p.add_argument("--late-rate", type=rate, default=0.01, help="share of calls delivered last, 0..1")
+    p.add_argument("--invalid-rate", type=rate, default=0.002, help="share of calls unratable, 0..1")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--out", help="write JSON lines here")
-    p.add_argument("--produce", action="store_true", help="publish directly instead of writing a file")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", help="write JSON lines here")
+    where.add_argument("--produce", action="store_true", help="publish directly instead of writing a file")
+    p = sub.add_parser(
+        "consume",
+        help="print the records on a topic, decoded, one JSON object a line (like kcat -C)",
+        description="TOPIC: calls, provisioning, calls.rated, provisioning.accepted, alerts, deadletter "
+        "or duplicates (the topic prefix is added). Reads committed records only, joins no consumer group "
+        "and commits nothing.",
+    )
+    p.add_argument("topic", metavar="TOPIC")
+    p.add_argument(
+        "--from-beginning",
+        action="store_true",
+        help="with --follow: start at the beginning, not at the end (without --follow it always does)",
+    )
+    p.add_argument("--max", type=at_least(1), metavar="N", help="stop after N records")
+    p.add_argument("--follow", action="store_true", help="keep printing new records until interrupted")
     sub.add_parser("ledger", help="ledger row counts and dead letters by reason, as JSON")
     p = sub.add_parser("sql", help="read-only SQL over the ledger (docs/ledger.md), even while a worker runs")
     p.add_argument("query", help="one statement, or - to read it from stdin")
@@ -130,6 +196,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--period", help="YYYY-MM: the tenant's period starting in that month (default: current)")
     p.add_argument("--json", action="store_true", help="one JSON document instead of the readable review")
     p = sub.add_parser("demo", help="the whole pipeline end to end with a summary")
-    p.add_argument("--calls", type=int, default=3000)
-    p.add_argument("--tenants", type=int, default=5)
+    p.add_argument("--calls", type=at_least(0), default=3000)
+    p.add_argument("--tenants", type=at_least(1), default=5)
     return parser

@@ -31,6 +31,11 @@ def _seconds(invoice: Invoice) -> tuple[int, int]:
     return used, overage
 
 
+def counts_text(counts: dict[str, int]) -> str:
+    """``name=count`` pairs, as `callmeter produce` prints them (never a Python dict repr)."""
+    return " ".join(f"{name}={n}" for name, n in sorted(counts.items())) or "none"
+
+
 def summary_table(invoices: list[Invoice]) -> str:
     header = f"{'tenant':<14}{'plan':<10}{'seconds':>10}{'overage s':>11}{'total':>12}"
     rows = [header, "-" * len(header)]
@@ -72,13 +77,17 @@ def run_demo(settings: Settings, catalog: Catalog, args: argparse.Namespace) -> 
     print(
         f"[2/5] simulated {year}-{month:02d}: {sum(counts.values())} events "
         f"({counts['call']} call records incl. retries, {counts['provisioning']} provisioning) "
-        f"-> {dict(sent)}"
+        f"-> published {counts_text(sent)}"
     )
 
     stats = _worker_until_idle(settings, bootstrap)
     duplicates: dict[str, int] = stats["duplicates"]
+    in_ledger = stats.get("duplicates_in_ledger", {}).get("call", 0)
+    # A call rated again by the stream but already in the ledger (a rerun past the dedupe retention)
+    # is not billed twice: say so, or "rated N" would read as N new billable calls.
+    again = f" ({in_ledger} of them already in the ledger: not billed again)" if in_ledger else ""
     print(
-        f"[3/5] worker idle: rated {stats['rated']}, duplicates dropped {sum(duplicates.values())}, "
+        f"[3/5] worker idle: rated {stats['rated']}{again}, duplicates dropped {sum(duplicates.values())}, "
         f"dead letters {sum(stats['dead_letters'].values())}, parked then rated {stats['unparked']}"
     )
 
@@ -100,10 +109,8 @@ def run_demo(settings: Settings, catalog: Catalog, args: argparse.Namespace) -> 
     print(f"[4/5] {len(invoices)} invoices written to {out}")
     print(f"[5/5] summary ({time.monotonic() - t0:.0f}s)\n")
     print(summary_table(invoices))
-    print(
-        f"\nledger: {rated_rows} rated calls; dead letters by reason: {json.dumps(dead) if dead else 'none'}"
-    )
-    print(f"duplicates dropped this run: {duplicates or 'none'}")
+    print(f"\nledger: {rated_rows} rated calls; dead letters by reason: {counts_text(dead)}")
+    print(f"duplicates dropped this run: {counts_text(duplicates)}")
     print(f"invoices: {Path(out).resolve()}")
     return 0
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.catalogs import catalog_at_revision
+from pipeline.commands.progress import Progress, disabled
 from pipeline.errors import PipelineError
 from rating.batch import invoices_from_usage
 from rating.calls import RatedCall, rate_call
@@ -87,6 +88,7 @@ def rate_facts(
     started_from: datetime,
     started_to: datetime,
     tenant: str | None = None,
+    progress: Progress | None = None,
 ) -> RatedFacts:
     """Rate every call of the window against the full timeline with ``catalog`` (rating/ does it all).
 
@@ -96,9 +98,12 @@ def rate_facts(
     revision: dict[tuple[str, date], int] = defaultdict(int)
     late: dict[tuple[str, date], int] = defaultdict(int)
     ratings: dict[tuple[str, str], tuple[datetime, str, int]] = {}
-    for tenant_id, event_id, started, answered, ended, disposition, rev, was_late in ledger.call_facts(
-        started_from, started_to, tenant
-    ):
+    progress = progress or disabled()
+    progress.phase("reading calls from the ledger", unit="")
+    rows = ledger.call_facts(started_from, started_to, tenant)
+    progress.phase("rating calls", len(rows), "calls")
+    for done, (tenant_id, event_id, started, answered, ended, disposition, rev, was_late) in enumerate(rows):
+        progress.update(done)
         timeline = timelines.get(tenant_id)
         if timeline is None:
             continue
@@ -124,15 +129,16 @@ def rate_facts(
         usage[key] += rated.billable_seconds
         revision[key] = max(revision[key], rev)
         late[key] += int(was_late)
+    progress.update(len(rows))
     return RatedFacts(dict(usage), dict(revision), dict(late), ratings)
 
 
 def _compute(
-    ledger: Ledger, catalog: Catalog, period: str, tenant: str | None
+    ledger: Ledger, catalog: Catalog, period: str, tenant: str | None, progress: Progress | None = None
 ) -> tuple[list[Invoice], RatedFacts]:
     year, month = parse_month(period)
     timelines = timelines_from_ledger(ledger, tenant)
-    facts = rate_facts(ledger, catalog, timelines, *_calls_window(year, month), tenant)
+    facts = rate_facts(ledger, catalog, timelines, *_calls_window(year, month), tenant, progress)
     return invoices_from_usage(timelines, facts.usage_seconds, catalog, year, month), facts
 
 
@@ -231,6 +237,7 @@ def run_invoices(
     settlement_window: timedelta = timedelta(hours=48),
     now: datetime | None = None,
     incomplete: bool = False,
+    progress: Progress | None = None,
 ) -> list[InvoiceOutput]:
     """Invoices of the periods starting in the month. ``finalize`` makes them final (refused, with
     nothing written, for a period that has not ended); ``incomplete`` marks drafts made from a ledger
@@ -243,10 +250,14 @@ def run_invoices(
             finals_by_tenant[row["tenant_id"]].append(row)
     timelines = timelines_from_ledger(ledger, tenant)
     outputs = []
-    drafts, facts = _compute(ledger, catalog, period, tenant)
+    progress = progress or disabled()
+    drafts, facts = _compute(ledger, catalog, period, tenant, progress)
+    progress.phase("checking the stream's ratings", unit="")
     stage_corrections(ledger, catalog, facts, period, tenant, now)
     balances = ledger.credit_balances([draft.invoice_id for draft in drafts], tenant)
-    for draft in drafts:
+    progress.phase("building invoices", len(drafts), "invoices")
+    for done, draft in enumerate(drafts):
+        progress.update(done)
         previous = stored.get(draft.invoice_id)
         if previous is not None and previous["status"] == "final":
             outputs.append(InvoiceOutput(draft, str(previous["body"]), "final", stored=True))

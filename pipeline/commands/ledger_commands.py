@@ -7,12 +7,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.commands.clients import kafka, make_serde
 from pipeline.errors import InputError, PipelineError
 from pipeline.settings import Settings
 from rating.periods import parse_month
+
+if TYPE_CHECKING:
+    from sinks.ledger import Ledger
 
 
 def cmd_invoice(settings: Settings, args: argparse.Namespace) -> int:
@@ -20,10 +23,16 @@ def cmd_invoice(settings: Settings, args: argparse.Namespace) -> int:
 
     from pipeline.catalogs import read_catalog, register_catalog
     from pipeline.commands.invoicing import run_invoices, write_outputs
+    from pipeline.commands.progress import Progress
     from sinks.ledger import Ledger
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        msg = f"--out {out} is a file; it must name a directory (invoices are written as <invoice_id>.json)"
+        raise InputError(msg)
     catalog, text = read_catalog(settings.catalog)
     incomplete = _ledger_incomplete(settings, args)
+    progress = Progress()
     ledger = Ledger.open(settings.clickhouse_dsn, settings.clickhouse_secret, settings.clickhouse_cluster)
     try:
         register_catalog(ledger, catalog, text)
@@ -36,15 +45,42 @@ def cmd_invoice(settings: Settings, args: argparse.Namespace) -> int:
             settlement_window=timedelta(hours=settings.settlement_window_hours),
             now=settings.clock_now,
             incomplete=incomplete,
+            progress=progress,
         )
-        paths = write_outputs(ledger, outputs, Path(args.out))
+        if not outputs:
+            # Never a silent success: an empty run is most often a wrong month or tenant id.
+            raise InputError(_nothing_to_invoice(ledger, args.period, args.tenant))
+        progress.phase(f"writing {len(outputs)} invoices", unit="")
+        paths = write_outputs(ledger, outputs, out)
     finally:
+        progress.close()
         ledger.close()
     for path, output in zip(paths, outputs, strict=True):
         adjusted = f" ({len(output.adjustments)} adjustment(s))" if output.adjustments else ""
         flag = " incomplete" if incomplete and not output.stored else ""
         print(f"{path}  {output.status}{flag}{adjusted}")
     return 0
+
+
+def _nothing_to_invoice(ledger: Ledger, period: str, tenant: str | None) -> str:
+    """Why ``run_invoices`` found no invoice to make, in one line."""
+    known = {row["tenant_id"] for row in ledger.provisioning_rows(tenant)}
+    if not known:
+        if tenant:
+            return f"nothing to invoice: the ledger has no provisioning events of tenant {tenant!r}"
+        return (
+            "nothing to invoice: the ledger has no provisioning events yet "
+            "(`callmeter produce` them, then run `callmeter worker --until-idle`)"
+        )
+    if tenant:
+        who = f"tenant {tenant!r}"
+    else:
+        who = (
+            "the one tenant in the ledger"
+            if len(known) == 1
+            else f"any of the {len(known)} tenants in the ledger"
+        )
+    return f"nothing to invoice: no subscription of {who} has a billing period starting in {period}"
 
 
 def _ledger_incomplete(settings: Settings, args: argparse.Namespace) -> bool:

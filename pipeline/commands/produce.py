@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import sys
+import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from confluent_kafka import KafkaException, Producer
 
+from pipeline.commands.progress import Progress, disabled
 from pipeline.errors import InputError, PipelineError
 from pipeline.settings import Settings
 from schemas.errors import SerdeError
@@ -49,31 +53,63 @@ def producer_config(bootstrap: str) -> dict[str, Any]:
     }
 
 
-def read_events(path: Path) -> Iterator[tuple[int, str, dict[str, Any]]]:
-    """Yield (line number, record name, record) for every non-blank line; InputError names the line."""
+STDIN = "-"
+
+
+def check_input(path: Path) -> None:
+    """Refuse, before anything is read or sent, a path that cannot be a JSON-lines file: saying which
+    of "missing", "a directory" or "unreadable" it is."""
+    if str(path) == STDIN:
+        return
+    if path.is_dir():
+        msg = f"{path} is a directory; produce takes JSON-lines files (or - for standard input)"
+        raise InputError(msg)
+    if not path.exists():
+        msg = f"no such file: {path}"
+        raise InputError(msg)
+
+
+def read_events(
+    path: Path, shown: str | None = None, on_bytes: Callable[[int], None] | None = None
+) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """Yield (line number, record name, record) for every non-blank line; InputError names the line.
+    ``shown``: the name messages give the file (``<stdin>`` for a spooled standard input);
+    ``on_bytes`` is told the size of every line read (progress)."""
+    name = shown or str(path)
     try:
-        handle = path.open(encoding="utf-8")
+        handle = path.open("rb")
     except OSError as exc:
-        msg = f"cannot read {path}: {exc.strerror or exc}"
+        msg = f"cannot read {name}: {exc.strerror or exc}"
         raise InputError(msg) from exc
     with handle:
-        for lineno, line in enumerate(handle, 1):
+        for lineno, raw in enumerate(handle, 1):
+            if on_bytes is not None:
+                on_bytes(len(raw))
+            try:
+                # A byte-order mark may start the file (editors on Windows write one).
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                msg = (
+                    f"{name}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                    f"{exc.start + 1}); JSON lines must be UTF-8"
+                )
+                raise InputError(msg) from exc
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                msg = f"{path}:{lineno}: not valid JSON ({exc.msg})"
+                msg = f"{name}:{lineno}: not valid JSON ({exc.msg})"
                 raise InputError(msg) from exc
             if not isinstance(obj, dict):
-                msg = f"{path}:{lineno}: expected a JSON object"
+                msg = f"{name}:{lineno}: expected a JSON object"
                 raise InputError(msg)
             try:
-                name, record = parse_json_event(obj)
+                record_name, record = parse_json_event(obj)
             except SerdeError as exc:
-                msg = f"{path}:{lineno}: {exc.message}"
+                msg = f"{name}:{lineno}: {exc.message}"
                 raise InputError(msg) from exc
-            yield lineno, name, record
+            yield lineno, record_name, record
 
 
 class EventPublisher:
@@ -118,15 +154,50 @@ class EventPublisher:
             raise PipelineError(msg)
 
 
-def produce_files(settings: Settings, bootstrap: str, serde: Serde, paths: list[Path]) -> Counter[str]:
-    # Validate every file completely first: a bad line aborts before anything is published, so a
-    # corrected file can simply be produced again (and a partial publish never happens).
-    for path in paths:
-        for _ in read_events(path):
-            pass
-    publisher = EventPublisher(settings, bootstrap, serde)
-    for path in paths:
-        for _lineno, name, record in read_events(path):
-            publisher.publish(name, record)
-    publisher.close()
+def produce_files(
+    settings: Settings, bootstrap: str, serde: Serde, paths: list[Path], progress: Progress | None = None
+) -> Counter[str]:
+    """Publish every event of ``paths`` in order, or nothing: every file is validated completely first,
+    so a bad line aborts before anything is published and a corrected file can simply be produced
+    again. ``-`` (standard input) and other one-pass inputs (a pipe, ``<(...)``) are read to their end
+    into a temporary file first, for the same reason: produce is for files, not endless streams."""
+    progress = progress or disabled()
+    with tempfile.TemporaryDirectory(prefix="callmeter-produce-") as spool_dir, progress:
+        inputs = [_rereadable(path, Path(spool_dir) / f"{i}.jsonl") for i, path in enumerate(paths)]
+        progress.phase("checking", sum(path.stat().st_size for path, _shown in inputs), "bytes")
+        checked = 0
+
+        def read(n: int) -> None:
+            nonlocal checked
+            checked += n
+            progress.update(checked)
+
+        events = sum(1 for path, shown in inputs for _ in read_events(path, shown, read))
+        progress.phase("producing", events, "events")
+        publisher = EventPublisher(settings, bootstrap, serde)
+        sent = 0
+        for path, shown in inputs:
+            for _lineno, name, record in read_events(path, shown):
+                publisher.publish(name, record)
+                sent += 1
+                progress.update(sent)
+        progress.phase("waiting for the broker's acknowledgements", unit="")
+        publisher.close()
     return publisher.sent
+
+
+def _rereadable(path: Path, spool: Path) -> tuple[Path, str]:
+    """(a path that can be read twice, the name messages use for it)."""
+    if str(path) == STDIN:
+        with spool.open("wb") as out:
+            shutil.copyfileobj(sys.stdin.buffer, out)
+        return spool, "<stdin>"
+    if not path.is_file():  # a pipe or a device: one pass only
+        try:
+            with path.open("rb") as source, spool.open("wb") as out:
+                shutil.copyfileobj(source, out)
+        except OSError as exc:
+            msg = f"cannot read {path}: {exc.strerror or exc}"
+            raise InputError(msg) from exc
+        return spool, str(path)
+    return path, str(path)

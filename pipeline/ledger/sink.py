@@ -214,12 +214,17 @@ class LedgerSink:
         keys = [e.key for e in entries if e.key is not None]
         known = self.ledger.known_events(k for k in keys if k[0] != DEAD)
         known.update(self.ledger.known_dead_letters(k for k in keys if k[0] == DEAD))
-        return [
-            entry if first is None else self._duplicate(entry, first)
+        notes: list[tuple[str, str]] = []
+        kept = [
+            entry if first is None else self._duplicate(entry, first, notes)
             for entry, first in first_seen(entries, known)
         ]
+        if notes:
+            # One line per batch: a resent file or a fresh cluster can bring thousands of them.
+            log.warning("%s", duplicates_summary(notes))
+        return kept
 
-    def _duplicate(self, entry: Entry, first: tuple[int, int, str]) -> Entry:
+    def _duplicate(self, entry: Entry, first: tuple[int, int, str], notes: list[tuple[str, str]]) -> Entry:
         """Count a copy the ledger already holds and record it in ``duplicates`` (detected_by 'ledger')."""
         assert entry.key is not None
         kind = entry.kind
@@ -227,18 +232,12 @@ class LedgerSink:
         metrics.LEDGER_DUPLICATES.labels(kind=kind).inc()
         what = "dead letter" if entry.key[0] == DEAD else kind
         other = "" if first[2] == entry.payload else " with another payload"
-        log.warning(
-            "%s %s/%s from partition %d offset %d is already in the ledger%s (first seen at partition %d "
-            "offset %d): recorded as a duplicate, not billed",
-            what,
-            entry.tenant_id,
-            entry.event_id,
-            entry.source[0],
-            entry.source[1],
-            other,
-            first[0],
-            first[1],
+        note = (
+            f"{what} {entry.tenant_id}/{entry.event_id} from partition {entry.source[0]} offset "
+            f"{entry.source[1]}{other} (first seen at partition {first[0]} offset {first[1]})"
         )
+        log.debug("already in the ledger, recorded as a duplicate, not billed: %s", note)
+        notes.append((kind + other, note))
         topic = self.topics.calls if kind == "call" else self.topics.provisioning
         at = entry.written_at or datetime.now(UTC)
         event_time = entry.event_time or at
@@ -260,3 +259,16 @@ class LedgerSink:
             self._finalized = self.ledger.finalized_periods()
             self._finalized_at = time.monotonic()
         return (tenant_id, period_start) in self._finalized
+
+
+def duplicates_summary(notes: list[tuple[str, str]], shown: int = 3) -> str:
+    """One warning for the copies of a batch the ledger already held: counts by kind (copies with
+    another payload apart: a reused event id, worth a look) and the first few, each in full."""
+    counts = Counter(kind for kind, _note in notes)
+    by_kind = ", ".join(f"{kind} {n}" for kind, n in sorted(counts.items()))
+    first = "; ".join(note for _kind, note in notes[:shown])
+    more = f"; and {len(notes) - shown} more" if len(notes) > shown else ""
+    return (
+        f"{len(notes)} event{'s' if len(notes) != 1 else ''} already in the ledger, recorded as duplicates, "
+        f"not billed ({by_kind}): {first}{more}"
+    )

@@ -14,12 +14,13 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
-from pipeline.errors import BrokerError
+from pipeline.errors import BrokerError, InputError
 from pipeline.local.broker import LocalKafka
 from pipeline.local.host import (
     HOST,
@@ -179,6 +180,45 @@ class LocalKafkaCluster:
                 msg = f"local Kafka cluster: not {len(self.nodes)} brokers after {timeout:.0f} s ({logs})"
                 raise BrokerError(msg)
             time.sleep(0.5)
+
+
+def stack_size(single: bool, cluster: int | None, requested: int | None, data_dir: Path) -> int:
+    """How many brokers `callmeter up` starts in ``data_dir``: the stack it already has, never a second
+    one beside it. ``single``: the dir holds a single broker's data; ``cluster``: the size of the
+    cluster it holds (None: none); ``requested``: ``--brokers`` (None: not given). A second, empty
+    stack would take over every later command (they use the cluster when one runs), so the data of
+    the first would look lost."""
+    single_dir, cluster_dir = data_dir / "kafka", data_dir / CLUSTER_DIR
+    elsewhere = "use another --data-dir for it, or `callmeter down` and delete"
+    if requested is None:
+        if single and cluster:
+            msg = (
+                f"{data_dir} holds two Kafka stacks, a single broker ({single_dir}) and a {cluster}-broker "
+                f"cluster ({cluster_dir}); say which with --brokers 1 or --brokers {cluster}"
+            )
+            raise InputError(msg)
+        return cluster or 1
+    if cluster and requested != cluster and not (single and requested == 1):
+        msg = (
+            f"{data_dir} holds a {cluster}-broker cluster ({cluster_dir}); a "
+            f"{'single broker' if requested == 1 else f'{requested}-broker cluster'} would start empty "
+            f"beside it: run `callmeter up` to start the cluster, or {elsewhere} {cluster_dir}"
+        )
+        raise InputError(msg)
+    if single and requested > 1 and not cluster:
+        msg = (
+            f"{data_dir} holds a single broker ({single_dir}); a {requested}-broker cluster would start "
+            f"empty beside it: run `callmeter up` to start the broker, or {elsewhere} {single_dir}"
+        )
+        raise InputError(msg)
+    return requested
+
+
+def local_stacks(settings: Settings) -> tuple[bool, int | None]:
+    """(the data dir holds a single broker's data, the size of the cluster it holds or None)."""
+    single = (LocalKafka(settings).storage_dir / "meta.properties").is_file()
+    cluster = LocalKafkaCluster.existing(settings)
+    return single, len(cluster.nodes) if cluster is not None else None
 
 
 def bootstrap_servers(settings: Settings) -> str:

@@ -118,6 +118,7 @@ class StreamApp:
         count_faults(self, ("faust", "aiokafka", "mode"))
         app.callmeter_guard = self.guard  # type: ignore[attr-defined]
         app.callmeter_sweep_for = self._sweep_for  # type: ignore[attr-defined]
+        app.callmeter_before_commit = self.parts.book.flush  # type: ignore[attr-defined]
         app.agent(self.source, name="meter")(self._agent)
         # Set once recovery is done and the agent consumes (runner.py).
         self.ready = threading.Event()

@@ -1,9 +1,11 @@
 """The balance book: each tenant period's live balance (billable seconds) and the alerts it sends.
 
 Balances live in the ``balances`` table under ``keys.balance_key``; only periods the live window still
-holds (pipeline/stream/window.py) are kept, changed or answered for. A change is made in memory and
-written to the table by ``flush()`` (once per key however many calls changed it since the last flush):
-the worker flushes before each event is acknowledged, so it commits with the event (protocol step 4).
+holds (pipeline/stream/window.py) are kept, changed or answered for. A change is made in memory, where
+every answer reads it at once, and written to the table by ``flush()``, once per key however many calls
+changed it: the worker flushes just before each commit, into the transactions being committed
+(protocol step 6), so a balance commits with the events that changed it and costs one changelog
+record per tenant period per commit instead of one per call.
 
 Alerts are decisions returned to the worker, which sends them in the same transaction (step 5); the
 ``alerted`` table remembers each one so it is sent once per tenant, period and threshold (spec §8),
@@ -109,7 +111,7 @@ class BalanceBook:
     def flush(self) -> int:
         """Write every balance changed since the last flush, once each; the number written."""
         for (partition, key), seconds in self._dirty.items():
-            self.balances.put(partition, key, seconds)
+            self.balances.write_now(partition, key, seconds)
         written = len(self._dirty)
         self._dirty.clear()
         return written
@@ -163,15 +165,25 @@ class BalanceBook:
 
     def sweep(self, partition: int, horizon_ms: int) -> int:
         """Drop balances and alert markers of periods closed before ``horizon_ms`` (a period ends at most
-        31 days after it starts); the number of keys dropped."""
+        31 days after it starts), unwritten changes included; the number of keys dropped."""
+
+        def closed(start: datetime | None) -> bool:
+            return start is not None and _ms(start) + MAX_PERIOD_MS <= horizon_ms
+
         dropped = 0
-        for table in (self.balances, self.alerted):
-            for key, _value in list(table.scan(partition)):
-                start = _marker_start(key) if table is self.alerted else _marker_start(f"{key}|x")
-                if start is not None and _ms(start) + MAX_PERIOD_MS <= horizon_ms:
-                    table.delete(partition, key)
-                    self._cache.pop((partition, key), None)
-                    dropped += 1
+        for key, _value in list(self.alerted.scan(partition)):
+            if closed(_marker_start(key)):
+                self.alerted.delete(partition, key)
+                dropped += 1
+        stored = {key for key, _value in self.balances.scan(partition)}
+        cached = {key for p, key in self._cache if p == partition}
+        for key in stored | cached:
+            if closed(_marker_start(f"{key}|x")):
+                if key in stored:
+                    self.balances.delete(partition, key)
+                self._cache.pop((partition, key), None)
+                self._dirty.pop((partition, key), None)
+                dropped += 1
         return dropped
 
     # -- alerts ---------------------------------------------------------------------------------------

@@ -8,8 +8,9 @@ each event one critical section with respect to commits:
 
 1. ``CommitGuard.batch()`` holds an asyncio lock while a batch of events is handled, and acks them
    before releasing it, so a commit sees either all of an event (writes, outputs, offset) or none.
-2. Every Faust commit (``Consumer.force_commit``) takes the same lock first, then drains Faust's
-   buffer of table writes into the transaction (``_drain_table_writes``: Faust itself does not).
+2. Every Faust commit (``Consumer.force_commit``) takes the same lock first, lets the worker write what
+   it writes once per commit (``app.callmeter_before_commit``: the balances), then drains Faust's buffer
+   of table writes into the transaction (``_drain_table_writes``: Faust itself does not).
 3. A rebalance commits every transaction before partitions are revoked (``_commit_then_revoke``).
 4. An exception (or a cancellation) in the middle of an event, or a send that failed for good,
    *poisons* the guard: no commit happens
@@ -106,6 +107,9 @@ async def _guarded_force_commit(self: Any, *args: Any, **kwargs: Any) -> bool:
     async with guard.lock:
         if guard.poisoned:
             return False
+        before_commit = getattr(self.app, "callmeter_before_commit", None)
+        if before_commit is not None:
+            before_commit()
         await _drain_table_writes(self.app)
         committed = bool(await _original_force_commit(self, *args, **kwargs))
         if CRASH_AT and committed:

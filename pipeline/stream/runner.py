@@ -16,6 +16,7 @@ from pathlib import Path
 
 import faust
 
+from pipeline import logfilters
 from pipeline.catalogs import open_ledger
 from pipeline.errors import RetryableError
 from pipeline.idle import IdleWatch
@@ -67,6 +68,12 @@ class _Worker(faust.Worker):
         logging.getLogger("faust.transport.producer").setLevel(max(level, logging.ERROR))
         self.meter.ready.set()
 
+    def _schedule_shutdown(self, signum: signal.Signals) -> None:
+        # A stop on purpose (SIGTERM, SIGINT, idle): the Kafka client's complaints about a group that
+        # rebalances while it closes are expected from now on (pipeline/logfilters.py).
+        logfilters.stopping()
+        super()._schedule_shutdown(signum)
+
 
 def run_worker(
     settings: Settings,
@@ -113,6 +120,9 @@ def run_worker(
         meter.app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False, stdout=sys.stderr
     )
     worker.meter = meter
+    # Faust's start-up spinner writes cursor escape codes even when stderr is a log file, and several
+    # worker processes share one terminal: progress is the supervisor's (`--until-idle` on a terminal).
+    worker.spinner = None
     loop = worker.loop
 
     def stop_soon() -> None:

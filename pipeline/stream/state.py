@@ -24,6 +24,10 @@ class StateTable(Protocol):
 
     def put(self, partition: int, key: str, value: Any) -> None: ...
 
+    def write_now(self, partition: int, key: str, value: Any) -> None:
+        """``put`` outside of any event too (at a commit): the partition is given, not taken from the
+        event being handled."""
+
     def delete(self, partition: int, key: str) -> None: ...
 
     def scan(self, partition: int, prefix: str = "") -> Iterator[tuple[str, Any]]: ...
@@ -43,6 +47,9 @@ class MemoryTable:
     def put(self, partition: int, key: str, value: Any) -> None:
         self.writes += 1
         self.partitions[partition][key] = value
+
+    def write_now(self, partition: int, key: str, value: Any) -> None:
+        self.put(partition, key, value)
 
     def delete(self, partition: int, key: str) -> None:
         if self.partitions[partition].pop(key, None) is not None:
@@ -73,6 +80,13 @@ class FaustTable:
     def put(self, partition: int, key: str, value: Any) -> None:
         self._check(partition)
         self.table[key] = value
+
+    def write_now(self, partition: int, key: str, value: Any) -> None:
+        """RocksDB of the partition, and the table's changelog partition through Faust's producer buffer:
+        the commit that follows drains it into the partition's transaction (guard.py)."""
+        store = self.table.data
+        self._db(partition).put(store._encode_key(key), store._encode_value(value))
+        self.table.send_changelog(partition, key, value)
 
     def delete(self, partition: int, key: str) -> None:
         if self.get(partition, key) is not None:

@@ -20,16 +20,18 @@ step is enforced is named in brackets.
 3. Dedupe: a copy of a key already held (stream/dedupe.py), or a provisioning event already in the
    tenant's timeline, is a duplicate: no state write, only a Duplicate record (step 5).
 4. State writes, in RocksDB and, through Faust's producer buffer, partition P of their changelogs inside
-   P's transaction: the event's dedupe fact, the tenant's timeline, parked calls, the live window,
-   alert markers, and the live balances (written by ``BalanceBook.flush`` before the event is acked).
-   A call of a period the live window has closed changes no balance (stream/window.py).
+   P's transaction: the event's dedupe fact, the tenant's timeline, parked calls, the live window and
+   alert markers. A live balance changes in memory (answers read it at once) and is written at the
+   next commit (step 6). A call of a period the live window has closed changes no balance
+   (stream/window.py).
    (Crash point ``worker-4-state-written``.)
 5. Outputs (rated call, accepted provisioning event, dead letter, duplicate, alert) go to partition P of
    their topics inside P's transaction [stream/emitter.py]. The event is acknowledged and the critical
    section ends. (Crash points ``worker-5-output-sent``, ``after-event``.)
-6. Every commit interval (and at a rebalance or shutdown) the guard waits for the current event, drains
-   the buffered changelog writes into their transactions, and Faust adds P's consumed offsets and
-   commits [stream/guard.py]. Only now do 2-5 become visible to read_committed readers: all of them or
+6. Every commit interval (and at a rebalance or shutdown) the guard waits for the current event, writes
+   the balances changed since the last commit (``BalanceBook.flush``: one record per tenant period),
+   drains the buffered changelog writes into their transactions, and Faust adds P's consumed offsets
+   and commits [stream/guard.py]. Only now do 2-5 become visible to read_committed readers: all of them or
    none. (Crash point ``worker-6-committed``, just after.)
 
    A crash before 6 aborts the transaction (the restarted worker's producers fence it; transactions
@@ -79,6 +81,9 @@ from schemas.errors import SerdeError
 from schemas.serde import Serde
 
 log = logging.getLogger(__name__)
+
+# Refusals that depend on the catalog, not on the event: fixed by a catalog change, then a resend.
+CATALOG_REASONS = frozenset({Reason.UNKNOWN_PLAN, Reason.UNKNOWN_TAX_REGION})
 
 
 @dataclass
@@ -176,7 +181,6 @@ class Meter:
         alerts = []
         if parts.window.is_live(p, rated.period.end):
             alerts = parts.book.add(p, rated, timeline)
-            parts.book.flush()
         else:
             # A closed period answers from the ledger: its first-seen check decides whether this call,
             # whose key the worker no longer holds, is new (docs/decisions.md, "Live balances").
@@ -220,7 +224,6 @@ class Meter:
         if event.action in RERATING_ACTIONS:
             # The change may rate remembered calls differently: live balances follow at once.
             changed, alerts = parts.book.rerate(p, timeline, event.occurred_at)
-            parts.book.flush()
             self.stats.rebalanced += changed
             for alert in alerts:
                 await parts.emit.alert(alert)
@@ -286,11 +289,15 @@ class Meter:
             parts.book.sweep(p, horizon)
 
     async def _refuse(self, src: SourceRecord, key: str, event_ms: int, reason: str, message: str) -> None:
-        """Step 2: a dead letter, once per distinct bad event; an identical copy is a duplicate."""
+        """Step 2: a dead letter, once per distinct bad event; an identical copy is a duplicate. An event
+        refused for what the catalog lacks, not for what it says, keeps no key: once the catalog is
+        fixed, resending the very same record is the remedy (the ledger still counts copies sent before
+        as one dead letter, by their bytes)."""
         if self.parts.dedupe.is_copy(src.partition, key, src.value):
             await self._duplicate(src, src.key_text, "", "", None)
             return
-        self.parts.dedupe.refuse(src.partition, key, event_ms, src.value)
+        if reason not in CATALOG_REASONS:
+            self.parts.dedupe.refuse(src.partition, key, event_ms, src.value)
         await self._dead(src, reason, message)
 
     async def _dead(self, src: SourceRecord, reason: str, message: str) -> None:

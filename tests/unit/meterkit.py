@@ -145,6 +145,7 @@ class MemoryWorker:
                 await self.meter.handle(src)
 
         asyncio.run(run())
+        self.parts.book.flush()  # the commit after the events (protocol step 6)
 
     def outputs(self, topic: str) -> list[dict[str, Any]]:
         return [SERDE.decode(value)[1] for t, _key, value in self.sent if t == topic]
@@ -157,7 +158,7 @@ class MemoryWorker:
         return MemoryWorker(
             retention_days=self.settings.dedupe_retention_days,
             now=kwargs.pop("now", self.now),
-            rating_catalog=self.catalog,
+            rating_catalog=kwargs.pop("rating_catalog", self.catalog),
             tables=self.tables,
             **kwargs,
         )

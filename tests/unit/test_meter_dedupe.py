@@ -84,11 +84,29 @@ def test_a_record_without_tenant_or_id_is_one_dead_letter_however_often_resent()
 
 def test_an_invalid_provisioning_event_copy_is_a_duplicate_and_its_correction_is_accepted() -> None:
     w = MemoryWorker()
-    bad = prov("p", "2026-11-01T00:00:00Z", "SUBSCRIPTION_STARTED", plan_id="nope", tax_region="NONE")
-    w.feed(bad, bad, {**bad, "plan_id": "starter"})
-    assert w.stats.dead_letters == {"UNKNOWN_PLAN": 1}
+    bad = prov("p", "2026-11-01T00:00:00Z", "NUMBER_PROVISIONED", number="+1555", number_type=None)
+    w.feed(subscribe(), bad, bad, {**bad, "number_type": "LOCAL"})
+    assert w.stats.dead_letters == {"INVALID_EVENT": 1}
     assert w.stats.duplicates == {"provisioning": 1}
-    assert len(w.outputs("provisioning.accepted")) == 1
+    assert len(w.outputs("provisioning.accepted")) == 2
+
+
+def test_an_event_refused_for_what_the_catalog_lacks_is_processed_when_resent_after_the_fix() -> None:
+    """The plan was missing from the catalog: the gateway's record was right, so resending the very
+    same bytes once the catalog has the plan must subscribe the tenant."""
+    from rating.catalog import parse_catalog
+    from tests.unit.test_rating_support import CATALOG_YAML
+
+    w = MemoryWorker()
+    sub = prov("p", "2026-11-01T00:00:00Z", "SUBSCRIPTION_STARTED", plan_id="gold", tax_region="NONE")
+    w.feed(sub, sub)
+    assert w.stats.dead_letters == {"UNKNOWN_PLAN": 2}
+    assert w.stats.duplicates == {}
+    fixed = CATALOG_YAML.replace("      capped:", "      gold:\n" + _plan_body() + "      capped:")
+    again = w.restart(rating_catalog=parse_catalog(fixed))
+    again.feed(sub)
+    assert again.stats.dead_letters == {}
+    assert again.parts.tenants.get(0, "t1") is not None
 
 
 def test_dedupe_index_keys_and_facts() -> None:
@@ -120,3 +138,16 @@ def test_the_sweep_forgets_only_keys_before_the_floor() -> None:
     table.put(0, "raw|call|abc", [100, "dead", 7])
     assert index.sweep(0, 1000) == 3
     assert [key for key, _ in table.scan(0)] == ["call|t|new"]
+
+
+def _plan_body() -> str:
+    return """        base_fee: "10.00"
+        included_seconds: 100
+        overage: charge
+        overage_tiers:
+          - {up_to: null, rate: "0.0100"}
+        overage_cap: null
+        rounding: {minimum_seconds: 0, increment_seconds: 1}
+        numbers: {included_local: 0, local_fee: "1.50", toll_free_fee: "4.00", max: 20}
+        employees: {max_active: 20}
+"""

@@ -22,31 +22,21 @@ from collections import defaultdict
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 from pipeline.catalogs import catalog_at_revision
+from pipeline.commands.invoice_files import InvoiceOutput, invoice_json
 from pipeline.commands.progress import Progress, disabled
 from pipeline.errors import PipelineError
 from rating.batch import invoices_from_usage
 from rating.calls import RatedCall, rate_call
 from rating.catalog import Catalog
 from rating.credit import Credit
-from rating.invoice import DRAFT, FINAL, Invoice, InvoiceLine, build_invoice, decimal_text, money_text
+from rating.invoice import DRAFT, FINAL, Invoice, InvoiceLine, build_invoice, money_text
 from rating.models import CallEvent, ProvisioningEvent
 from rating.periods import Period, parse_month
 from rating.subscription import TenantTimeline
 from sinks.ledger import Ledger
-
-
-@dataclass(frozen=True)
-class InvoiceOutput:
-    invoice: Invoice
-    text: str  # the JSON written to <invoice_id>.json
-    status: str  # draft | final
-    stored: bool  # True: a final invoice re-emitted from storage, not recomputed
-    # (corrects invoice id, amount before tax, reason): charges (> 0) and credits (< 0, in invoice.credits)
-    adjustments: tuple[tuple[str, Decimal, str], ...] = ()
 
 
 def month_window(year: int, month: int) -> tuple[datetime, datetime]:
@@ -318,82 +308,3 @@ def _seconds(invoice: Invoice) -> int:
         if line.code in ("included_seconds", "overage_seconds", "blocked_overage_seconds"):
             used += int(line.quantity)
     return used
-
-
-def invoice_json(invoice: Invoice, generated_at: datetime, incomplete: bool = False) -> str:
-    body = invoice.to_json_dict(generated_at.isoformat(timespec="seconds").replace("+00:00", "Z"))
-    if incomplete:
-        body["incomplete"] = True
-    return json.dumps(body, indent=2) + "\n"
-
-
-def write_outputs(ledger: Ledger, outputs: list[InvoiceOutput], out_dir: Path) -> list[Path]:
-    """Write ``<invoice_id>.json`` files; store new drafts and new finals with their lines and
-    adjustments. A stored final invoice is written out again byte for byte and never stored again."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    generated_at = datetime.now(UTC)
-    paths = []
-    for output in outputs:
-        invoice = output.invoice
-        path = out_dir / f"{invoice.invoice_id}.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(output.text)
-        tmp.replace(path)
-        paths.append(path)
-        if output.stored:
-            continue
-        body: dict[str, Any] = json.loads(output.text)
-        ledger.add(
-            "invoices",
-            [
-                invoice.invoice_id,
-                invoice.tenant_id,
-                invoice.period.start.date(),
-                invoice.period.end.date(),
-                invoice.plan_id,
-                invoice.catalog_revision,
-                invoice.currency,
-                invoice.subtotal,
-                invoice.tax,
-                invoice.total,
-                output.text,
-                generated_at,
-                output.status,
-                invoice.customer_credit.applied,
-            ],
-        )
-        for line_no, line in enumerate(body["lines"]):
-            ledger.add(
-                "invoice_lines",
-                [
-                    invoice.invoice_id,
-                    line_no,
-                    line["code"],
-                    line.get("description", ""),
-                    line.get("number"),
-                    line["quantity"],
-                    line["unit_price"],
-                    line["amount"],
-                    generated_at,
-                ],
-            )
-        credits = {credit.corrects_invoice: credit for credit in invoice.credits}
-        for corrects, amount, why in output.adjustments:
-            credit = credits.get(corrects)
-            taxed = ("credit", decimal_text(credit.tax_rate), credit.tax) if credit else ("charge", "", 0)
-            ledger.add(
-                "adjustments",
-                [
-                    invoice.invoice_id,
-                    corrects,
-                    invoice.tenant_id,
-                    amount,
-                    why,
-                    invoice.catalog_revision,
-                    output.status,
-                    generated_at,
-                    *taxed,
-                ],
-            )
-    ledger.flush()
-    return paths

@@ -22,7 +22,8 @@ def cmd_invoice(settings: Settings, args: argparse.Namespace) -> int:
     from datetime import timedelta
 
     from pipeline.catalogs import read_catalog, register_catalog
-    from pipeline.commands.invoicing import run_invoices, write_outputs
+    from pipeline.commands.invoice_files import write_outputs
+    from pipeline.commands.invoicing import run_invoices
     from pipeline.commands.progress import Progress
     from sinks.ledger import Ledger
 

@@ -57,8 +57,9 @@ def test_a_credit_is_a_negative_amount_in_cents_at_a_real_rate(amount: str, rate
 @pytest.mark.parametrize(
     ("total", "before", "credits", "granted", "applied", "after", "due"),
     [
-        # The issue's tenant: December's own charges 49.00 + 4.35 tax, and November overcharged by
-        # 227.17 before tax. Was: subtotal -178.17, total -193.98. Now: nothing due, 193.98 carried.
+        # December's own charges 49.00 + 4.35 tax, and a price fix finding November overcharged by 227.17
+        # before tax. As a negative line that was subtotal -178.17, total -193.98; as a credit, nothing
+        # is due and 193.98 is carried.
         ("53.35", "0.00", [("-227.17", "0.08875")], "247.33", "53.35", "193.98", "0.00"),
         # The next month uses the balance carried.
         ("53.35", "193.98", [], "0.00", "53.35", "140.63", "0.00"),
@@ -99,7 +100,7 @@ def test_a_credit_balance_is_never_negative() -> None:
 
 
 def test_an_invoice_with_a_credit_keeps_its_own_charges_and_tax() -> None:
-    """The issue's numbers: the credit does not enter December's subtotal, tax or total."""
+    """The credit does not enter December's subtotal, tax or total (the same figures as above)."""
     built = invoice("starter", 0, region="US-NY")
     with_credit = replace(built, credits=(credit("-227.17", "0.08875", "t1-20261001"),))
     body = with_credit.to_json_dict("2027-01-02T00:00:00Z")

@@ -77,7 +77,7 @@ PROVISIONING_FIELDS = _PROVISIONING_FIELDS
 
 
 def rated_call_row(r: dict[str, Any], *, late: bool) -> list[Any]:
-    """One ``rated_calls`` ledger row (sinks/ledger.py RATED_CALL_COLUMNS) from a RatedCall record."""
+    """One ``rated_calls`` ledger row (sinks/columns.py RATED_CALL_COLUMNS) from a RatedCall record."""
     return [
         r["tenant_id"],
         r["event_id"],

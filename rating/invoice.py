@@ -12,12 +12,15 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from rating.catalog import Catalog, Plan
+from rating.credit import Credit, CustomerCredit, customer_credit
 from rating.errors import NoSubscriptionError, RatingError
 from rating.periods import Period
 from rating.subscription import TenantTimeline, round_cents
 
 _CENT = Decimal("0.01")
 _ZERO = Decimal("0.00")
+# A draft is recomputed by every run of the invoice job; a final invoice is issued and never changes.
+DRAFT, FINAL = "draft", "final"
 
 
 def money_text(amount: Decimal) -> str:
@@ -67,10 +70,30 @@ class Invoice:
     tax_rate: Decimal
     tax: Decimal
     total: Decimal
+    status: str = DRAFT
+    # Customer credit (rating/credit.py): corrections that lower earlier final invoices, granted on this
+    # one, and the balance the tenant held before it. Neither changes subtotal, tax or total.
+    credits: tuple[Credit, ...] = ()
+    credit_balance_before: Decimal = _ZERO
+
+    def __post_init__(self) -> None:
+        if self.status not in (DRAFT, FINAL):
+            msg = f"invoice status must be {DRAFT!r} or {FINAL!r}, got {self.status!r}"
+            raise RatingError(msg)
+
+    @property
+    def customer_credit(self) -> CustomerCredit:
+        return customer_credit(self.total, self.credit_balance_before, self.credits)
+
+    @property
+    def amount_due(self) -> Decimal:
+        """What the tenant owes for this invoice: its total less the customer credit it applies."""
+        return self.customer_credit.amount_due
 
     def to_json_dict(self, generated_at: str) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "invoice_id": self.invoice_id,
+            "status": self.status,
             "tenant_id": self.tenant_id,
             "plan_id": self.plan_id,
             "period_start": self.period.start_date.isoformat(),
@@ -82,8 +105,16 @@ class Invoice:
             "tax_rate": decimal_text(self.tax_rate),
             "tax": money_text(self.tax),
             "total": money_text(self.total),
-            "generated_at": generated_at,
         }
+        if self.credits or self.credit_balance_before:
+            # Only where credit is in play: an invoice without any is the spec's shape (amount due =
+            # total).
+            credit = self.customer_credit
+            body["credits"] = [c.to_json_dict() for c in self.credits]
+            body["customer_credit"] = credit.to_json_dict()
+            body["amount_due"] = money_text(credit.amount_due)
+        body["generated_at"] = generated_at
+        return body
 
 
 def invoice_id(tenant_id: str, period: Period) -> str:

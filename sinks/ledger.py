@@ -38,9 +38,10 @@ from typing import Any
 from clickhouse_connect.driver.client import Client
 
 from sinks.cluster import cluster_ddl, cluster_migrations
+from sinks.columns import COLUMNS, PROVISIONING_COLUMNS
 from sinks.connect import connect, one_line
 from sinks.errors import LedgerError
-from sinks.schema import COLUMNS, MIGRATIONS, PROVISIONING_COLUMNS, TS
+from sinks.schema import MIGRATIONS, TS
 
 log = logging.getLogger(__name__)
 
@@ -330,6 +331,19 @@ class Ledger:
             {"c": corrects_invoice_id, "x": excluding_carrier},
         )
         return Decimal(rows[0][0] or 0)
+
+    def credit_balances(
+        self, excluding_invoices: Sequence[str], tenant_id: str | None = None
+    ) -> dict[str, Decimal]:
+        """Each tenant's customer credit balance on its *final* invoices (drafts may still change),
+        leaving out ``excluding_invoices``: the ones being computed, whose own credit is theirs to add."""
+        rows = self.query(
+            "SELECT tenant_id, sum(granted) - sum(applied) FROM customer_credit "
+            "WHERE invoice_id NOT IN {x:Array(String)} AND ({t:String} = '' OR tenant_id = {t:String}) "
+            "GROUP BY tenant_id",
+            {"x": list(excluding_invoices), "t": tenant_id or ""},
+        )
+        return {str(tenant): Decimal(balance) for tenant, balance in rows}
 
     def insert_columns(
         self, table: str, columns: Sequence[Sequence[Any]], dedup_token: str | None = None

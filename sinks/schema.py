@@ -1,4 +1,5 @@
-"""The ledger's tables: their columns and the versioned DDL that creates them (sinks/ledger.py uses both).
+"""The ledger's versioned DDL (sinks/ledger.py applies it; the columns rows are written in are in
+sinks/columns.py).
 
 Append a migration to change the schema; never edit an applied one.
 """
@@ -7,143 +8,6 @@ from __future__ import annotations
 
 TS = "DateTime64(3, 'UTC')"
 _REPLACING = "SETTINGS non_replicated_deduplication_window = 1000"
-
-RAW_EVENT_COLUMNS = (
-    "topic",
-    "tenant_id",
-    "event_id",
-    "event_type",
-    "event_time",
-    "payload",
-    "source_partition",
-    "source_offset",
-    "ingested_at",
-)
-RATED_CALL_COLUMNS = (
-    "tenant_id",
-    "event_id",
-    "call_id",
-    "employee_id",
-    "direction",
-    "from_number",
-    "to_number",
-    "started_at",
-    "answered_at",
-    "ended_at",
-    "disposition",
-    "gateway_id",
-    "period_start",
-    "period_end",
-    "plan_id",
-    "raw_seconds",
-    "billable_seconds",
-    "catalog_revision",
-    "late",
-    "rated_at",
-    "source_partition",
-    "source_offset",
-)
-PROVISIONING_COLUMNS = (
-    "tenant_id",
-    "event_id",
-    "occurred_at",
-    "action",
-    "plan_id",
-    "tax_region",
-    "number",
-    "number_type",
-    "employee_id",
-    "source_partition",
-    "source_offset",
-)
-DEAD_LETTER_COLUMNS = (
-    "source_topic",
-    "source_partition",
-    "source_offset",
-    "reason",
-    "message",
-    "key",
-    "value_hex",
-    "failed_at",
-    "value_digest",
-    "tenant_id",
-    "event_id",
-    "gateway_id",
-)
-CATALOG_COLUMNS = ("revision", "sha256", "body", "loaded_at")
-ADJUSTMENT_COLUMNS = (
-    "carried_on_invoice_id",
-    "corrects_invoice_id",
-    "tenant_id",
-    "amount",
-    "reason",
-    "catalog_revision",
-    "status",
-    "generated_at",
-)
-INVOICE_COLUMNS = (
-    "invoice_id",
-    "tenant_id",
-    "period_start",
-    "period_end",
-    "plan_id",
-    "catalog_revision",
-    "currency",
-    "subtotal",
-    "tax",
-    "total",
-    "body",
-    "generated_at",
-    "status",
-)
-INVOICE_LINE_COLUMNS = (
-    "invoice_id",
-    "line_no",
-    "code",
-    "description",
-    "number",
-    "quantity",
-    "unit_price",
-    "amount",
-    "generated_at",
-)
-
-DUPLICATE_COLUMNS = (
-    "source_topic",
-    "source_partition",
-    "source_offset",
-    "kind",
-    "tenant_id",
-    "event_id",
-    "gateway_id",
-    "event_time",
-    "detected_by",
-    "detected_at",
-)
-
-CORRECTION_COLUMNS = (
-    "tenant_id",
-    "event_id",
-    "period_start",
-    "plan_id",
-    "billable_seconds",
-    "catalog_revision",
-    "reason",
-    "corrected_at",
-)
-
-COLUMNS: dict[str, tuple[str, ...]] = {
-    "raw_events": RAW_EVENT_COLUMNS,
-    "rated_calls": RATED_CALL_COLUMNS,
-    "provisioning_events": PROVISIONING_COLUMNS,
-    "dead_letters": DEAD_LETTER_COLUMNS,
-    "invoices": INVOICE_COLUMNS,
-    "invoice_lines": INVOICE_LINE_COLUMNS,
-    "catalogs": CATALOG_COLUMNS,
-    "adjustments": ADJUSTMENT_COLUMNS,
-    "rating_corrections": CORRECTION_COLUMNS,
-    "duplicates": DUPLICATE_COLUMNS,
-}
 
 # Versioned DDL: append a new entry to change the schema; never edit an applied one.
 MIGRATIONS: list[tuple[int, str, list[str]]] = [
@@ -369,6 +233,57 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
                    countIf(detected_by = 'ledger') AS found_by_ledger,
                    min(detected_at) AS first_at, max(detected_at) AS last_at
             FROM duplicates FINAL GROUP BY kind, gateway_id""",
+        ],
+    ),
+    (
+        7,
+        "customer credit: corrections that lower a final invoice, and what invoices apply of it",
+        [
+            # kind 'charge': an adjustment line on its carrier invoice, taxed within the carrier's
+            # subtotal (tax_rate '' and tax 0 here, as every row before). kind 'credit': customer credit,
+            # never a line (rating/credit.py): amount before tax at the tax_rate of the invoice it
+            # corrects; worth -(amount + tax) to the tenant.
+            "ALTER TABLE adjustments ADD COLUMN IF NOT EXISTS kind LowCardinality(String) DEFAULT 'charge', "
+            "ADD COLUMN IF NOT EXISTS tax_rate String DEFAULT '', "
+            "ADD COLUMN IF NOT EXISTS tax Decimal(18, 2) DEFAULT 0",
+            # The customer credit an invoice applied: what is due is total - credit_applied.
+            "ALTER TABLE invoices ADD COLUMN IF NOT EXISTS credit_applied Decimal(18, 2) DEFAULT 0",
+            # Per tenant and final invoice: the credit it granted and the credit it applied. A tenant's
+            # balance is sum(granted) - sum(applied); drafts count for nothing until they are final.
+            """CREATE VIEW IF NOT EXISTS customer_credit AS
+            SELECT tenant_id, invoice_id, sum(granted) AS granted, sum(applied) AS applied FROM (
+                SELECT tenant_id, carried_on_invoice_id AS invoice_id, -(amount + tax) AS granted,
+                       toDecimal64(0, 2) AS applied
+                FROM adjustments FINAL WHERE kind = 'credit' AND status = 'final'
+                UNION ALL
+                SELECT tenant_id, invoice_id, toDecimal64(0, 2) AS granted, credit_applied AS applied
+                FROM invoices FINAL WHERE status = 'final'
+            ) GROUP BY tenant_id, invoice_id""",
+            # The views of migration 5 with the new columns: each adjustment's kind and tax; what each
+            # invoice applied of the tenant's credit and what it leaves due; and per period and plan,
+            # the credits granted on those invoices (before tax, <= 0: net revenue is subtotal +
+            # credited), read from each invoice's latest generation only.
+            """CREATE OR REPLACE VIEW adjustments_current AS
+            SELECT carried_on_invoice_id, corrects_invoice_id, tenant_id, kind, amount, tax_rate, tax,
+                   reason, catalog_revision, status, generated_at
+            FROM adjustments FINAL""",
+            """CREATE OR REPLACE VIEW latest_invoices AS
+            SELECT invoice_id, tenant_id, period_start, period_end, plan_id, catalog_revision, currency,
+                   subtotal, tax, total, credit_applied, total - credit_applied AS amount_due, status,
+                   generated_at
+            FROM invoices FINAL""",
+            """CREATE OR REPLACE VIEW revenue_by_plan AS
+            SELECT i.period_start AS period_start, i.plan_id AS plan_id, i.status AS status,
+                   i.currency AS currency, count() AS invoices, sum(i.subtotal) AS subtotal,
+                   sum(i.tax) AS tax, sum(i.total) AS total, sum(c.amount) AS credited,
+                   sum(c.tax) AS credited_tax, sum(i.credit_applied) AS credit_applied
+            FROM latest_invoices AS i
+            LEFT JOIN (
+                SELECT carried_on_invoice_id, generated_at, sum(amount) AS amount, sum(tax) AS tax
+                FROM adjustments FINAL WHERE kind = 'credit'
+                GROUP BY carried_on_invoice_id, generated_at
+            ) AS c ON c.carried_on_invoice_id = i.invoice_id AND c.generated_at = i.generated_at
+            GROUP BY period_start, plan_id, status, currency""",
         ],
     ),
 ]

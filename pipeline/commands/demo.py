@@ -56,7 +56,8 @@ def run_demo(settings: Settings, catalog: Catalog, args: argparse.Namespace) -> 
     from datetime import timedelta
 
     from pipeline.commands.clients import make_serde
-    from pipeline.commands.invoicing import run_invoices, write_outputs
+    from pipeline.commands.invoice_files import write_outputs
+    from pipeline.commands.invoicing import run_invoices
     from pipeline.commands.produce import produce_files
     from pipeline.commands.simulate import SimulationConfig, write_file
     from pipeline.local.broker import LocalKafka

@@ -8,40 +8,35 @@ Final invoices (issue 4, docs/decisions.md "Final invoices and adjustments"):
 - ``--finalize``, or the settlement window after the period end having passed, makes an invoice final.
   A final invoice is never recomputed or rewritten: re-running the job writes its stored text again.
 - When a replay (a higher catalog revision) or a late call changes what a final invoice F should have
-  said, the difference (recomputed subtotal - F's subtotal - what final invoices already carried) is an
-  ``adjustment`` line on the tenant's invoice being computed for a later period, naming F and why.
+  said, the difference (recomputed subtotal - F's subtotal - what final invoices already carried) goes
+  on the tenant's invoice being computed for a later period, naming F and why: more is an
+  ``adjustment`` line (a charge, taxed with that invoice); less is a customer credit, taxed at F's rate
+  and applied with the tenant's credit balance to what is due (rating/credit.py, docs/decisions.md
+  "Credits: a customer balance").
 """
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 from pipeline.catalogs import catalog_at_revision
+from pipeline.commands.invoice_files import InvoiceOutput, invoice_json
 from pipeline.commands.progress import Progress, disabled
 from pipeline.errors import PipelineError
 from rating.batch import invoices_from_usage
 from rating.calls import RatedCall, rate_call
 from rating.catalog import Catalog
-from rating.invoice import Invoice, InvoiceLine, build_invoice, money_text
+from rating.credit import Credit
+from rating.invoice import DRAFT, FINAL, Invoice, InvoiceLine, build_invoice, money_text
 from rating.models import CallEvent, ProvisioningEvent
 from rating.periods import Period, parse_month
 from rating.subscription import TenantTimeline
 from sinks.ledger import Ledger
-
-
-@dataclass(frozen=True)
-class InvoiceOutput:
-    invoice: Invoice
-    text: str  # the JSON written to <invoice_id>.json
-    status: str  # draft | final
-    stored: bool  # True: a final invoice re-emitted from storage, not recomputed
-    adjustments: tuple[tuple[str, Decimal, str], ...] = ()  # (corrects invoice id, amount, reason)
 
 
 def month_window(year: int, month: int) -> tuple[datetime, datetime]:
@@ -185,7 +180,9 @@ def _period_of(row: dict[str, Any]) -> Period:
 
 def _adjustments(
     ledger: Ledger, catalog: Catalog, timeline: TenantTimeline, draft: Invoice, finals: list[dict[str, Any]]
-) -> list[tuple[str, Decimal, str]]:
+) -> list[tuple[str, Decimal, str, Decimal]]:
+    """(corrected invoice, amount before tax, why, its tax rate) for each final invoice of an earlier
+    period whose recomputation differs from what it and the final invoices after it already said."""
     out = []
     for final in finals:
         period = _period_of(final)
@@ -215,7 +212,8 @@ def _adjustments(
             why.append(f"re-rated with catalog revision {revision}")
         if late:
             why.append(f"{late} late call{'s' if late != 1 else ''}")
-        out.append((final["invoice_id"], delta, ", ".join(why) or "recomputed"))
+        rate = Decimal(json.loads(str(final["body"]))["tax_rate"])
+        out.append((final["invoice_id"], delta, ", ".join(why) or "recomputed", rate))
     return out
 
 
@@ -246,6 +244,7 @@ def run_invoices(
     drafts, facts = _compute(ledger, catalog, period, tenant, progress)
     progress.phase("checking the stream's ratings", unit="")
     stage_corrections(ledger, catalog, facts, period, tenant, now)
+    balances = ledger.credit_balances([draft.invoice_id for draft in drafts], tenant)
     progress.phase("building invoices", len(drafts), "invoices")
     for done, draft in enumerate(drafts):
         progress.update(done)
@@ -255,8 +254,13 @@ def run_invoices(
             continue
         timeline = timelines[draft.tenant_id]
         adjustments = _adjustments(ledger, catalog, timeline, draft, finals_by_tenant[draft.tenant_id])
+        credits = tuple(
+            Credit(corrects, f"Correction of invoice {corrects}: {why}", amount, rate)
+            for corrects, amount, why, rate in adjustments
+            if amount < 0
+        )
         invoice = draft
-        if adjustments:
+        if len(credits) < len(adjustments):
             lines = [
                 InvoiceLine(
                     code="adjustment",
@@ -266,7 +270,8 @@ def run_invoices(
                     amount=amount,
                     corrects_invoice=corrects,
                 )
-                for corrects, amount, why in adjustments
+                for corrects, amount, why, _rate in adjustments
+                if amount > 0
             ]
             invoice = build_invoice(
                 tenant_id=draft.tenant_id,
@@ -283,8 +288,13 @@ def run_invoices(
             )
             raise InvoiceRefused(msg)
         final = not incomplete and (finalize or now >= invoice.period.end + settlement_window)
+        balance = balances.get(invoice.tenant_id, Decimal("0.00"))
+        invoice = replace(
+            invoice, status=FINAL if final else DRAFT, credits=credits, credit_balance_before=balance
+        )
         text = invoice_json(invoice, now, incomplete=incomplete)
-        outputs.append(InvoiceOutput(invoice, text, "final" if final else "draft", False, tuple(adjustments)))
+        carried = tuple((corrects, amount, why) for corrects, amount, why, _rate in adjustments)
+        outputs.append(InvoiceOutput(invoice, text, invoice.status, False, carried))
     return outputs
 
 
@@ -298,77 +308,3 @@ def _seconds(invoice: Invoice) -> int:
         if line.code in ("included_seconds", "overage_seconds", "blocked_overage_seconds"):
             used += int(line.quantity)
     return used
-
-
-def invoice_json(invoice: Invoice, generated_at: datetime, incomplete: bool = False) -> str:
-    body = invoice.to_json_dict(generated_at.isoformat(timespec="seconds").replace("+00:00", "Z"))
-    if incomplete:
-        body["incomplete"] = True
-    return json.dumps(body, indent=2) + "\n"
-
-
-def write_outputs(ledger: Ledger, outputs: list[InvoiceOutput], out_dir: Path) -> list[Path]:
-    """Write ``<invoice_id>.json`` files; store new drafts and new finals with their lines and
-    adjustments. A stored final invoice is written out again byte for byte and never stored again."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    generated_at = datetime.now(UTC)
-    paths = []
-    for output in outputs:
-        invoice = output.invoice
-        path = out_dir / f"{invoice.invoice_id}.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(output.text)
-        tmp.replace(path)
-        paths.append(path)
-        if output.stored:
-            continue
-        body: dict[str, Any] = json.loads(output.text)
-        ledger.add(
-            "invoices",
-            [
-                invoice.invoice_id,
-                invoice.tenant_id,
-                invoice.period.start.date(),
-                invoice.period.end.date(),
-                invoice.plan_id,
-                invoice.catalog_revision,
-                invoice.currency,
-                invoice.subtotal,
-                invoice.tax,
-                invoice.total,
-                output.text,
-                generated_at,
-                output.status,
-            ],
-        )
-        for line_no, line in enumerate(body["lines"]):
-            ledger.add(
-                "invoice_lines",
-                [
-                    invoice.invoice_id,
-                    line_no,
-                    line["code"],
-                    line.get("description", ""),
-                    line.get("number"),
-                    line["quantity"],
-                    line["unit_price"],
-                    line["amount"],
-                    generated_at,
-                ],
-            )
-        for corrects, amount, why in output.adjustments:
-            ledger.add(
-                "adjustments",
-                [
-                    invoice.invoice_id,
-                    corrects,
-                    invoice.tenant_id,
-                    amount,
-                    why,
-                    invoice.catalog_revision,
-                    output.status,
-                    generated_at,
-                ],
-            )
-    ledger.flush()
-    return paths

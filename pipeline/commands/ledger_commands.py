@@ -22,7 +22,8 @@ def cmd_invoice(settings: Settings, args: argparse.Namespace) -> int:
     from datetime import timedelta
 
     from pipeline.catalogs import read_catalog, register_catalog
-    from pipeline.commands.invoicing import run_invoices, write_outputs
+    from pipeline.commands.invoice_files import write_outputs
+    from pipeline.commands.invoicing import run_invoices
     from pipeline.commands.progress import Progress
     from sinks.ledger import Ledger
 
@@ -136,8 +137,8 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_ledger(settings: Settings, _args: argparse.Namespace) -> int:
     """Row counts (deduplicated) and dead letters by reason: a quick look for on-call and tests."""
+    from sinks.columns import COLUMNS
     from sinks.ledger import Ledger
-    from sinks.schema import COLUMNS
 
     ledger = Ledger.open(settings.clickhouse_dsn, settings.clickhouse_secret, settings.clickhouse_cluster)
     try:

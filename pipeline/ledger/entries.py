@@ -16,8 +16,8 @@ from pipeline.records import CALL_FIELDS, PROVISIONING_FIELDS, payload_json, rat
 from pipeline.settings import Topics
 from schemas.errors import SerdeError
 from schemas.serde import Serde
+from sinks.columns import DUPLICATE_COLUMNS, PROVISIONING_COLUMNS
 from sinks.errors import LedgerError
-from sinks.schema import DUPLICATE_COLUMNS, PROVISIONING_COLUMNS
 
 DEAD = "deadletter"  # the first element of a dead letter's first-seen key
 

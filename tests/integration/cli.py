@@ -52,15 +52,26 @@ def worker_stats(env: dict[str, str]) -> dict[str, Any]:
     return json.loads(callmeter(env, "worker", "--until-idle").stdout.strip().splitlines()[-1])
 
 
+STATUSES = ("draft", "final")
+
+
 def comparable(invoice: dict[str, Any]) -> dict[str, Any]:
-    """Every field but description and generated_at (the examples' README)."""
-    out = {k: v for k, v in invoice.items() if k != "generated_at"}
+    """Every field but description and generated_at (the examples' README), and but ``status``: callmeter's
+    own field, which the examples' expected invoices and rating/'s reference computation do not decide.
+    Where an invoice has it, it must be draft or final; ``read_invoices`` requires it of every invoice
+    the job wrote, and tests that know which one it is assert it."""
+    assert invoice.get("status", "draft") in STATUSES, invoice.get("status")
+    out = {k: v for k, v in invoice.items() if k not in ("generated_at", "status")}
     out["lines"] = [{k: v for k, v in line.items() if k != "description"} for line in invoice["lines"]]
     return out
 
 
 def read_invoices(directory: Path) -> dict[str, dict[str, Any]]:
-    return {p.stem: json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))}
+    """The invoice files the job wrote; each says whether it is a draft or final."""
+    invoices = {p.stem: json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))}
+    for name, invoice in invoices.items():
+        assert invoice.get("status") in STATUSES, f"{name}: status {invoice.get('status')!r}"
+    return invoices
 
 
 class BackgroundWorker:

@@ -167,7 +167,7 @@ def _expected(events: Path) -> dict[str, list[dict[str, Any]]]:
         for g, n in sorted(billed.items())
     ]  # fmt: skip
     return {"Q1": q1, "Q2": q2, "Q3": q3, "Q4": q4, "Q5": q5, "Q6": q6, "Q7": q7, "Q8": q8, "Q9": q9,
-            "Q10": q10, "Q11": [], "Q12": q12}  # fmt: skip
+            "Q10": q10, "Q11": [], "Q12": q12, "Q13": []}  # fmt: skip
 
 
 _GRAFANA_MACROS = {
@@ -212,7 +212,7 @@ def test_the_docs_ready_queries_answer_what_the_batch_computation_says(
     callmeter(cm_env, "invoice", "--period", "2026-10", "--out", str(tmp_path / "oct"))
     expected = _expected(events)
     queries = doc_queries()
-    assert sorted(queries, key=lambda q: int(q[1:])) == [f"Q{i}" for i in range(1, 13)]
+    assert sorted(queries, key=lambda q: int(q[1:])) == [f"Q{i}" for i in range(1, 14)]
     assert expected["Q4"] and expected["Q7"] and any(r["overage_seconds"] for r in expected["Q3"])
     assert sum(r["duplicates"] for r in expected["Q12"]) == 8
     for name, query in queries.items():

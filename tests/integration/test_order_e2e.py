@@ -240,6 +240,7 @@ def test_finalizing_a_period_that_has_not_ended_is_refused(cm_env: dict[str, str
     assert not out.exists() or not list(out.iterdir())
     ok = callmeter(env, "invoice", "--period", "2026-11", "--out", str(out))
     assert "draft" in ok.stdout
+    assert read_invoices(out)["t8-20261110"]["status"] == "draft"
 
 
 def test_live_balance_is_corrected_by_a_late_plan_change(cm_env: dict[str, str], tmp_path: Path) -> None:

@@ -4,12 +4,14 @@
 Only the rules' ``for:`` durations are shortened (to 5 s) in the copy given to the server; every
 expression and threshold is the one in deploy/prometheus/. The duplicate-rate alert must fire after
 duplicates are sent, the lag alert once the worker stops processing (an agent stuck mid-event: crash
-point ``after-event:N:hang``) while input keeps arriving.
+point ``after-event:N:hang``) while input keeps arriving. As in deploy/: the tenant API is scraped as a
+job of its own, and runbook links are URLs built from the server's external label.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -24,11 +26,13 @@ import yaml
 from tests.conftest import free_port
 from tests.integration.cli import BackgroundWorker, callmeter
 from tests.integration.eventfiles import call, prov, write_events
+from tests.integration.test_tenant_api_e2e import api_get
 
 pytestmark = pytest.mark.integration
 
 RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
 HANG_AT = 400  # the agent stops at its 400th event
+RUNBOOKS = "https://wiki.example.com/callmeter/runbooks"
 
 
 def _fast_alert_rules(target: Path) -> Path:
@@ -42,15 +46,17 @@ def _fast_alert_rules(target: Path) -> Path:
 
 
 class Prometheus:
-    def __init__(self, tmp: Path, scrape_target: str) -> None:
+    def __init__(self, tmp: Path, jobs: dict[str, str]) -> None:
         binary = shutil.which("prometheus")
         assert binary, "prometheus is not installed (make promtool installs Debian's prometheus package)"
         self.url = f"http://127.0.0.1:{free_port()}"
+        # The external label as deploy/prometheus/prometheus.yml has it, expanded from the environment.
+        labels = {"runbook_base_url": "${RUNBOOK_BASE_URL}"}
         config = {
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "external_labels": labels},
             "rule_files": [str(RULES / "recording_rules.yml"), str(_fast_alert_rules(tmp / "alerts.yml"))],
             "scrape_configs": [
-                {"job_name": "callmeter-worker", "static_configs": [{"targets": [scrape_target]}]}
+                {"job_name": job, "static_configs": [{"targets": [target]}]} for job, target in jobs.items()
             ],
         }
         (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
@@ -61,7 +67,9 @@ class Prometheus:
                 f"--config.file={tmp / 'prometheus.yml'}",
                 f"--storage.tsdb.path={tmp / 'tsdb'}",
                 f"--web.listen-address={self.url.removeprefix('http://')}",
+                "--enable-feature=expand-external-labels",
             ],
+            env={**os.environ, "RUNBOOK_BASE_URL": RUNBOOKS},
             stdout=self.log,
             stderr=self.log,
         )
@@ -71,8 +79,11 @@ class Prometheus:
             return json.loads(resp.read())["data"]
 
     def firing(self) -> set[str]:
+        return set(self.firing_annotations())
+
+    def firing_annotations(self) -> dict[str, dict[str, str]]:
         alerts = self.api("alerts")["alerts"]
-        return {a["labels"]["alertname"] for a in alerts if a["state"] == "firing"}
+        return {a["labels"]["alertname"]: a["annotations"] for a in alerts if a["state"] == "firing"}
 
     def wait(self, predicate: Callable[[], bool], what: str, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -99,7 +110,13 @@ class Prometheus:
 
 def _scraped(prometheus: Prometheus) -> bool:
     up = prometheus.api("query?query=up")["result"]
-    return bool(up) and up[0]["value"][1] == "1"
+    return len(up) == 2 and all(sample["value"][1] == "1" for sample in up)
+
+
+def _tenant_api_p99(prometheus: Prometheus) -> list[dict[str, Any]]:
+    query = "callmeter:tenant_api_request_duration_seconds:p99_rate5m"
+    result: list[dict[str, Any]] = prometheus.api(f"query?query={query}")["result"]
+    return result
 
 
 def test_duplicate_rate_and_lag_alerts_fire_on_a_real_prometheus(
@@ -107,13 +124,38 @@ def test_duplicate_rate_and_lag_alerts_fire_on_a_real_prometheus(
 ) -> None:
     sub = prov("s", "pm", "2026-11-01T00:00:00Z", "SUBSCRIPTION_STARTED", plan_id="pro", tax_region="NONE")
     callmeter(cm_env, "produce", str(write_events(tmp_path / "a.jsonl", [sub])))
+    api_port = str(free_port(1))
     env = dict(
-        cm_env, CALLMETER_CRASH_AT=f"after-event:{HANG_AT}:hang", CALLMETER_STALL_TIMEOUT_SECONDS="900"
+        cm_env,
+        CALLMETER_CRASH_AT=f"after-event:{HANG_AT}:hang",
+        CALLMETER_STALL_TIMEOUT_SECONDS="900",
+        CALLMETER_API_PORT=api_port,
     )
     with BackgroundWorker(env) as worker:
-        prometheus = Prometheus(tmp_path, worker.url.removeprefix("http://"))
+        jobs = {
+            "callmeter-worker": worker.url.removeprefix("http://"),
+            "callmeter-tenant-api": f"127.0.0.1:{api_port}",
+        }
+        prometheus = Prometheus(tmp_path, jobs)
         try:
-            prometheus.wait(lambda: _scraped(prometheus), "the first scrape of the worker")
+            prometheus.wait(lambda: _scraped(prometheus), "the first scrape of the worker and the tenant API")
+
+            # Pre-call checks on the tenant API, as gateways send them (a steady stream: a rate needs
+            # two scrapes that differ): its latency is recorded under its own job, per endpoint.
+            def asking() -> bool:
+                for _ in range(5):
+                    api_get(api_port, "/authorize/pm?at=2026-11-20T00:00:00Z")
+                return bool(_tenant_api_p99(prometheus))
+
+            prometheus.wait(asking, "the tenant API's recorded p99")
+            (p99,) = _tenant_api_p99(prometheus)
+            assert p99["metric"] == {
+                "__name__": "callmeter:tenant_api_request_duration_seconds:p99_rate5m",
+                "job": "callmeter-tenant-api",
+                "instance": f"127.0.0.1:{api_port}",
+                "endpoint": "authorize",
+            }
+            assert 0 < float(p99["value"][1]) <= 0.5
             # (CallmeterNoEventsIngested fires from the start: no call in its 15-minute window.)
             watched = {"CallmeterDuplicateRateHigh", "CallmeterConsumerLagSustained"}
             assert not prometheus.firing() & watched
@@ -123,6 +165,8 @@ def test_duplicate_rate_and_lag_alerts_fire_on_a_real_prometheus(
             callmeter(cm_env, "produce", str(write_events(tmp_path / "b.jsonl", calls + calls)))
             duplicates = "CallmeterDuplicateRateHigh"
             prometheus.wait(lambda: duplicates in prometheus.firing(), "the duplicate alert")
+            runbook = prometheus.firing_annotations()[duplicates]["runbook_url"]
+            assert runbook == f"{RUNBOOKS}/{duplicates}.md"
             assert "CallmeterConsumerLagSustained" not in prometheus.firing()
             # The agent stops at its 400th event; 10,500 more calls arrive: lag passes 10,000.
             more = [call(f"l{i}", "pm", "2026-11-03T10:00:00Z", 30) for i in range(10_500)]

@@ -28,6 +28,7 @@ from tests.integration.cli import (
     reference_events,
     worker_stats,
 )
+from tests.integration.test_ledger_sql_e2e import doc_queries, finance_panels
 
 pytestmark = pytest.mark.integration
 
@@ -65,6 +66,7 @@ def rate_and_finalize_examples(env: dict[str, str], tmp_path: Path) -> None:
     assert [line.rsplit(" ", 1)[-1] for line in out.splitlines()] == ["final"] * 3
     got = read_invoices(tmp_path / "nov")
     assert {k: comparable(v) for k, v in got.items()} == {k: comparable(v) for k, v in EXPECTED.items()}
+    assert {invoice["status"] for invoice in got.values()} == {"final"}
 
 
 def test_pricing_fix_replay_carries_the_difference_once(cm_env: dict[str, str], tmp_path: Path) -> None:
@@ -110,6 +112,131 @@ def test_pricing_fix_replay_carries_the_difference_once(cm_env: dict[str, str], 
     changed.write_text(REV2.replace('base_fee: "49.00"', 'base_fee: "59.00"'))
     proc = callmeter(cm_env, "--catalog", str(changed), "replay", *ALL_NOVEMBER, check=False)
     assert proc.returncode == 1 and "raise `revision`" in proc.stderr
+
+
+# A price fix downwards: starter's base fee 49.00 -> 19.00 and its overage tiers 0.0200 -> 0.0100 and
+# 0.0150 -> 0.0050. November's final acme invoice charged 40.01 too much before tax.
+REV2_LOWER = (
+    REV1.replace("revision: 1", "revision: 2")
+    .replace('base_fee: "49.00"', 'base_fee: "19.00"')
+    .replace('{up_to: 600, rate: "0.0200"}', '{up_to: 600, rate: "0.0100"}')
+    .replace('{up_to: null, rate: "0.0150"}', '{up_to: null, rate: "0.0050"}')
+)
+
+
+def test_a_price_fix_that_lowers_a_final_invoice_is_a_customer_credit(
+    cm_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Not a negative line taxed at the next invoice's rate: a credit taxed at the corrected invoice's
+    rate, applied to what later invoices make due and carried forward (docs/decisions.md)."""
+    rate_and_finalize_examples(cm_env, tmp_path)
+    catalog = tmp_path / "catalog-rev2-lower.yaml"
+    catalog.write_text(REV2_LOWER)
+    cm = ("--catalog", str(catalog))
+    # 19.00 + 600 x 0.0100 + 401 x 0.0050 (2.005 -> 2.01) + 2.50 = 29.51, was 69.52.
+    dry = callmeter(cm_env, *cm, "replay", *ALL_NOVEMBER, "--dry-run").stdout
+    assert "acme            2026-11-01           69.52         29.51       -40.01" in dry
+    callmeter(cm_env, *cm, "replay", *ALL_NOVEMBER)
+
+    callmeter(cm_env, *cm, "invoice", "--period", "2026-12", "--out", str(tmp_path / "dec"))
+    dec = read_invoices(tmp_path / "dec")["acme-20261201"]
+    # December's own charges, taxed as they are: 19.00 + the toll-free number's 5.00 (the local one is
+    # included) = 24.00, tax 2.13 (2.13), total 26.13. No adjustment line, no negative amount.
+    assert dec["status"] == "draft"
+    assert [line["code"] for line in dec["lines"]] == [
+        "base_fee",
+        "included_seconds",
+        "number",
+        "number",
+        "employees_peak",
+    ]
+    assert (dec["subtotal"], dec["tax_rate"], dec["tax"], dec["total"]) == (
+        "24.00",
+        "0.08875",
+        "2.13",
+        "26.13",
+    )
+    # November's overcharge: 40.01 and the tax it carried at November's rate, 3.55 (3.5508875).
+    assert dec["credits"] == [
+        {
+            "code": "credit",
+            "description": "Correction of invoice acme-20261101: re-rated with catalog revision 2",
+            "corrects_invoice": "acme-20261101",
+            "amount": "-40.01",
+            "tax_rate": "0.08875",
+            "tax": "-3.55",
+            "total": "-43.56",
+        }
+    ]
+    assert dec["customer_credit"] == {
+        "balance_before": "0.00",
+        "granted": "43.56",
+        "applied": "26.13",
+        "balance_after": "17.43",
+    }
+    assert dec["amount_due"] == "0.00"
+    # The other tenants' prices did not change: no credit, the spec's shape.
+    others = read_invoices(tmp_path / "dec")
+    assert not {"credits", "customer_credit", "amount_due"} & (
+        set(others["bolt-20261215"]) | set(others["dime-20261201"])
+    )
+
+    # December becomes final; January applies what is left of the balance, and November is not
+    # credited twice.
+    callmeter(
+        cm_env, *cm, "invoice", "--period", "2026-12", "--out", str(tmp_path / "dec-final"), "--finalize"
+    )
+    assert (
+        read_invoices(tmp_path / "dec-final")["acme-20261201"]["customer_credit"]["balance_after"] == "17.43"
+    )
+    callmeter(cm_env, *cm, "invoice", "--period", "2027-01", "--out", str(tmp_path / "jan"))
+    jan = read_invoices(tmp_path / "jan")["acme-20270101"]
+    assert (jan["subtotal"], jan["tax"], jan["total"]) == ("24.00", "2.13", "26.13")
+    assert jan["credits"] == []
+    assert jan["customer_credit"] == {
+        "balance_before": "17.43",
+        "granted": "0.00",
+        "applied": "17.43",
+        "balance_after": "0.00",
+    }
+    assert jan["amount_due"] == "8.70"
+    assert adjustments(jan) == []
+
+    # The ledger: the credit with its tax, what December applied, and the balance per tenant.
+    rows = json.loads(
+        callmeter(
+            cm_env,
+            "sql",
+            "SELECT kind, carried_on_invoice_id, corrects_invoice_id, amount, tax_rate, tax, status "
+            "FROM adjustments_current ORDER BY carried_on_invoice_id",
+            "--format",
+            "json",
+        ).stdout
+    )
+    assert rows == [
+        {
+            "kind": "credit",
+            "carried_on_invoice_id": "acme-20261201",
+            "corrects_invoice_id": "acme-20261101",
+            "amount": "-40.01",
+            "tax_rate": "0.08875",
+            "tax": "-3.55",
+            "status": "final",
+        }
+    ]
+    # The finance dashboard's revenue nets the credit where it was granted: December's starter revenue
+    # is the 26.13 charged less the 43.56 credited; November's final invoice stays as issued.
+    panel = finance_panels()["Revenue by plan and period (invoiced, tax included)"]
+    revenue = json.loads(callmeter(cm_env, "sql", panel, "--format", "json").stdout)
+    assert {r["period"]: r["total"] for r in revenue if r["plan_id"] == "starter"} == {
+        "2026-11-01": "75.69",
+        "2026-12-01": "-17.43",
+    }
+    # docs/ledger.md's ready query for balances.
+    balances = callmeter(cm_env, "sql", doc_queries()["Q13"], "--format", "json").stdout
+    assert json.loads(balances) == [
+        {"tenant_id": "acme", "granted_total": "43.56", "applied_total": "26.13", "balance": "17.43"}
+    ]
 
 
 def test_replay_from_the_ledger_once_the_topic_data_is_gone(cm_env: dict[str, str], tmp_path: Path) -> None:

@@ -9,6 +9,9 @@ import json
 import re
 import shutil
 import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -18,8 +21,10 @@ import pytest
 import yaml
 
 from pipeline.commands.cliargs import build_parser
+from pipeline.commands.supervisor import SINK_ONLY, process_roles
 from pipeline.settings import KAFKA_VERSION, Settings
 from pipeline.stream import web
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -88,8 +93,9 @@ def test_every_callmeter_variable_is_a_setting_with_a_valid_value() -> None:
         assert unknown == [], f"{name}: not settings: {unknown}"
         Settings(**fields)  # values of the right type (a bad one raises)
         checked += len(fields)
-    # 8 shared by the three callmeter services, and each one's CALLMETER_WORKER_WEB_HOST.
-    assert checked == 3 * 9
+    # 8 shared by the three callmeter services, each one's CALLMETER_WORKER_WEB_HOST, and the two
+    # workers' CALLMETER_WORKER_PROCESSES and CALLMETER_API_PORT.
+    assert checked == 3 * 9 + 2 * 2
     image_env = re.findall(r"^ENV (CALLMETER_\w+)=", (DEPLOY / "Dockerfile").read_text(), re.MULTILINE)
     assert image_env == ["CALLMETER_DATA_DIR"]
     assert image_env[0].removeprefix("CALLMETER_").lower() in Settings.model_fields
@@ -161,27 +167,94 @@ def test_the_ledger_url_names_the_clickhouse_service_and_its_credentials() -> No
         assert env["CALLMETER_CLICKHOUSE_PASSWORD"] == clickhouse["CLICKHOUSE_PASSWORD"]
 
 
-def test_prometheus_scrapes_every_callmeter_service_on_its_web_port_with_the_rules() -> None:
+def _settings(service: dict[str, Any]) -> Settings:
+    env = _env(service)
+    return Settings(
+        **{k.removeprefix("CALLMETER_").lower(): v for k, v in env.items() if k.startswith("CALLMETER_")}
+    )
+
+
+def _process_ports(name: str) -> list[int]:
+    """The ports the service's processes serve /metrics on, as the supervisor lays them out: process i
+    of `callmeter worker` on CALLMETER_WORKER_WEB_PORT + i, `callmeter sink` on the port itself."""
+    settings = _settings(SERVICES[name])
+    roles = SINK_ONLY if _callmeter_services()[name][0] == "sink" else process_roles(settings)
+    return [settings.worker_web_port + index for _role, index in roles]
+
+
+def _worker_services() -> list[str]:
+    return [name for name, argv in _callmeter_services().items() if argv[0] == "worker"]
+
+
+def _scrape_jobs() -> dict[str, list[str]]:
     prometheus = SERVICES["prometheus"]
     config_path = next(a.split("=", 1)[1] for a in prometheus["command"] if a.startswith("--config.file="))
     config = yaml.safe_load(_host_file(prometheus, config_path).read_text())
-    (job,) = config["scrape_configs"]
+    return {
+        job["job_name"]: sorted(t for static in job["static_configs"] for t in static["targets"])
+        for job in config["scrape_configs"]
+    }
+
+
+def test_every_worker_service_sets_its_process_count() -> None:
+    """Unset, CALLMETER_WORKER_PROCESSES is the cores of whatever host runs the container: the number of
+    processes, and so the ports Prometheus must scrape, would depend on the machine."""
+    total = 0
+    for name in _worker_services():
+        env = _env(SERVICES[name])
+        assert "CALLMETER_WORKER_PROCESSES" in env, f"{name}: CALLMETER_WORKER_PROCESSES is not set"
+        settings = _settings(SERVICES[name])
+        assert 1 <= settings.worker_processes <= settings.partitions
+        # Every process it asks for runs (the supervisor runs at most one per input partition).
+        assert len(_process_ports(name)) == settings.worker_processes
+        total += settings.worker_processes
+    # No stream process of the group sits idle without a partition.
+    assert total == 4
+    assert total <= _settings(SERVICES["sink"]).partitions
+
+
+def test_prometheus_scrapes_every_process_of_every_callmeter_service_with_the_rules() -> None:
+    prometheus = SERVICES["prometheus"]
+    config_path = next(a.split("=", 1)[1] for a in prometheus["command"] if a.startswith("--config.file="))
+    config = yaml.safe_load(_host_file(prometheus, config_path).read_text())
+    jobs = _scrape_jobs()
+    assert sorted(jobs) == ["callmeter-tenant-api", "callmeter-worker"]
     # The job the recording rules and the dashboard are written for.
-    assert job["job_name"] == "callmeter-worker"
     assert "`callmeter-worker`" in (DEPLOY / "prometheus" / "recording_rules.yml").read_text()
     # The path pipeline/stream/web.py serves (the sink's prometheus_client server answers on any path).
-    assert job.get("metrics_path", "/metrics") == "/metrics"
+    for job in config["scrape_configs"]:
+        assert job.get("metrics_path", "/metrics") == "/metrics"
     assert '@app.page("/metrics")' in inspect.getsource(web.install)
-    targets = sorted(t for static in job["static_configs"] for t in static["targets"])
     expected = []
     for name in _callmeter_services():
-        env = _env(SERVICES[name])
-        expected.append(f"{name}:{env['CALLMETER_WORKER_WEB_PORT']}")
+        expected += [f"{name}:{port}" for port in _process_ports(name)]
         # Listening beyond the container's loopback, or Prometheus could not reach it.
-        assert env["CALLMETER_WORKER_WEB_BIND"] == "0.0.0.0"
-    assert targets == sorted(expected)
+        assert _env(SERVICES[name])["CALLMETER_WORKER_WEB_BIND"] == "0.0.0.0"
+    assert jobs["callmeter-worker"] == sorted(expected)
+    assert len(expected) == 2 * 2 + 1
     rule_files = sorted(_host_file(prometheus, path) for path in config["rule_files"])
     assert rule_files == sorted(p.resolve() for p in (DEPLOY / "prometheus").glob("*_rules.yml"))
+
+
+def test_the_tenant_api_runs_beside_every_worker_service_and_is_scraped() -> None:
+    """README tells gateways to ask the tenant API (CALLMETER_API_PORT, pipeline/tenantapi/): each
+    worker service's supervising process serves it, for every tenant, on a port of its own."""
+    api_targets = []
+    for name in _worker_services():
+        settings = _settings(SERVICES[name])
+        assert settings.api_port is not None, f"{name}: CALLMETER_API_PORT is not set"
+        assert settings.api_port not in _process_ports(name), f"{name}: the API port is a process's port"
+        # `callmeter worker` with CALLMETER_WORKER_LEDGER_SINK=false runs no sink process (port + N).
+        assert settings.worker_ledger_sink is False
+        api_targets.append(f"{name}:{settings.api_port}")
+        # Gateways on the host reach it on loopback, each worker's API on a port of its own.
+        published = [p.rsplit(":", 1)[1] for p in SERVICES[name]["ports"] if p.startswith("127.0.0.1:")]
+        assert str(settings.api_port) in published, f"{name}: the tenant API port is not published"
+    assert _scrape_jobs()["callmeter-tenant-api"] == sorted(api_targets)
+    host_ports = [p.split(":")[1] for svc in SERVICES.values() for p in svc.get("ports", [])]
+    assert len(host_ports) == len(set(host_ports)), f"a host port is published twice: {host_ports}"
+    # `callmeter sink` starts no tenant API: the variable would only mislead there.
+    assert _settings(SERVICES["sink"]).api_port is None
 
 
 def test_prometheus_config_is_valid_for_promtool(tmp_path: Path) -> None:
@@ -254,3 +327,48 @@ def test_grafana_dashboards_provider_loads_both_dashboards_from_the_repo() -> No
         for variable in dashboard.get("templating", {}).get("list", []):
             if variable.get("type") == "datasource":
                 assert variable["query"] in provisioned_types, (host_path.name, variable["name"])
+
+
+def test_alert_runbook_links_are_urls_the_deployment_serves(tmp_path: Path) -> None:
+    """Each alert's runbook_url is <runbook_base_url>/<alert>.md (deploy/prometheus/alert_rules.yml):
+    Prometheus expands the external label from RUNBOOK_BASE_URL, which defaults to the `runbooks`
+    service: docs/runbooks/ served as plain text on the host's loopback."""
+    prometheus = SERVICES["prometheus"]
+    assert "--enable-feature=expand-external-labels" in prometheus["command"]
+    config_path = next(a.split("=", 1)[1] for a in prometheus["command"] if a.startswith("--config.file="))
+    config = yaml.safe_load(_host_file(prometheus, config_path).read_text())
+    assert config["global"]["external_labels"]["runbook_base_url"] == "${RUNBOOK_BASE_URL}"
+    setting = _env(prometheus)["RUNBOOK_BASE_URL"]
+    match = re.fullmatch(r"\$\{RUNBOOK_BASE_URL:-(\S+)\}", setting)
+    assert match, f"RUNBOOK_BASE_URL is {setting!r}: an operator's value with a default, please"
+    default = urlsplit(match.group(1))
+    assert (default.scheme, default.hostname, default.path) == ("http", "127.0.0.1", "")
+    runbooks = SERVICES["runbooks"]
+    assert f"127.0.0.1:{default.port}:{default.port}" in runbooks["ports"]
+    served = _host_file(runbooks, "/srv/runbooks")
+    assert served == (ROOT / "docs" / "runbooks").resolve()
+    # The service's own command, run here on a free port and the repository's directory.
+    command = [str(a) for a in runbooks["command"]]
+    assert command[:2] == ["python", "-c"]
+    port = free_port(1)
+    code = command[2].replace(str(default.port), str(port)).replace("/srv/runbooks", str(served))
+    assert code != command[2]
+    server = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        body, content_type = "", ""
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/CallmeterWorkerDown.md", timeout=2
+                ) as r:
+                    body, content_type = r.read().decode(), r.headers["Content-Type"]
+                break
+            except OSError:
+                time.sleep(0.2)
+        assert body.startswith("# CallmeterWorkerDown\n")
+        # Shown by a browser, not downloaded.
+        assert content_type.startswith("text/plain")
+    finally:
+        server.terminate()
+        server.wait(10)

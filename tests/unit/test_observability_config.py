@@ -49,7 +49,11 @@ ALERTS = {
     "CallmeterNoEventsIngested",
     "CallmeterEventTimeLagBeyondSettlement",
     "CallmeterWorkerDown",
+    "CallmeterTenantApiSlow",
 }
+# An alert's runbook_url: the external label Prometheus is configured with (deploy/prometheus/prometheus.yml,
+# RUNBOOK_BASE_URL) and the runbook's file name in docs/runbooks/.
+RUNBOOK_URL = "{{ $externalLabels.runbook_base_url }}/%s.md"
 
 
 # -- helpers ---------------------------------------------------------------------------------------------
@@ -161,6 +165,21 @@ def test_dashboard_exprs_parse_as_promql(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_rule_tests_render_runbook_urls_as_absolute_urls() -> None:
+    """promtool renders each annotation with the test group's external labels: every group gives a
+    base URL, and every expected runbook_url is that base + the alert's page."""
+    for path in RULE_TESTS:
+        for case in yaml.safe_load(path.read_text()).get("tests", []):
+            if not case.get("alert_rule_test"):
+                continue
+            base = case.get("external_labels", {}).get("runbook_base_url", "")
+            assert re.fullmatch(r"https?://[^\s/]+(/\S*)?", base), f"{path.name}: runbook_base_url {base!r}"
+            for check in case["alert_rule_test"]:
+                for alert in check.get("exp_alerts", []):
+                    url = alert["exp_annotations"]["runbook_url"]
+                    assert url == f"{base}/{check['alertname']}.md", url
+
+
 # -- (b) dashboard structure ----------------------------------------------------------------------------
 def test_dashboard_top_level() -> None:
     dash = _dashboard()
@@ -212,8 +231,25 @@ def test_dashboard_covers_the_on_call_views() -> None:
         "callmeter:balance_request_duration_seconds:p99_rate5m",
         "callmeter_parked_calls",
         "callmeter_alerts_emitted_total",
+        "callmeter:tenant_api_request_duration_seconds:p50_rate5m",
+        "callmeter:tenant_api_request_duration_seconds:p99_rate5m",
+        "callmeter_tenant_api_requests_total",
     ):
         assert needle in exprs, needle
+
+
+def test_tenant_api_latency_is_recorded_from_the_histogram_it_exports() -> None:
+    """The recording rules read the histogram the tenant API observes (pipeline/metrics.py), per job,
+    instance and endpoint, and the alert reads the tenant API's scrape job."""
+    histogram = metrics.TENANT_API_SECONDS.describe()[0]
+    assert (histogram.name, histogram.type) == ("callmeter_tenant_api_request_duration_seconds", "histogram")
+    recorded = {rule["record"]: rule["expr"] for rule in _rules(RECORDING_RULES) if "record" in rule}
+    for quantile in ("p50", "p99"):
+        expr = recorded[f"callmeter:tenant_api_request_duration_seconds:{quantile}_rate5m"]
+        assert "callmeter_tenant_api_request_duration_seconds_bucket" in expr
+        assert "by (job, instance, endpoint, le)" in expr
+    (alert,) = [rule for rule in _alert_rules() if rule["alert"] == "CallmeterTenantApiSlow"]
+    assert 'job="callmeter-tenant-api"' in alert["expr"]
 
 
 # -- (c) every referenced metric exists -----------------------------------------------------------------
@@ -251,8 +287,8 @@ def test_alerts_have_severity_annotations_and_runbooks() -> None:
         for key in ("summary", "description", "runbook_url"):
             assert annotations.get(key), f"{name}: no {key}"
         url = annotations["runbook_url"]
-        assert url == f"docs/runbooks/{name}.md", f"{name}: runbook_url {url}"
-        page = ROOT / url
-        assert page.is_file(), f"{name}: {url} does not exist"
-        assert page.read_text().startswith(f"# {name}\n"), f"{name}: {url} is not its runbook"
+        assert url == RUNBOOK_URL % name, f"{name}: runbook_url {url}"
+        page = RUNBOOKS / f"{name}.md"
+        assert page.is_file(), f"{name}: {page} does not exist"
+        assert page.read_text().startswith(f"# {name}\n"), f"{name}: {page} is not its runbook"
         assert f"({name}.md)" in index, f"{name}: not linked from docs/runbooks/README.md"

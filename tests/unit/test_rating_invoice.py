@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+from dataclasses import replace
 from decimal import Decimal
 
 import pytest
 
-from rating.errors import NoSubscriptionError
+from rating.errors import NoSubscriptionError, RatingError
 from rating.invoice import Invoice, InvoiceLine, build_invoice
 from rating.models import ProvisioningEvent
 from rating.periods import Period, period_starting_in
@@ -142,6 +143,7 @@ def test_json_shape_and_key_order() -> None:
     )
     assert list(body) == [
         "invoice_id",
+        "status",
         "tenant_id",
         "plan_id",
         "period_start",
@@ -209,6 +211,24 @@ def test_price_book_and_plan_change_apply_from_the_period_start() -> None:
 def test_no_invoice_for_a_period_after_cancellation() -> None:
     with pytest.raises(NoSubscriptionError):
         invoice("starter", 0, prov("SUBSCRIPTION_CANCELLED", utc(2026, 10, 15)))
+
+
+@pytest.mark.parametrize(("status", "printed"), [(None, "draft"), ("draft", "draft"), ("final", "final")])
+def test_json_says_whether_the_invoice_is_draft_or_final(status: str | None, printed: str) -> None:
+    built = invoice("starter", 0)
+    if status is not None:
+        built = replace(built, status=status)
+    body = built.to_json_dict("now")
+    assert body["status"] == printed
+    # Nothing else depends on it: a final invoice is its draft's figures, declared final.
+    assert {k: v for k, v in body.items() if k != "status"} == {
+        k: v for k, v in invoice("starter", 0).to_json_dict("now").items() if k != "status"
+    }
+
+
+def test_status_is_draft_or_final_only() -> None:
+    with pytest.raises(RatingError, match="status"):
+        replace(invoice("starter", 0), status="sent")
 
 
 def test_amounts_print_two_places() -> None:

@@ -47,7 +47,8 @@ def register_catalog(ledger: Ledger, catalog: Catalog, text: str) -> None:
             )
             raise CatalogError(msg)
         return
-    ledger.write_rows("catalogs", [[catalog.revision, digest, text, datetime.now(UTC)]])
+    row = {"revision": catalog.revision, "sha256": digest, "body": text, "loaded_at": datetime.now(UTC)}
+    ledger.write_rows("catalogs", [row])
 
 
 def catalog_at_revision(ledger: Ledger, revision: int, current: Catalog) -> Catalog:

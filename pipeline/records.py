@@ -76,29 +76,20 @@ CALL_FIELDS = _CALL_FIELDS
 PROVISIONING_FIELDS = _PROVISIONING_FIELDS
 
 
-def rated_call_row(r: dict[str, Any], *, late: bool) -> list[Any]:
-    """One ``rated_calls`` ledger row (sinks/columns.py RATED_CALL_COLUMNS) from a RatedCall record."""
-    return [
-        r["tenant_id"],
-        r["event_id"],
-        r["call_id"],
-        r.get("employee_id"),
-        r["direction"],
-        r["from_number"],
-        r["to_number"],
-        r["started_at"],
-        r.get("answered_at"),
-        r["ended_at"],
-        r["disposition"],
-        r["gateway_id"],
-        r["period_start"],
-        r["period_end"],
-        r["plan_id"],
-        r["raw_seconds"],
-        r["billable_seconds"],
-        r["catalog_revision"],
-        int(late),
-        r["rated_at"],
-        r["source_partition"],
-        r["source_offset"],
-    ]
+_RATED_CALL_FIELDS = (
+    *_CALL_FIELDS,
+    "period_start",
+    "period_end",
+    "plan_id",
+    "raw_seconds",
+    "billable_seconds",
+    "catalog_revision",
+    "rated_at",
+    "source_partition",
+    "source_offset",
+)
+
+
+def rated_call_row(r: dict[str, Any], *, late: bool) -> dict[str, Any]:
+    """A ``rated_calls`` ledger row by column name (sinks/columns.py) from a RatedCall record."""
+    return {**{name: r.get(name) for name in _RATED_CALL_FIELDS}, "late": int(late)}

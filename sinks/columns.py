@@ -5,6 +5,11 @@ A column added by a migration (sinks/schema.py) is appended here too, at the end
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+from sinks.errors import LedgerError
+
 RAW_EVENT_COLUMNS = (
     "topic",
     "tenant_id",
@@ -132,6 +137,21 @@ CORRECTION_COLUMNS = (
     "reason",
     "corrected_at",
 )
+
+Values = Mapping[str, Any]
+
+
+def ordered(table: str, values: Values) -> list[Any]:
+    """A row of ``table`` in insert order from its values by column name: a missing or unknown column
+    is a LedgerError naming it, never a value landing in the wrong column."""
+    names = COLUMNS[table]
+    if values.keys() != set(names):
+        missing = sorted(set(names) - values.keys())
+        unknown = sorted(values.keys() - set(names))
+        msg = f"a {table} row needs exactly its columns: missing {missing}, unknown {unknown}"
+        raise LedgerError(msg)
+    return [values[name] for name in names]
+
 
 COLUMNS: dict[str, tuple[str, ...]] = {
     "raw_events": RAW_EVENT_COLUMNS,

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -38,7 +38,7 @@ from typing import Any
 from clickhouse_connect.driver.client import Client
 
 from sinks.cluster import cluster_ddl, cluster_migrations
-from sinks.columns import COLUMNS, PROVISIONING_COLUMNS
+from sinks.columns import COLUMNS, PROVISIONING_COLUMNS, Values, ordered
 from sinks.connect import connect, one_line
 from sinks.errors import LedgerError
 from sinks.schema import MIGRATIONS, TS
@@ -50,6 +50,10 @@ MIGRATIONS_TABLE_DDL = (
     f"CREATE TABLE IF NOT EXISTS schema_migrations (version UInt32, name String, "
     f"applied_at {TS}) ENGINE = MergeTree ORDER BY version"
 )
+
+
+# What a tenant's timeline is rebuilt from: the provisioning event's own fields, not where it was read.
+_TIMELINE_COLUMNS = tuple(c for c in PROVISIONING_COLUMNS if c not in ("source_partition", "source_offset"))
 
 
 class Ledger:
@@ -104,8 +108,9 @@ class Ledger:
             raise LedgerError(msg) from exc
 
     # -- the port -------------------------------------------------------------------------------------
-    def add(self, table: str, row: Sequence[Any]) -> None:
-        self._buffers[table].append(row)
+    def add(self, table: str, values: Values) -> None:
+        """One row, its values by column name (sinks/columns.py ``ordered``)."""
+        self._buffers[table].append(ordered(table, values))
 
     def pending_by_table(self) -> dict[str, int]:
         return {table: len(rows) for table, rows in self._buffers.items() if rows}
@@ -246,13 +251,13 @@ class Ledger:
         where = "WHERE tenant_id = {t:String}" if tenant_id else ""
         rows = self.query(
             # Only constant column names and a fixed WHERE are interpolated; the tenant is a parameter.
-            f"SELECT {', '.join(PROVISIONING_COLUMNS[:9])} FROM provisioning_events FINAL {where} "  # noqa: S608
+            f"SELECT {', '.join(_TIMELINE_COLUMNS)} FROM provisioning_events FINAL {where} "  # noqa: S608
             "ORDER BY tenant_id, occurred_at, event_id",
             {"t": tenant_id} if tenant_id else None,
         )
         out = []
         for row in rows:
-            record = dict(zip(PROVISIONING_COLUMNS[:9], row, strict=True))
+            record = dict(zip(_TIMELINE_COLUMNS, row, strict=True))
             record["occurred_at"] = as_utc(record["occurred_at"])
             out.append(record)
         return out
@@ -346,10 +351,11 @@ class Ledger:
         return {str(tenant): Decimal(balance) for tenant, balance in rows}
 
     def insert_columns(
-        self, table: str, columns: Sequence[Sequence[Any]], dedup_token: str | None = None
+        self, table: str, by_name: Mapping[str, Sequence[Any]], dedup_token: str | None = None
     ) -> int:
-        """Insert whole columns (in COLUMNS[table] order) at once: a bulk writer's path, where plain
-        ints (DateTime64 as epoch millis) and strings skip the per-value conversions of ``flush``."""
+        """Insert whole columns, by column name, at once: a bulk writer's path, where plain ints
+        (DateTime64 as epoch millis) and strings skip the per-value conversions of ``flush``."""
+        columns = ordered(table, by_name)
         settings = {"insert_deduplication_token": f"{dedup_token}:{table}"} if dedup_token else None
         try:
             with self.lock:
@@ -361,9 +367,9 @@ class Ledger:
             raise LedgerError(msg) from exc
         return len(columns[0])
 
-    def write_rows(self, table: str, rows: Iterable[Sequence[Any]], dedup_token: str | None = None) -> None:
-        for row in rows:
-            self.add(table, row)
+    def write_rows(self, table: str, rows: Iterable[Values], dedup_token: str | None = None) -> None:
+        for values in rows:
+            self.add(table, values)
         self.flush(dedup_token)
 
 

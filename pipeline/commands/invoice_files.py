@@ -53,55 +53,59 @@ def write_outputs(ledger: Ledger, outputs: list[InvoiceOutput], out_dir: Path) -
         body: dict[str, Any] = json.loads(output.text)
         ledger.add(
             "invoices",
-            [
-                invoice.invoice_id,
-                invoice.tenant_id,
-                invoice.period.start.date(),
-                invoice.period.end.date(),
-                invoice.plan_id,
-                invoice.catalog_revision,
-                invoice.currency,
-                invoice.subtotal,
-                invoice.tax,
-                invoice.total,
-                output.text,
-                generated_at,
-                output.status,
-                invoice.customer_credit.applied,
-            ],
+            {
+                "invoice_id": invoice.invoice_id,
+                "tenant_id": invoice.tenant_id,
+                "period_start": invoice.period.start.date(),
+                "period_end": invoice.period.end.date(),
+                "plan_id": invoice.plan_id,
+                "catalog_revision": invoice.catalog_revision,
+                "currency": invoice.currency,
+                "subtotal": invoice.subtotal,
+                "tax": invoice.tax,
+                "total": invoice.total,
+                "body": output.text,
+                "generated_at": generated_at,
+                "status": output.status,
+                "credit_applied": invoice.customer_credit.applied,
+            },
         )
         for line_no, line in enumerate(body["lines"]):
             ledger.add(
                 "invoice_lines",
-                [
-                    invoice.invoice_id,
-                    line_no,
-                    line["code"],
-                    line.get("description", ""),
-                    line.get("number"),
-                    line["quantity"],
-                    line["unit_price"],
-                    line["amount"],
-                    generated_at,
-                ],
+                {
+                    "invoice_id": invoice.invoice_id,
+                    "line_no": line_no,
+                    "code": line["code"],
+                    "description": line.get("description", ""),
+                    "number": line.get("number"),
+                    "quantity": line["quantity"],
+                    "unit_price": line["unit_price"],
+                    "amount": line["amount"],
+                    "generated_at": generated_at,
+                },
             )
         credits = {credit.corrects_invoice: credit for credit in invoice.credits}
         for corrects, amount, why in output.adjustments:
             credit = credits.get(corrects)
-            taxed = ("credit", decimal_text(credit.tax_rate), credit.tax) if credit else ("charge", "", 0)
+            kind, tax_rate, tax = (
+                ("credit", decimal_text(credit.tax_rate), credit.tax) if credit else ("charge", "", 0)
+            )
             ledger.add(
                 "adjustments",
-                [
-                    invoice.invoice_id,
-                    corrects,
-                    invoice.tenant_id,
-                    amount,
-                    why,
-                    invoice.catalog_revision,
-                    output.status,
-                    generated_at,
-                    *taxed,
-                ],
+                {
+                    "carried_on_invoice_id": invoice.invoice_id,
+                    "corrects_invoice_id": corrects,
+                    "tenant_id": invoice.tenant_id,
+                    "amount": amount,
+                    "reason": why,
+                    "catalog_revision": invoice.catalog_revision,
+                    "status": output.status,
+                    "generated_at": generated_at,
+                    "kind": kind,
+                    "tax_rate": tax_rate,
+                    "tax": tax,
+                },
             )
     ledger.flush()
     return paths

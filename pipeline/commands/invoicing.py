@@ -164,7 +164,16 @@ def stage_corrections(
             reason = "re-rated against the full provisioning history: " + ", ".join(changes)
         ledger.add(
             "rating_corrections",
-            [tenant_id, event_id, new_start, new_plan, new_billable, revision, reason, now],
+            {
+                "tenant_id": tenant_id,
+                "event_id": event_id,
+                "period_start": new_start,
+                "plan_id": new_plan,
+                "billable_seconds": new_billable,
+                "catalog_revision": revision,
+                "reason": reason,
+                "corrected_at": now,
+            },
         )
         staged += 1
     return staged

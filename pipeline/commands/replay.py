@@ -199,28 +199,41 @@ def _replay(
     return 0
 
 
+# rated_calls column -> CallFacts field.
+FACT_COLUMNS = {
+    **{name: name for name in ("tenant_id", "event_id", "call_id", "employee_id", "direction")},
+    **{name: name for name in ("from_number", "to_number", "disposition", "gateway_id")},
+    "started_at": "started_millis",
+    "answered_at": "answered_millis",
+    "ended_at": "ended_millis",
+    "source_partition": "source_partition",
+    "source_offset": "source_offset",
+}
+
+
 def _write(ledger: Ledger, batch: list[tuple[CallFacts, BulkRating]], revision: int, rated_at: int) -> int:
     """One insert of ``rated_calls`` columns (sinks/schema.py order) for a batch of rated calls."""
     first, last = batch[0][0], batch[-1][0]
     token = (
         f"replay:{revision}:{first.tenant_id}:{first.event_id}:{last.tenant_id}:{last.event_id}:{len(batch)}"
     )
-    facts = list(zip(*(item for item, _ in batch), strict=True))  # the CallFacts fields as columns
+    facts = [item for item, _ in batch]
     ratings = [r for _, r in batch]
     n = len(batch)
-    columns = [
-        *facts[:12],  # tenant_id .. gateway_id, timestamps as epoch millis
-        [r.period_start_millis for r in ratings],
-        [r.period_end_millis for r in ratings],
-        [r.plan_id for r in ratings],
-        [f"{r.raw_millis // 1000}.{r.raw_millis % 1000:03d}" for r in ratings],  # Decimal(18, 3), exact
-        [r.billable_seconds for r in ratings],
-        [revision] * n,
-        [0] * n,  # late: a replay rates history, not a late arrival
-        [rated_at] * n,
-        facts[12],  # source_partition
-        facts[13],  # source_offset
-    ]
+    # The call's own fields and where it was read, timestamps as epoch millis, from CallFacts.
+    columns: dict[str, list[Any]] = {
+        column: [getattr(f, field) for f in facts] for column, field in FACT_COLUMNS.items()
+    }
+    columns.update(
+        period_start=[r.period_start_millis for r in ratings],
+        period_end=[r.period_end_millis for r in ratings],
+        plan_id=[r.plan_id for r in ratings],
+        raw_seconds=[f"{r.raw_millis // 1000}.{r.raw_millis % 1000:03d}" for r in ratings],  # Decimal(18, 3)
+        billable_seconds=[r.billable_seconds for r in ratings],
+        catalog_revision=[revision] * n,
+        late=[0] * n,  # a replay rates history, not a late arrival
+        rated_at=[rated_at] * n,
+    )
     return ledger.insert_columns("rated_calls", columns, dedup_token=token)
 
 

@@ -16,7 +16,7 @@ from pipeline.records import CALL_FIELDS, PROVISIONING_FIELDS, payload_json, rat
 from pipeline.settings import Topics
 from schemas.errors import SerdeError
 from schemas.serde import Serde
-from sinks.columns import DUPLICATE_COLUMNS, PROVISIONING_COLUMNS
+from sinks.columns import PROVISIONING_COLUMNS
 from sinks.errors import LedgerError
 
 DEAD = "deadletter"  # the first element of a dead letter's first-seen key
@@ -31,7 +31,7 @@ class Entry:
     key: tuple[str, str, str] | None
     source: tuple[int, int]  # input partition and offset of the event
     payload: str
-    rows: list[tuple[str, list[Any]]]
+    rows: list[tuple[str, dict[str, Any]]]
     gateway_id: str = ""
     # The output record's Kafka timestamp: the same on every redelivery, so a duplicate the ledger finds
     # is one row however often its batch is written.
@@ -40,6 +40,23 @@ class Entry:
     kind: str = ""  # call or provisioning
     tenant_id: str = ""
     event_id: str = ""
+
+
+def _raw_event(
+    topic: str, tenant_id: str, event_id: str, event_type: str, event_time: datetime, payload: str
+) -> dict[str, Any]:
+    return {
+        "topic": topic,
+        "tenant_id": tenant_id,
+        "event_id": event_id,
+        "event_type": event_type,
+        "event_time": event_time,
+        "payload": payload,
+    }
+
+
+def _at(source: tuple[int, int], ingested_at: datetime) -> dict[str, Any]:
+    return {"source_partition": source[0], "source_offset": source[1], "ingested_at": ingested_at}
 
 
 def _header(msg: Message, name: str) -> str | None:
@@ -92,29 +109,28 @@ class EntryMaker:
         written_at = datetime.fromtimestamp(ms / 1000, UTC) if kind_ms and ms > 0 else now
         if topic == self.topics.duplicates:
             d = self._decode(value, "Duplicate")
-            row = [d[name] for name in DUPLICATE_COLUMNS[:8]] + ["worker", d["detected_at"]]
-            return Entry(
-                None, (int(d["source_partition"]), int(d["source_offset"])), "", [("duplicates", row)]
-            )
+            names = ("source_topic", "source_partition", "source_offset", "kind", "tenant_id", "event_id")
+            row = {name: d[name] for name in (*names, "gateway_id", "event_time", "detected_at")}
+            row["detected_by"] = "worker"
+            source = (int(d["source_partition"]), int(d["source_offset"]))
+            return Entry(None, source, "", [("duplicates", row)])
         if topic == self.topics.deadletter:
             record = self._decode(value, "DeadLetter")
             key = record.get("key")
             original = bytes(record["value"])
             digest = int.from_bytes(hashlib.blake2b(original, digest_size=8).digest(), "big")
-            row = [
-                record["source_topic"],
-                record["source_partition"],
-                record["source_offset"],
-                record["reason"],
-                record["message"],
-                key.decode("utf-8", "replace") if isinstance(key, bytes) else key,
-                original.hex(),
-                record["failed_at"],
-                digest,
-                *self._identity(original),
-            ]
-            source = (int(record["source_partition"]), int(record["source_offset"]))
             tenant, event_id, gateway = self._identity(original)
+            row = {
+                **{name: record[name] for name in ("source_topic", "source_partition", "source_offset")},
+                **{name: record[name] for name in ("reason", "message", "failed_at")},
+                "key": key.decode("utf-8", "replace") if isinstance(key, bytes) else key,
+                "value_hex": original.hex(),
+                "value_digest": digest,
+                "tenant_id": tenant,
+                "event_id": event_id,
+                "gateway_id": gateway,
+            }
+            source = (int(record["source_partition"]), int(record["source_offset"]))
             kind = "call" if record["source_topic"] == self.topics.calls else "provisioning"
             dead_key = (DEAD, str(record["source_topic"]), str(digest))
             return Entry(
@@ -136,8 +152,11 @@ class EntryMaker:
                 metrics.LATE_EVENTS.inc()
             payload = payload_json(r, CALL_FIELDS)
             source = (int(r["source_partition"]), int(r["source_offset"]))
-            raw = ["calls", r["tenant_id"], r["event_id"], "CallRecord", r["started_at"], payload]
-            rows = [("rated_calls", rated_call_row(r, late=late)), ("raw_events", [*raw, *source, now])]
+            raw = _raw_event("calls", r["tenant_id"], r["event_id"], "CallRecord", r["started_at"], payload)
+            rows = [
+                ("rated_calls", rated_call_row(r, late=late)),
+                ("raw_events", {**raw, **_at(source, now)}),
+            ]
             call_key = ("calls", r["tenant_id"], r["event_id"])
             return Entry(
                 call_key,
@@ -157,10 +176,16 @@ class EntryMaker:
                 int(_header(msg, "source-offset") or msg.offset() or 0),
             )
             payload = payload_json(p, PROVISIONING_FIELDS)
-            fields = [p.get(name) for name in PROVISIONING_COLUMNS[4:9]]
-            prov = [p["tenant_id"], p["event_id"], p["occurred_at"], p["action"], *fields, *source]
-            raw = ["provisioning", p["tenant_id"], p["event_id"], "ProvisioningEvent", p["occurred_at"]]
-            rows = [("provisioning_events", prov), ("raw_events", [*raw, payload, *source, now])]
+            prov = {
+                name: p.get(name)
+                for name in PROVISIONING_COLUMNS
+                if name not in ("source_partition", "source_offset")
+            }
+            prov.update(source_partition=source[0], source_offset=source[1])
+            raw = _raw_event(
+                "provisioning", p["tenant_id"], p["event_id"], "ProvisioningEvent", p["occurred_at"], payload
+            )
+            rows = [("provisioning_events", prov), ("raw_events", {**raw, **_at(source, now)})]
             prov_key = ("provisioning", p["tenant_id"], p["event_id"])
             return Entry(
                 prov_key,

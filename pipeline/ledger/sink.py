@@ -241,17 +241,18 @@ class LedgerSink:
         topic = self.topics.calls if kind == "call" else self.topics.provisioning
         at = entry.written_at or datetime.now(UTC)
         event_time = entry.event_time or at
-        row = [
-            topic,
-            *entry.source,
-            kind,
-            entry.tenant_id,
-            entry.event_id,
-            entry.gateway_id,
-            event_time,
-            "ledger",
-            at,
-        ]
+        row = {
+            "source_topic": topic,
+            "source_partition": entry.source[0],
+            "source_offset": entry.source[1],
+            "kind": kind,
+            "tenant_id": entry.tenant_id,
+            "event_id": entry.event_id,
+            "gateway_id": entry.gateway_id,
+            "event_time": event_time,
+            "detected_by": "ledger",
+            "detected_at": at,
+        }
         return Entry(None, entry.source, "", [("duplicates", row)])
 
     def _is_final(self, tenant_id: str, period_start: datetime) -> bool:

@@ -39,3 +39,16 @@ def test_first_seen_does_not_change_what_it_was_given() -> None:
     known = {CALL_X: [(0, 1, "p")]}
     first_seen([entry(CALL_X, 0, 1), entry(("calls", "t1", "y"), 0, 2)], known)
     assert known == {CALL_X: [(0, 1, "p")]}
+
+
+def test_ledger_rows_are_built_by_column_name() -> None:
+    """A value can never land in the wrong column: a row is a mapping and must name every column."""
+    from sinks.columns import COLUMNS, ordered
+    from sinks.errors import LedgerError
+
+    values = {name: f"v-{name}" for name in COLUMNS["catalogs"]}
+    assert ordered("catalogs", values) == [
+        values[name] for name in ("revision", "sha256", "body", "loaded_at")
+    ]
+    with pytest.raises(LedgerError, match=r"missing \['body'\], unknown \['bodyy'\]"):
+        ordered("catalogs", {**{k: v for k, v in values.items() if k != "body"}, "bodyy": 1})

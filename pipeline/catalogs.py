@@ -14,7 +14,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pipeline.errors import InputError
-from pipeline.settings import Settings
 from rating.catalog import Catalog, parse_catalog
 from rating.errors import CatalogError
 from sinks.ledger import Ledger
@@ -57,16 +56,3 @@ def catalog_at_revision(ledger: Ledger, revision: int, current: Catalog) -> Cata
         return current
     stored = ledger.catalog_body(revision)
     return parse_catalog(stored[1]) if stored else current
-
-
-def open_ledger(settings: Settings, catalog: Catalog, catalog_text: str) -> Ledger:
-    """Open (and migrate) the ledger and record the catalog revision in use (refused when older than
-    one the ledger has used). Stream workers with a sink thread and the sink process both start here."""
-    ledger = Ledger.open(settings.clickhouse_dsn, settings.clickhouse_secret, settings.clickhouse_cluster)
-    if catalog_text:
-        try:
-            register_catalog(ledger, catalog, catalog_text)
-        except Exception:
-            ledger.close()
-            raise
-    return ledger

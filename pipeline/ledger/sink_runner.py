@@ -28,10 +28,10 @@ from typing import Any
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
-from pipeline.catalogs import open_ledger
 from pipeline.errors import RetryableError
 from pipeline.identity import remember_cluster_id
 from pipeline.idle import IdleWatch
+from pipeline.ledger.opening import open_ledger
 from pipeline.ledger.sink import LedgerSink
 from pipeline.ledger.sink_web import SinkWeb
 from pipeline.settings import Settings

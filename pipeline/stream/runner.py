@@ -17,9 +17,9 @@ from pathlib import Path
 import faust
 
 from pipeline import logfilters
-from pipeline.catalogs import open_ledger
 from pipeline.errors import RetryableError
 from pipeline.idle import IdleWatch
+from pipeline.ledger.opening import open_ledger
 from pipeline.settings import Settings
 from pipeline.stream.app import StreamApp
 from pipeline.stream.stats import Stats

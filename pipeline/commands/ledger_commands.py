@@ -49,8 +49,13 @@ def cmd_invoice(settings: Settings, args: argparse.Namespace) -> int:
             progress=progress,
         )
         if not outputs:
-            # Never a silent success: an empty run is most often a wrong month or tenant id.
-            raise InputError(_nothing_to_invoice(ledger, args.period, args.tenant))
+            # Never silent. Nothing ingested or an unknown tenant is a mistake (exit 1); tenants whose
+            # subscriptions have no period starting in the month is a legitimate empty month (exit 0).
+            why, failed = _nothing_to_invoice(ledger, args.period, args.tenant)
+            if failed:
+                raise InputError(why)
+            print(f"callmeter: {why}", file=sys.stderr)
+            return 0
         progress.phase(f"writing {len(outputs)} invoices", unit="")
         paths = write_outputs(ledger, outputs, out)
     finally:
@@ -63,16 +68,16 @@ def cmd_invoice(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _nothing_to_invoice(ledger: Ledger, period: str, tenant: str | None) -> str:
-    """Why ``run_invoices`` found no invoice to make, in one line."""
+def _nothing_to_invoice(ledger: Ledger, period: str, tenant: str | None) -> tuple[str, bool]:
+    """Why ``run_invoices`` found no invoice to make, in one line, and whether that is a failure."""
     known = {row["tenant_id"] for row in ledger.provisioning_rows(tenant)}
     if not known:
         if tenant:
-            return f"nothing to invoice: the ledger has no provisioning events of tenant {tenant!r}"
+            return f"nothing to invoice: the ledger has no provisioning events of tenant {tenant!r}", True
         return (
             "nothing to invoice: the ledger has no provisioning events yet "
             "(`callmeter produce` them, then run `callmeter worker --until-idle`)"
-        )
+        ), True
     if tenant:
         who = f"tenant {tenant!r}"
     else:
@@ -81,7 +86,7 @@ def _nothing_to_invoice(ledger: Ledger, period: str, tenant: str | None) -> str:
             if len(known) == 1
             else f"any of the {len(known)} tenants in the ledger"
         )
-    return f"nothing to invoice: no subscription of {who} has a billing period starting in {period}"
+    return f"nothing to invoice: no subscription of {who} has a billing period starting in {period}", False
 
 
 def _ledger_incomplete(settings: Settings, args: argparse.Namespace) -> bool:

@@ -61,7 +61,7 @@ def balance_bench(
     from confluent_kafka import Producer
 
     from bench.load import PacedLoad, freshness_ms
-    from pipeline.commands.clients import make_serde
+    from pipeline.local.clients import make_serde
     from schemas.json_events import parse_json_event
 
     port = env["CALLMETER_WORKER_WEB_PORT"]

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from pipeline.commands.cliargs import build_parser
-from pipeline.commands.clients import kafka, make_serde
 from pipeline.commands.ledger_commands import cmd_invoice, cmd_ledger, cmd_replay, cmd_sql, cmd_usage
 from pipeline.errors import BrokerError, InputError, UsageError
+from pipeline.local.clients import kafka, make_serde
 from pipeline.settings import Settings
 from rating.catalog import Catalog
 from rating.errors import CallmeterError
@@ -80,7 +80,7 @@ def cmd_down(settings: Settings, _args: argparse.Namespace) -> int:
 
 def cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
     from pipeline.commands.produce import check_input, produce_files
-    from pipeline.commands.progress import Progress
+    from pipeline.progress import Progress
 
     paths = [Path(p) for p in args.files]
     for path in paths:
@@ -190,9 +190,9 @@ def _start_tenant_api(settings: Settings) -> TenantApi | None:
 
 def _until_idle_progress(settings: Settings) -> UntilIdleProgress | None:
     """The terminal's progress line for `worker --until-idle` (nothing when stderr is not a terminal)."""
-    from pipeline.commands.progress import Progress
     from pipeline.commands.worker_progress import UntilIdleProgress
     from pipeline.local.cluster import bootstrap_servers
+    from pipeline.progress import Progress
 
     progress = Progress()
     if not progress.enabled:
@@ -241,7 +241,7 @@ def cmd_consume(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_notify(settings: Settings, args: argparse.Namespace) -> int:
-    from pipeline.commands.notify import prepare_webhook, run_notify
+    from pipeline.notify.delivery import prepare_webhook, run_notify
 
     webhook = prepare_webhook(settings, args.webhook)
     result = run_notify(settings, kafka(settings), make_serde(settings), webhook, args.until_idle)

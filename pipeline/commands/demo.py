@@ -55,12 +55,12 @@ def summary_table(invoices: list[Invoice]) -> str:
 def run_demo(settings: Settings, catalog: Catalog, args: argparse.Namespace) -> int:
     from datetime import timedelta
 
-    from pipeline.commands.clients import make_serde
-    from pipeline.commands.invoice_files import write_outputs
-    from pipeline.commands.invoicing import run_invoices
     from pipeline.commands.produce import produce_files
     from pipeline.commands.simulate import SimulationConfig, write_file
+    from pipeline.invoicing.files import write_outputs
+    from pipeline.invoicing.job import run_invoices
     from pipeline.local.broker import LocalKafka
+    from pipeline.local.clients import make_serde
     from pipeline.topics import ensure_topics
     from sinks.ledger import Ledger
 

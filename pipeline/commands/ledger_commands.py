@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.commands.clients import kafka, make_serde
 from pipeline.errors import InputError, PipelineError
+from pipeline.local.clients import kafka, make_serde
 from pipeline.settings import Settings
 from rating.periods import parse_month
 
@@ -22,9 +22,9 @@ def cmd_invoice(settings: Settings, args: argparse.Namespace) -> int:
     from datetime import timedelta
 
     from pipeline.catalogs import read_catalog, register_catalog
-    from pipeline.commands.invoice_files import write_outputs
-    from pipeline.commands.invoicing import run_invoices
-    from pipeline.commands.progress import Progress
+    from pipeline.invoicing.files import write_outputs
+    from pipeline.invoicing.job import run_invoices
+    from pipeline.progress import Progress
     from sinks.ledger import Ledger
 
     out = Path(args.out)
@@ -92,14 +92,14 @@ def _nothing_to_invoice(ledger: Ledger, period: str, tenant: str | None) -> tupl
 def _ledger_incomplete(settings: Settings, args: argparse.Namespace) -> bool:
     """Refuse (or, with --allow-incomplete, flag) invoices from a ledger the pipeline has not finished:
     inputs not consumed or outputs not written up to the end of the invoiced periods plus the
-    settlement window (pipeline/commands/completeness.py)."""
+    settlement window (pipeline/invoicing/completeness.py)."""
     from datetime import UTC, datetime, timedelta
 
     from confluent_kafka import KafkaException
 
-    from pipeline.commands.completeness import ledger_lag
-    from pipeline.commands.invoicing import month_window
     from pipeline.errors import BrokerError
+    from pipeline.invoicing.completeness import ledger_lag
+    from pipeline.invoicing.job import month_window
 
     year, month = parse_month(args.period)
     next_start = month_window(year, month)[1]
@@ -135,7 +135,7 @@ def _ledger_incomplete(settings: Settings, args: argparse.Namespace) -> bool:
 
 
 def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
-    from pipeline.commands.replay import run_replay
+    from pipeline.replay.job import run_replay
 
     return run_replay(settings, args)
 

@@ -14,8 +14,8 @@ from typing import Any
 
 from confluent_kafka import KafkaException, Producer
 
-from pipeline.commands.progress import Progress, disabled
 from pipeline.errors import InputError, PipelineError
+from pipeline.progress import Progress, disabled
 from pipeline.settings import Settings
 from schemas.errors import SerdeError
 from schemas.json_events import parse_json_event

@@ -30,10 +30,10 @@ from typing import Any
 from confluent_kafka import KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
-from pipeline.commands.completeness import first_waiting
 from pipeline.commands.status_report import KafkaView, LedgerNote, Probe, Thresholds, render
 from pipeline.errors import BrokerError
 from pipeline.identity import describe, ledger_location, remember_cluster_id, stranger
+from pipeline.invoicing.completeness import first_waiting
 from pipeline.offsets import GroupOffsets
 from pipeline.settings import Settings
 

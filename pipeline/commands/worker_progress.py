@@ -1,5 +1,5 @@
 """`callmeter worker --until-idle` on a terminal: a progress line from the consumer groups' committed
-offsets, drawn by the supervising process (pipeline/commands/progress.py: terminal only).
+offsets, drawn by the supervising process (pipeline/progress.py: terminal only).
 
 It asks the broker, once a second, how far the workers' group has committed the input topics and the
 ledger sink's group the output topics, against the partitions' ends. Offsets count records and
@@ -15,8 +15,8 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from pipeline.commands.progress import Progress
 from pipeline.offsets import GroupOffsets
+from pipeline.progress import Progress
 from pipeline.settings import Settings
 
 TP = tuple[str, int]

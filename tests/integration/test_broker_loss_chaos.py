@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.commands.completeness import ledger_lag
 from pipeline.commands.simulate import SimulationConfig, write_file
+from pipeline.invoicing.completeness import ledger_lag
 from pipeline.local.broker import LocalKafka
 from pipeline.settings import Settings
 from tests.conftest import pipeline_env

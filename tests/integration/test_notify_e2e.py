@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 
-from pipeline.commands.notify import KEY_HEADER, SIGNATURE_HEADER, alert_body, idempotency_key, verify
+from pipeline.notify.delivery import KEY_HEADER, SIGNATURE_HEADER, alert_body, idempotency_key, verify
 from pipeline.settings import Settings
 from pipeline.topics import ensure_topics
 from schemas.serde import Serde

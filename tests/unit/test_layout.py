@@ -22,7 +22,7 @@ SIZE_CHECKED = ("pipeline", "sinks", "schemas")
 PENDING_SPLIT: dict[str, str] = {}
 # pipeline/'s packages, lowest layer first: a package imports its own modules, pipeline/'s top-level
 # modules (what several roles share) and the packages listed before it, never one listed after it.
-LAYERS = ("", "local", "ledger", "stream", "tenantapi", "commands")
+LAYERS = ("", "local", "ledger", "stream", "tenantapi", "invoicing", "replay", "notify", "commands")
 
 
 def module_name(path: Path) -> str:

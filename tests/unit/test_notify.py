@@ -1,5 +1,5 @@
 """Webhook delivery's pure parts: backoff, signing, idempotency keys, retries
-(pipeline/commands/notify.py)."""
+(pipeline/notify/delivery.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from pipeline.commands.notify import (
+from pipeline.errors import InputError
+from pipeline.notify.delivery import (
     DeliveryError,
     Endpoint,
     RetryPolicy,
@@ -22,7 +23,6 @@ from pipeline.commands.notify import (
     sign,
     verify,
 )
-from pipeline.errors import InputError
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,8 @@ import io
 
 import pytest
 
-from pipeline.commands.progress import Progress, render
 from pipeline.commands.worker_progress import remaining
+from pipeline.progress import Progress, render
 
 # -- the progress line ---------------------------------------------------------------------------------
 

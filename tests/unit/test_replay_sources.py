@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 from fastavro import parse_schema, schemaless_writer
 
-from pipeline.commands.replay_sources import CallDecoder, CallFacts, _without_logical_types
+from pipeline.replay.sources import CallDecoder, CallFacts, _without_logical_types
 from schemas.errors import SerdeError
 from schemas.serde import WRITER_SCHEMAS, Serde
 from tests.unit.test_serde import _call_record_v2, call_record

@@ -25,9 +25,9 @@ from decimal import Decimal
 from typing import Any
 
 from pipeline.catalogs import catalog_at_revision
-from pipeline.commands.invoice_files import InvoiceOutput, invoice_json
-from pipeline.commands.progress import Progress, disabled
 from pipeline.errors import PipelineError
+from pipeline.invoicing.files import InvoiceOutput, invoice_json
+from pipeline.progress import Progress, disabled
 from rating.batch import invoices_from_usage
 from rating.calls import RatedCall, rate_call
 from rating.catalog import Catalog

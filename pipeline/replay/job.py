@@ -5,7 +5,7 @@ Protocol (idempotent, so a killed replay is simply run again):
    number never stands for two catalogs (pipeline/catalogs.py).
 2. Read the calls: from the ``calls`` topic (seek by timestamp, read to the end offsets taken at the
    start) while its retention still covers the range, else from the raw events in the ledger.
-   ``--source`` forces either (pipeline/commands/replay_sources.py: timestamps stay integer epoch millis).
+   ``--source`` forces either (pipeline/replay/sources.py: timestamps stay integer epoch millis).
    Duplicates in the source are dropped (first seen wins); the live path's dedupe state is not
    consulted or changed.
 3. Rate each call with the tenant's timeline from the ledger and the current catalog
@@ -34,9 +34,9 @@ from decimal import Decimal
 from typing import Any
 
 from pipeline.catalogs import catalog_at_revision, read_catalog, register_catalog
-from pipeline.commands.invoicing import timelines_from_ledger
-from pipeline.commands.replay_sources import CallFacts, calls_from_kafka, calls_from_ledger, kafka_covers
 from pipeline.errors import InputError
+from pipeline.invoicing.job import timelines_from_ledger
+from pipeline.replay.sources import CallFacts, calls_from_kafka, calls_from_ledger, kafka_covers
 from pipeline.settings import Settings
 from rating.bulk import BulkRating, TenantRater, millis_of
 from rating.catalog import Catalog
@@ -69,7 +69,7 @@ def _charges(used: Catalog, timelines: dict[str, Any], key: tuple[str, datetime]
 
 
 def run_replay(settings: Settings, args: argparse.Namespace) -> int:
-    from pipeline.commands.clients import kafka, make_serde
+    from pipeline.local.clients import kafka, make_serde
 
     ts_from, ts_to = parse_ts(args.ts_from, "--from"), parse_ts(args.ts_to, "--to")
     if ts_to <= ts_from:

@@ -1,6 +1,6 @@
 """What the invoice job writes: ``<invoice_id>.json`` files and the ledger's invoice rows.
 
-pipeline/commands/invoicing.py decides the invoices (``run_invoices``); this module renders them as JSON
+pipeline/invoicing/job.py decides the invoices (``run_invoices``); this module renders them as JSON
 and stores them: new drafts and finals with their lines, adjustments and credits, while a final invoice
 already stored is written out again byte for byte and never stored twice.
 """

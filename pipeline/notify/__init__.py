@@ -1,0 +1,1 @@
+"""Alert delivery to a webhook, committed only after the receiver said yes (delivery.py)."""

@@ -94,10 +94,32 @@ async def _drain_table_writes(app: Any) -> None:
     between commits an event's offset and outputs without its state: a SUBSCRIPTION_STARTED accepted
     and in the ledger, but not in the ``tenants`` table, parks every later call of the tenant forever.
     Seen in the sink-kill fault test. Once drained, each write is in its producer's accumulator, and
-    committing the transaction sends it before the commit marker."""
+    committing the transaction sends it before the commit marker.
+
+    "Drained" includes the write the buffer's task has already taken from the queue but not yet handed
+    to the producer: the queue is empty while that one is still on its way, and it then landed in the
+    next transaction; a worker stopping after the commit lost it (the last balance changes of a run,
+    missing after a rebuild from the changelogs). The task is idle again, waiting on its queue, once
+    it has handed the write over."""
     buffer = app.producer.buffer
-    while buffer.size:
-        await buffer.flush()
+    deadline = asyncio.get_running_loop().time() + DRAIN_TIMEOUT_SECONDS
+    while buffer.size or not _buffer_task_idle(buffer):
+        if asyncio.get_running_loop().time() > deadline:
+            msg = f"table writes not handed to the producer within {DRAIN_TIMEOUT_SECONDS:.0f} s"
+            raise TimeoutError(msg)
+        if buffer.size:
+            await buffer.flush()
+        else:
+            await asyncio.sleep(0.001)
+
+
+DRAIN_TIMEOUT_SECONDS = 60.0
+
+
+def _buffer_task_idle(buffer: Any) -> bool:
+    """Faust's buffer task waits on its queue's ``get`` between writes (ProducerBuffer._handle_pending);
+    a stopped buffer has no task to wait for."""
+    return bool(buffer.pending._getters) or buffer.state != "running"
 
 
 async def _guarded_force_commit(self: Any, *args: Any, **kwargs: Any) -> bool:
@@ -108,9 +130,13 @@ async def _guarded_force_commit(self: Any, *args: Any, **kwargs: Any) -> bool:
         if guard.poisoned:
             return False
         before_commit = getattr(self.app, "callmeter_before_commit", None)
-        if before_commit is not None:
-            before_commit()
-        await _drain_table_writes(self.app)
+        try:
+            if before_commit is not None:
+                before_commit()
+            await _drain_table_writes(self.app)
+        except Exception as exc:  # the transaction would commit without state it must hold
+            guard.poisoned = True
+            die(f"could not prepare a commit: {type(exc).__name__}: {exc}", exc)
         committed = bool(await _original_force_commit(self, *args, **kwargs))
         if CRASH_AT and committed:
             crash_point("worker-6-committed")

@@ -69,5 +69,9 @@ def test_replay_rows_are_the_stream_rows_under_the_new_revision(
 
 def test_a_batch_size_below_one_is_refused_in_one_line(cm_env: dict[str, str]) -> None:
     proc = callmeter(cm_env, "replay", *ALL_NOVEMBER, "--batch-size", "0", check=False)
-    assert proc.returncode == 1
-    assert proc.stderr == "callmeter: error: --batch-size must be at least 1, got 0\n"
+    # A bad flag is a usage error: exit 2, one line (docs/decisions.md, "Exit codes").
+    assert proc.returncode == 2
+    assert (
+        proc.stderr
+        == "callmeter: error: argument --batch-size: must be at least 1, not 0 (see callmeter --help)\n"
+    )

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.cli import callmeter, worker_stats
+from tests.integration.cli import BackgroundWorker, callmeter, worker_stats
 
 pytestmark = pytest.mark.integration
 
@@ -35,14 +35,20 @@ def _call(event_id: str, started: datetime) -> dict[str, object]:
     }
 
 
-def test_keys_older_than_the_retention_window_are_forgotten(cm_env: dict[str, str], tmp_path: Path) -> None:
+def test_keys_are_forgotten_past_the_window_and_a_late_copy_changes_no_live_number(
+    cm_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Retention 40 days: a key is held while its event time is within 40 + 31 days of the partition's
+    event-time day (pipeline/stream/window.py), then forgotten. A copy that comes back after that is in a
+    period the window has closed: it is rated for the ledger, which records it as a duplicate, and no
+    live balance counts it; that period's balance is then the ledger's."""
     env = dict(cm_env, CALLMETER_DEDUPE_RETENTION_DAYS="40")
     now = datetime.now(UTC).replace(microsecond=0)
     sub = {
         "type": "provisioning",
         "event_id": "s",
         "tenant_id": "ret",
-        "occurred_at": _iso(now - timedelta(days=100)),
+        "occurred_at": _iso(now - timedelta(days=200)),
         "action": "SUBSCRIPTION_STARTED",
         "plan_id": "starter",
         "tax_region": "NONE",
@@ -50,23 +56,22 @@ def test_keys_older_than_the_retention_window_are_forgotten(cm_env: dict[str, st
         "number_type": None,
         "employee_id": None,
     }
-    old, recent = _call("old", now - timedelta(days=55)), _call("recent", now - timedelta(days=10))
+    old, recent = _call("old", now - timedelta(days=150)), _call("recent", now - timedelta(days=5))
     first = tmp_path / "first.jsonl"
-    # A retry of "old" within the window is a duplicate; once "recent" moves the partition's event time
-    # past old + 40 days, "old" is forgotten and its next copy is new again.
+    # A retry of "old" before the window moves is a duplicate; "recent" moves the window 145 days on.
     first.write_text("\n".join(json.dumps(e) for e in (sub, old, old, recent)) + "\n")
     callmeter(env, "produce", str(first))
     stats = worker_stats(env)
     assert stats["duplicates"] == {"call": 1}
-    assert stats["keys_expired"] == 2  # "old" and the subscription (occurred 100 days ago)
+    assert stats["keys_expired"] == 1  # "old"; provisioning is kept by the tenant's timeline
     second = tmp_path / "second.jsonl"
-    second.write_text(json.dumps(old) + "\n" + json.dumps(recent) + "\n")
+    second.write_text("\n".join(json.dumps(e) for e in (sub, old, recent)) + "\n")
     callmeter(env, "produce", str(second))
     stats = worker_stats(env)
-    assert stats["duplicates"] == {"call": 1}  # "recent" is still remembered
-    assert stats["rated"] == 1  # "old" came back after its key expired
+    assert stats["duplicates"] == {"call": 1, "provisioning": 1}  # "recent" and the subscription
+    assert (stats["rated"], stats["closed_period"]) == (1, 1)  # "old", for the ledger to decide
     # The ledger already holds "old" from its first copy: it refuses the second and records it as a
-    # duplicate it found itself, at the copy's own event time (issue 11: duplicates in the ledger).
+    # duplicate it found itself, at the copy's own event time.
     assert stats["duplicates_in_ledger"] == {"call": 1}
     query = (
         "SELECT event_id, detected_by, gateway_id, toString(event_time) AS ended FROM duplicates FINAL "
@@ -81,4 +86,15 @@ def test_keys_older_than_the_retention_window_are_forgotten(cm_env: dict[str, st
         {"event_id": "old", "detected_by": "ledger", "gateway_id": "gw-1", "ended": ended(old)},
         {"event_id": "old", "detected_by": "worker", "gateway_id": "gw-1", "ended": ended(old)},
         {"event_id": "recent", "detected_by": "worker", "gateway_id": "gw-1", "ended": ended(recent)},
+        {
+            "event_id": "s",
+            "detected_by": "worker",
+            "gateway_id": "",
+            "ended": str(sub["occurred_at"])[:19].replace("T", " ") + ".000",
+        },
     ]
+    # Each period shows one call of 30 s: "old"'s from the ledger, "recent"'s live.
+    with BackgroundWorker(env) as worker:
+        for call, source in ((old, "ledger"), (recent, None)):
+            status, body = worker.get(f"/balances/ret?at={call['ended_at']}")
+            assert (status, body["used_seconds"], body.get("source")) == (200, 30, source), body

@@ -283,3 +283,19 @@ def test_input_waits_for_the_seek_to_the_committed_offsets(cm_env: dict[str, str
     _state_lost_then_more(cm_env, tmp_path, "sk")
     proc = callmeter(dict(cm_env, CALLMETER_CRASH_AT="seek-late:1"), "worker", "--until-idle")
     _assert_rebuilt_without_a_restart(cm_env, proc, "sk")
+
+
+def test_a_slow_assignment_keeps_the_worker_in_its_group(cm_env: dict[str, str], tmp_path: Path) -> None:
+    """On a busy machine Faust's work on an assignment (a producer per partition, a database per table
+    partition) took longer than the 10 s session timeout, during which aiokafka sent no heartbeat: the
+    broker dropped the member ("local member_id was not recognized"), the group rebalanced again, the
+    next assignment was as slow: rebalance storms and a 124 s stall until the watchdog. Crash point
+    ``assign-slow``: every assignment of the first process takes 12 s longer. The worker must stay in
+    its group and finish without a restart."""
+    events = _month(tmp_path, seed=27)
+    callmeter(cm_env, "produce", str(events))
+    env = dict(cm_env, CALLMETER_CRASH_AT="assign-slow:1", CALLMETER_STALL_TIMEOUT_SECONDS="30")
+    proc = callmeter(env, "worker", "--until-idle", timeout=600)
+    assert "member_id was not recognized" not in proc.stderr, proc.stderr[-3000:]
+    assert "restarting" not in proc.stderr, proc.stderr[-3000:]
+    assert_every_event_once(cm_env, events)

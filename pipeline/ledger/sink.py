@@ -111,6 +111,8 @@ class LedgerSink:
         self.duplicates: Counter[str] = Counter()
         self.batches = 0
         self.last_progress = time.monotonic()
+        # Called after each offset commit (step 4), in the sink's thread (pipeline/runcounts.py).
+        self.on_committed: Callable[[], None] | None = None
         self._stop = threading.Event()
         self._busy = False
         # librdkafka handles are thread-safe, but position() racing consume() can read a position of
@@ -206,6 +208,8 @@ class LedgerSink:
         )
         self.batches += 1
         self.last_progress = time.monotonic()
+        if self.on_committed is not None:
+            self.on_committed()
 
     def _retrying(self, what: str, action: Callable[[], _T]) -> _T:
         """Retry while the ledger is unavailable (a server restarting, a full disk being freed), with

@@ -26,7 +26,7 @@ from typing import Any
 
 from prometheus_client import start_http_server
 
-from pipeline import metrics
+from pipeline import metrics, runcounts
 from pipeline.catalogs import open_ledger
 from pipeline.errors import PipelineError, RetryableError
 from pipeline.idle import IdleWatch
@@ -62,6 +62,10 @@ def _run(
 ) -> dict[str, Any]:
     ledger = open_ledger(settings, catalog, catalog_text)
     sink = LedgerSink(settings, bootstrap, serde, ledger)
+    counts_file = runcounts.stats_file()
+    if counts_file is not None:
+        runcounts.ensure_dir(counts_file)
+        sink.on_committed = lambda: runcounts.write_committed(counts_file, _counters(sink))
     done = threading.Event()
 
     def stop(_signum: int, _frame: FrameType | None) -> None:
@@ -97,6 +101,10 @@ def _run(
     if sink.error is not None:
         msg = f"ledger sink failed: {sink.error}"
         raise RetryableError(msg) from sink.error
+    return _counters(sink)
+
+
+def _counters(sink: LedgerSink) -> dict[str, Any]:
     return {"duplicates_in_ledger": dict(Counter(sink.duplicates)), "ledger_rows_written": sink.rows_written}
 
 

@@ -27,7 +27,7 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import faust.topics as faust_topics
@@ -47,6 +47,8 @@ class CommitGuard:
     def __init__(self) -> None:
         self._lock: asyncio.Lock | None = None
         self.poisoned = False
+        # Called after each successful commit, under the lock (pipeline/runcounts.py).
+        self.on_commit: Callable[[], None] | None = None
 
     @property
     def lock(self) -> asyncio.Lock:
@@ -108,6 +110,8 @@ async def _guarded_force_commit(self: Any, *args: Any, **kwargs: Any) -> bool:
             return False
         await _drain_table_writes(self.app)
         committed = bool(await _original_force_commit(self, *args, **kwargs))
+        if committed and guard.on_commit is not None:
+            guard.on_commit()  # still under the lock: exactly the events this commit made visible
         if CRASH_AT and committed:
             crash_point("worker-6-committed")
         return committed

@@ -13,7 +13,7 @@ heuristic declared partitions done with their records still on the way: the reco
 it were ignored as already seen. Worse, Faust keeps that verdict across a rebalance that leaves the
 partition with the worker, so every later round in the process skipped the partition entirely: the
 ``alerted`` and ``balances`` changelogs were "applied to None" round after round, and the worker gave
-up after 6 restarts (make chaos-busy, state loss plus resend). Five parts:
+up after 6 restarts (make chaos-busy, state loss plus resend). Six parts:
 
 1. ``_committed_highwaters``: each round's highwater is the offset of the last record of a committed
    transaction in each changelog partition (read from the partition's tail, read_committed, by
@@ -41,16 +41,20 @@ up after 6 restarts (make chaos-busy, state loss plus resend). Five parts:
    continuity check (stream/continuity.py), which starts from the committed offset Faust knows, took
    the log start instead and stopped the worker: "calls/2: offsets 0..9121 never handled", a restart
    without a fault on the first start of two worker processes.
+6. A batch of recovered records that cannot be written (a full disk) stops the process at once,
+   naming the reason, instead of Faust's retrying it for ever with the reason in a warning.
 
 Fault injection: ``recovery-short`` (the first recovery of the process loses the last record of every
-batch it applies), ``changelog-late`` (the first recovery's changelog records reach the queue 2 s
-after they were fetched) and ``seek-late`` (every seek to the committed offsets waits 3 s first), as
-on a loaded machine.
+batch it applies), ``recovery-write`` (every write of recovered state fails: a full disk) and, as on a
+loaded machine, ``changelog-late`` (the first recovery's changelog records reach the queue 2 s after
+they were fetched) and ``seek-late`` (every seek to the committed offsets waits 3 s first).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
@@ -273,17 +277,27 @@ async def _verified_on_recovery_completed(self: Any, generation_id: int = 0) -> 
 
 
 # Fault injection (crash point ``recovery-short``): the first recovery of the process loses the last
-# record of every batch it applies, as when Faust skipped records it had fetched.
+# record of every batch it applies, as when Faust skipped records it had fetched. (``recovery-write``:
+# every write of recovered state fails, as on a full disk.)
 _skip_last_records = False
+_failing_writes = False
 _original_apply_changelog_batch = faust_rocksdb.Store.apply_changelog_batch
 
 
 def _apply_changelog_batch(self: Any, batch: Any, *args: Any, **kwargs: Any) -> None:
+    """Part 6: a batch of recovered records that cannot be written stops the process with the reason.
+    Faust only logged it ("Error in recovery ...") and tried again every half second, for ever: a full
+    disk held the worker in recovery, with the cause in a warning, until the stall watchdog."""
     if _skip_last_records:
         events = list(batch)
         last = {event.message.tp: i for i, event in enumerate(events)}
         batch = [event for i, event in enumerate(events) if i != last[event.message.tp]]
-    _original_apply_changelog_batch(self, batch, *args, **kwargs)
+    try:
+        if _failing_writes:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+        _original_apply_changelog_batch(self, batch, *args, **kwargs)
+    except Exception as exc:  # inside Faust's recovery task an exception is only logged
+        die(f"cannot write recovered table state: {type(exc).__name__}: {exc}", exc)
 
 
 # Fault injection (crash point ``changelog-late``): until the first recovery of the process completes,
@@ -315,11 +329,12 @@ async def _perform_seek_late(self: Any) -> None:
 
 def install(bootstrap: str) -> None:
     """Patch Faust's recovery for this process (the stream worker's) against ``bootstrap``."""
-    global _bootstrap, _skip_last_records, _delay_changelogs  # one broker per worker process
+    global _bootstrap, _skip_last_records, _delay_changelogs, _failing_writes  # one worker per process
     _bootstrap = bootstrap
     if CRASH_AT and armed("recovery-short"):
         _skip_last_records = True
-        faust_rocksdb.Store.apply_changelog_batch = _apply_changelog_batch  # type: ignore[method-assign]
+    _failing_writes = CRASH_AT.startswith("recovery-write")
+    faust_rocksdb.Store.apply_changelog_batch = _apply_changelog_batch  # type: ignore[method-assign]
     if CRASH_AT and armed("changelog-late"):
         _delay_changelogs = True
         faust_consumer.Consumer.getmany = _getmany_late  # type: ignore[method-assign]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import faust
 
+from pipeline import runcounts
 from pipeline.catalogs import open_ledger
 from pipeline.errors import RetryableError
 from pipeline.idle import IdleWatch
@@ -89,6 +90,10 @@ def run_worker(
     membership.install()
     recovery.install(bootstrap)
     meter = Meter(settings, bootstrap, catalog, serde)
+    counts_file = runcounts.stats_file()
+    if counts_file is not None:
+        runcounts.ensure_dir(counts_file)
+        meter.guard.on_commit = lambda: runcounts.write_committed(counts_file, meter.stats.to_dict())
     from pipeline.topics import ensure_internal_topics
 
     try:

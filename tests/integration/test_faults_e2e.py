@@ -299,3 +299,25 @@ def test_a_slow_assignment_keeps_the_worker_in_its_group(cm_env: dict[str, str],
     assert "member_id was not recognized" not in proc.stderr, proc.stderr[-3000:]
     assert "restarting" not in proc.stderr, proc.stderr[-3000:]
     assert_every_event_once(cm_env, events)
+
+
+def test_a_full_disk_during_recovery_stops_the_worker_and_says_so(
+    cm_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Recovered records that cannot be written (the disk is full) were only logged by Faust, which
+    tried again every half second: the worker stayed in recovery, with "No space left on device" in a
+    warning, until the stall watchdog stopped it for "no input committed". Crash point
+    ``recovery-write``: every write of recovered state fails in the first process. It must stop at
+    once naming the cause, and its replacement finish the run."""
+    _state_lost_then_more(cm_env, tmp_path, "df")
+    env = dict(cm_env, CALLMETER_CRASH_AT="recovery-write:1", CALLMETER_STALL_TIMEOUT_SECONDS="10")
+    proc = callmeter(env, "worker", "--until-idle")
+    reasons = [line for line in proc.stderr.splitlines() if line.startswith("callmeter: error:")]
+    assert len(reasons) == 1, proc.stderr[-3000:]
+    assert "cannot write recovered table state" in reasons[0], reasons
+    assert "No space left on device" in reasons[0], reasons
+    assert proc.stderr.count("restarting in") == 1, proc.stderr[-3000:]
+    stats = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (stats["rated"], stats["parked"], stats["duplicates"]) == (4, 0, {"call": 1}), stats
+    report = ledger_report(cm_env)
+    assert (report["rated_calls"], report["billable_seconds_by_tenant"]) == (7, {"df": 3 * 60 + 4 * 30})

@@ -21,7 +21,8 @@ Commit protocol (what a crash at each step means):
 4. Commit the batch's offsets synchronously. Crash between 3 and 4: as in 3, the batch comes again and
    is absorbed by the keys. A failed flush never reaches this step: the sink retries for up to
    ``ledger_outage_seconds``, then stops and the worker exits non-zero, so a broken ledger never
-   silently drops records.
+   silently drops records. After the commit the sink's counters are written to the file its supervisor
+   names (pipeline/runcounts.py): a sink process that then dies is counted up to here, no further.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ tenant's calls and provisioning share P and its state lives in partition P of ev
    without any commit (pipeline/stream/guard.py) and ``callmeter worker`` starts a new one. RocksDB is
    only a cache of the changelogs and may still hold writes of the aborted transaction, so the worker marks a
    clean shutdown and, after an unclean one, deletes its local state and rebuilds it from the
-   changelogs (read_committed) before consuming (``pipeline/stream/runner.py: prepare_state_dir``).
+   changelogs (read_committed) to each one's last committed record before consuming (runner.py, recovery.py).
    Without this a call whose dedupe key survived in RocksDB but whose rated record was aborted would be
    lost.
 7. The ledger sink (pipeline/ledger/sink.py) reads the outputs read_committed and writes ClickHouse under

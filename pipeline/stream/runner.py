@@ -90,6 +90,7 @@ def run_worker(
     membership.install()
     recovery.install(bootstrap)
     meter = Meter(settings, bootstrap, catalog, serde)
+    meter.guard.flowing = meter.app.flow_control.is_active
     counts_file = runcounts.stats_file()
     if counts_file is not None:
         runcounts.ensure_dir(counts_file)

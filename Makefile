@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup kafka-jars promtool demo test test-unit chaos lint bench clean
+.PHONY: setup kafka-jars promtool demo test test-unit chaos chaos-busy lint bench clean
 
 setup: $(STAMP) kafka-jars
 
@@ -38,6 +38,12 @@ test: setup promtool
 
 chaos: setup
 	$(BIN)/pytest -q -m chaos
+
+# The same scenarios on a busy machine: CPU hogs beside each, keeping the load average near four times
+# the cores (tests/busy.py; CALLMETER_CHAOS_BUSY_HOGS sets their number). Each must still end with exit
+# 0, exact invoices and at most one restart per injected fault.
+chaos-busy: setup
+	CALLMETER_CHAOS_BUSY=1 $(BIN)/pytest -q -m chaos
 
 test-unit: setup promtool
 	$(BIN)/pytest -q tests/unit

@@ -9,6 +9,7 @@ import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
 from sinks.cluster import SESSION_SETTINGS
+from sinks.embedded import refuse_if_held
 from sinks.errors import LedgerError
 
 
@@ -23,6 +24,10 @@ def connect(
             "clickhouse_cluster needs a ClickHouse server (CALLMETER_CLICKHOUSE_URL), not the embedded ledger"
         )
         raise LedgerError(msg)
+    if dsn.startswith("chdb:"):
+        # Asked before opening: chdb prints its own exception to the terminal when the path is locked,
+        # and that raw line would come before this one.
+        refuse_if_held(dsn.removeprefix("chdb://"))
     try:
         if dsn.startswith("chdb:"):
             return clickhouse_connect.get_client(dsn=dsn, settings=dict(settings or {}))
@@ -33,38 +38,10 @@ def connect(
             kwargs["settings"] = {**(SESSION_SETTINGS if cluster else {}), **(settings or {})}
         return clickhouse_connect.get_client(**kwargs)
     except Exception as exc:  # the driver raises many kinds; the caller needs one
-        path = dsn.removeprefix("chdb://")
-        holders = _processes_holding(path) if dsn.startswith("chdb:") else []
-        if holders:
-            pids = ", ".join(map(str, holders))
-            msg = (
-                f"the embedded ledger at {path} is open in another process (pid {pids}, a running "
-                "`callmeter worker`?): chdb lets one process open it; stop that process or set "
-                "CALLMETER_CLICKHOUSE_URL to a ClickHouse server"
-            )
-        else:
-            msg = f"cannot open the ClickHouse ledger at {dsn.split('@')[-1]}: {one_line(exc)}"
+        if dsn.startswith("chdb:"):
+            refuse_if_held(dsn.removeprefix("chdb://"))  # taken in the meantime
+        msg = f"cannot open the ClickHouse ledger at {dsn.split('@')[-1]}: {one_line(exc)}"
         raise LedgerError(msg) from exc
-
-
-def _processes_holding(path: str) -> list[int]:
-    """Pids (other than ours) with a file under ``path`` open, from /proc; empty where there is none."""
-    import os
-
-    root = os.path.realpath(path)
-    found = []
-    try:
-        pids = [int(name) for name in os.listdir("/proc") if name.isdigit() and int(name) != os.getpid()]
-    except OSError:
-        return []
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-            if any(os.readlink(f"/proc/{pid}/fd/{fd}").startswith(root + os.sep) for fd in fds):
-                found.append(pid)
-        except OSError:
-            continue
-    return found
 
 
 def one_line(exc: BaseException) -> str:

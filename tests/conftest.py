@@ -13,6 +13,7 @@ import pytest
 
 from pipeline.local.broker import LocalKafka
 from pipeline.settings import Settings
+from tests.busy import busy_mode, hog_count, start_hogs, stop_hogs
 
 
 @pytest.fixture(scope="session")
@@ -98,3 +99,16 @@ def pipeline_env(bootstrap: str, topic_prefix: str, data_dir: Path) -> dict[str,
 def cm_env(kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> dict[str, str]:
     """Environment for running the `callmeter` CLI in a subprocess against the test broker."""
     return pipeline_env(kafka_bootstrap, topic_prefix, tmp_path / "data")
+
+
+@pytest.fixture(autouse=True)
+def busy_machine(request: pytest.FixtureRequest) -> Iterator[None]:
+    """`make chaos-busy` (CALLMETER_CHAOS_BUSY=1): CPU hogs beside every chaos scenario (tests/busy.py)."""
+    if not busy_mode() or request.node.get_closest_marker("chaos") is None:
+        yield
+        return
+    hogs = start_hogs(hog_count())
+    try:
+        yield
+    finally:
+        stop_hogs(hogs)

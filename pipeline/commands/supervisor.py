@@ -14,7 +14,12 @@ on different hosts.
 With ``worker_processes`` = N > 1 it runs N stream worker processes (one Faust consumer group; Kafka
 spreads the input partitions over them, and a process that dies is replaced while the others take its
 partitions meanwhile) and one ledger sink process (pipeline/ledger/sink_runner.py), each restarted on its
-own. Every process prints one JSON line of counters when it ends; the command prints their sum.
+own. Every process prints one JSON line of counters when it ends; the command prints their sum,
+adding for each process that stopped on a fault the counters of its last commit (pipeline/runcounts.py).
+
+The last line of a failed run names its cause (pipeline/commands/childlog.py). With ``--until-idle`` a
+run stopped by SIGTERM or SIGINT before its input was done exits 1 and says what is left: it did not
+finish, whatever its processes printed.
 """
 
 from __future__ import annotations
@@ -26,12 +31,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from pipeline.commands.childlog import ERROR_PREFIX, ChildLog, write_line
 from pipeline.errors import PipelineError
 from pipeline.identity import ROLE_ENV, process_role
+from pipeline.runcounts import STATS_FILE_ENV, add_counters, read_committed
 from pipeline.settings import Settings
 from pipeline.stream.guard import EXIT_RETRY
 
@@ -40,6 +48,7 @@ CHILD_ENV = "CALLMETER_WORKER_CHILD"
 RESTARTED_ENV = "CALLMETER_WORKER_RESTARTED"
 # A child that ran this long before failing counts as healthy: the restart budget starts again.
 _HEALTHY_SECONDS = 120.0
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def is_child() -> bool:
@@ -63,11 +72,16 @@ class _Child:
     role: str
     index: int
     env: dict[str, str]
+    stats_file: Path
     proc: subprocess.Popen[bytes] | None = None
+    log: ChildLog | None = None
     started: float = 0.0
     restarts: int = 0
     restart_at: float | None = None
     result: dict[str, Any] | None = None
+    # Counters of this slot's earlier processes that stopped on a fault, as of their last commit.
+    carried: dict[str, Any] = field(default_factory=dict)
+    failure: str = ""
     done: bool = False
 
 
@@ -95,6 +109,7 @@ def supervise(settings: Settings, argv: Sequence[str], roles: list[tuple[str, in
     base = dict(os.environ)
     base[CHILD_ENV] = "1"
     crash_at = base.pop("CALLMETER_CRASH_AT", None)
+    counts_dir = settings.data_dir / "run"
     children = [
         _Child(
             role,
@@ -104,20 +119,22 @@ def supervise(settings: Settings, argv: Sequence[str], roles: list[tuple[str, in
                 ROLE_ENV: role,
                 "CALLMETER_WORKER_INDEX": str(index),
                 "CALLMETER_WORKER_WEB_PORT": str(settings.worker_web_port + index),
+                STATS_FILE_ENV: str(counts_dir / f"{role}-{index}.json"),
             },
+            counts_dir / f"{role}-{index}.json",
         )
         for role, index in (roles or process_roles(settings))
     ]
-    stopping = False
+    stopped_by: int | None = None
 
     def forward(signum: int, _frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
+        nonlocal stopped_by
+        stopped_by = signum
         for child in children:
             if child.proc is not None and child.proc.poll() is None:
                 child.proc.send_signal(signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, forward) for sig in _STOP_SIGNALS}
     try:
         for child in children:
             # A crash point (pipeline/crashpoints.py) fires in each child's first process only.
@@ -126,14 +143,17 @@ def supervise(settings: Settings, argv: Sequence[str], roles: list[tuple[str, in
             time.sleep(0.1)
             for child in children:
                 try:
-                    failed = _tend(child, argv, settings, stopping)
+                    failed = _tend(child, argv, settings, stopped_by is not None)
                 except PipelineError:
                     _stop_all(children)
                     raise
                 if failed is not None:
                     _stop_all(children)
+                    write_line(child.failure)  # last: the others' lines while they stopped came first
                     return failed
         _print_result(children)
+        if stopped_by is not None and "--until-idle" in argv:
+            return _unfinished(settings, children, signal.Signals(stopped_by).name)
         return 0
     finally:
         for sig, handler in previous.items():
@@ -143,11 +163,15 @@ def supervise(settings: Settings, argv: Sequence[str], roles: list[tuple[str, in
 def _start(child: _Child, argv: Sequence[str], extra: dict[str, str] | None = None) -> None:
     child.started = time.monotonic()
     child.restart_at = None
+    child.stats_file.unlink(missing_ok=True)
     child.proc = subprocess.Popen(  # noqa: S603 - our own CLI
         [sys.executable, "-m", "pipeline", *argv],
         env={**child.env, **(extra or {})},
         stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
+    assert child.proc.stderr is not None
+    child.log = ChildLog(child.proc.stderr)
 
 
 def _tend(child: _Child, argv: Sequence[str], settings: Settings, stopping: bool) -> int | None:
@@ -165,29 +189,30 @@ def _tend(child: _Child, argv: Sequence[str], settings: Settings, stopping: bool
         return None
     out = child.proc.stdout.read().decode() if child.proc.stdout else ""
     child.proc = None
+    log = child.log
+    assert log is not None
+    log.wait()
     lines = [line for line in out.splitlines() if line.startswith("{")]
     # Killed by a signal nobody here sent (the OOM killer, kill -9): as recoverable as a fault.
-    killed = code < 0 and -code not in (signal.SIGTERM, signal.SIGINT)
-    if code == 0 or (stopping and (code == EXIT_RETRY or killed)):
+    killed = code < 0 and -code not in _STOP_SIGNALS
+    if code == 0 or (stopping and (code == EXIT_RETRY or code < 0)):
         # Stopped mid-event on request: nothing was committed past the last whole event, and the next
         # start rebuilds local state. Not a failure of the run the operator asked to end.
-        child.result = json.loads(lines[-1]) if lines else {}
+        child.result = json.loads(lines[-1]) if lines else read_committed(child.stats_file)
         child.done = True
         return None
+    what = f"{child.role} process {child.index}"
     if code != EXIT_RETRY and not killed:
+        child.failure = f"{ERROR_PREFIX}{log.cause(code)} ({what} exited {code})"
         return code
+    child.carried = add_counters(child.carried, read_committed(child.stats_file))
     child.restarts = 0 if time.monotonic() - child.started > _HEALTHY_SECONDS else child.restarts + 1
     if child.restarts > settings.worker_restarts:
-        msg = (
-            f"{child.role} process failed {child.restarts} times in a row; giving up (see the reasons above)"
-        )
+        msg = f"{log.cause(code)} ({what} failed {child.restarts} times in a row; giving up)"
         raise PipelineError(msg)
     pause = min(2.0 ** (child.restarts - 1), 30.0)
-    sys.stderr.write(
-        f"callmeter: {child.role} process {child.index} restarting in {pause:.0f} s "
-        f"({child.restarts} of {settings.worker_restarts})\n"
-    )
-    sys.stderr.flush()
+    budget = f"{child.restarts} of {settings.worker_restarts}"
+    write_line(f"callmeter: {what} restarting in {pause:.0f} s ({budget})")
     child.restart_at = time.monotonic() + pause
     return None
 
@@ -202,20 +227,32 @@ def _stop_all(children: list[_Child]) -> None:
                 child.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 child.proc.kill()
+            if child.log is not None:
+                child.log.wait()
 
 
 def _print_result(children: list[_Child]) -> None:
-    """One JSON line, as one worker process prints it: counters summed over the processes."""
+    """One JSON line, as one worker process prints it: counters summed over the processes, those of
+    processes that stopped on a fault included up to their last commit."""
     merged: dict[str, Any] = {}
     for child in children:
-        for key, value in (child.result or {}).items():
-            if isinstance(value, dict):
-                bucket = merged.setdefault(key, {})
-                for name, n in value.items():
-                    bucket[name] = bucket.get(name, 0) + n
-            elif isinstance(value, int | float):
-                merged[key] = merged.get(key, 0) + value
-            else:
-                merged[key] = value
+        add_counters(merged, child.carried)
+        add_counters(merged, child.result or {})
     if merged or any(child.result is not None for child in children):
         print(json.dumps(merged, sort_keys=True), flush=True)
+
+
+def _unfinished(settings: Settings, children: list[_Child], signame: str) -> int:
+    """A run stopped by a signal: 0 only when everything was committed and written anyway."""
+    from pipeline.commands.worklist import work_left
+
+    roles = {child.role for child in children}
+    try:
+        left = work_left(settings, inputs=bool(roles - {"sink"}), outputs=bool(roles & {"worker", "sink"}))
+    except Exception as exc:  # the broker may be what the operator is stopping everything for
+        write_line(f"{ERROR_PREFIX}stopped by {signame}; what is left could not be checked: {exc}")
+        return 1
+    if not left:
+        return 0
+    write_line(f"{ERROR_PREFIX}stopped by {signame} before the run was done: {'; '.join(left)}")
+    return 1

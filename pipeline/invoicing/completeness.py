@@ -25,13 +25,22 @@ from pipeline.offsets import committed_offsets
 from pipeline.settings import Settings
 
 
-def ledger_lag(settings: Settings, bootstrap: str, cutoff: datetime, timeout: float = 20.0) -> list[str]:
-    """Descriptions of the partitions the ledger still lacks (empty when complete). Raises
-    KafkaException when the cluster cannot be asked."""
+def ledger_lag(
+    settings: Settings,
+    bootstrap: str,
+    cutoff: datetime,
+    timeout: float = 20.0,
+    *,
+    worker: bool = True,
+    sink: bool = True,
+) -> list[str]:
+    """Descriptions of the partitions the ledger still lacks (empty when complete): those of the
+    worker's inputs and the sink's, or only one of them. Raises KafkaException when the cluster cannot
+    be asked."""
     topics = settings.topics
     groups = {
-        settings.app_id: topics.inputs,
-        f"{settings.app_id}-ledger": topics.ledger_inputs,
+        settings.app_id: topics.inputs if worker else (),
+        f"{settings.app_id}-ledger": topics.ledger_inputs if sink else (),
     }
     conf: dict[str, Any] = {"bootstrap.servers": bootstrap}
     admin = AdminClient(conf)

@@ -22,7 +22,8 @@ Commit protocol (what a crash at each step means):
 4. Commit the batch's offsets synchronously. Crash between 3 and 4: as in 3, the batch comes again and
    is absorbed by the keys. A failed flush never reaches this step: the sink retries for up to
    ``ledger_outage_seconds``, then stops and the worker exits non-zero, so a broken ledger never
-   silently drops records.
+   silently drops records. After the commit the sink's counters are written to the file its supervisor
+   names (pipeline/runcounts.py): a sink process that then dies is counted up to here, no further.
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ class LedgerSink:
         self.batches = 0
         self.health = SinkHealth()
         self.last_progress = time.monotonic()
+        # Called after each offset commit (step 4), in the sink's thread (pipeline/runcounts.py).
+        self.on_committed: Callable[[], None] | None = None
         self._stop = threading.Event()
         self._busy = False
         # librdkafka handles are thread-safe, but position() racing consume() can read a position of
@@ -186,6 +189,8 @@ class LedgerSink:
         )
         self.batches += 1
         self.last_progress = time.monotonic()
+        if self.on_committed is not None:
+            self.on_committed()
 
     def _retrying(self, what: str, action: Callable[[], _T]) -> _T:
         """Retry while the ledger is unavailable (a server restarting, a full disk being freed), with

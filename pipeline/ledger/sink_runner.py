@@ -28,7 +28,8 @@ from typing import Any
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
-from pipeline.errors import RetryableError
+from pipeline import metrics, runcounts
+from pipeline.errors import PipelineError, RetryableError
 from pipeline.identity import remember_cluster_id
 from pipeline.idle import IdleWatch
 from pipeline.ledger.opening import open_ledger
@@ -68,6 +69,10 @@ def _run(
 ) -> dict[str, Any]:
     ledger = open_ledger(settings, catalog, catalog_text)
     sink = LedgerSink(settings, bootstrap, serde, ledger)
+    counts_file = runcounts.stats_file()
+    if counts_file is not None:
+        runcounts.ensure_dir(counts_file)
+        sink.on_committed = lambda: runcounts.write_committed(counts_file, _counters(sink))
     done = threading.Event()
 
     def stop(_signum: int, _frame: FrameType | None) -> None:
@@ -103,6 +108,10 @@ def _run(
     if sink.error is not None:
         msg = f"ledger sink failed: {sink.error}"
         raise RetryableError(msg) from sink.error
+    return _counters(sink)
+
+
+def _counters(sink: LedgerSink) -> dict[str, Any]:
     return {"duplicates_in_ledger": dict(Counter(sink.duplicates)), "ledger_rows_written": sink.rows_written}
 
 

@@ -8,6 +8,9 @@ fetcher recorded as a gap). The call was neither rated nor dead-lettered, and no
 A read_committed consumer legitimately jumps over offsets (transaction markers, aborted records), so a
 hole alone proves nothing; the broker decides. Per input partition, within one assignment:
 
+0. An event the agent took before a rebalance began, and that waited for the commit guard while the
+   rebalance committed, is not handled (nor acked): the guard says so (stream/guard.py, step 3). Its
+   partition's next owner, this worker or another, gets it again from the committed offset.
 1. First event after an assignment: the expected offset is the committed one Faust sought to; when
    Faust knows none (no commit yet, or 0), the partition's log start.
 2. ``offset == expected``: in order.
@@ -110,13 +113,20 @@ class Continuity:
         self._log_start = log_start
         self._expected: dict[TP, int | None] = {}
         self.redelivered = 0
+        self.stale = 0
 
     def forget(self) -> None:
         self._expected.clear()
 
     async def check(self, topic: str, partition: int, offset: int) -> bool:
-        """True when the event is to be handled; False for a redelivered one (step 3). Stops the
-        process on a hole that holds committed records (step 4)."""
+        """True when the event is to be handled; False for a redelivered one (step 3) or one taken
+        before a rebalance began (step 0). Stops the process on a hole that holds committed records
+        (step 4)."""
+        guard = getattr(getattr(self._faust_consumer(), "app", None), "callmeter_guard", None)
+        if guard is not None and not guard.current:  # step 0
+            self.stale += 1
+            log.info("%s/%d@%d taken before a rebalance: left to its next owner", topic, partition, offset)
+            return False
         tp = (topic, partition)
         expected = self._expected.get(tp, -1)
         if expected == -1:  # step 1

@@ -12,6 +12,12 @@ each event one critical section with respect to commits:
    it writes once per commit (``app.callmeter_before_commit``: the balances), then drains Faust's buffer
    of table writes into the transaction (``_drain_table_writes``: Faust itself does not).
 3. A rebalance commits every transaction before partitions are revoked (``_commit_then_revoke``).
+   An event the agent took before the rebalance and that waited for the lock during that commit is
+   not handled and not acked (``CommitGuard.current``, checked by stream/continuity.py): handled after
+   the commit, its records went into a transaction no commit would close before the partitions were
+   reassigned. On a partition the worker kept, the event came again after the rebalance and was
+   handled a second time (a duplicate of itself), and the transaction holding both either committed
+   them together or, on a busy machine, outlived the transaction timeout and stopped the worker.
 4. An exception (or a cancellation) in the middle of an event, or a send that failed for good,
    *poisons* the guard: no commit happens
    after that, and the process leaves at once with ``EXIT_RETRY`` without writing its clean-shutdown
@@ -28,14 +34,14 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import faust.topics as faust_topics
 import faust.transport.consumer as faust_consumer
 import faust.transport.drivers.aiokafka as faust_aiokafka
 
-from pipeline.crashpoints import CRASH_AT, crash_point
+from pipeline.crashpoints import CRASH_AT, armed, crash_point
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +54,12 @@ class CommitGuard:
     def __init__(self) -> None:
         self._lock: asyncio.Lock | None = None
         self.poisoned = False
+        # Called after each successful commit, under the lock (pipeline/runcounts.py).
+        self.on_commit: Callable[[], None] | None = None
+        # Whether events flow (set by the runner: Faust's flow control). Read when a batch gets the
+        # lock: an event taken before a rebalance began is not handled (step 3).
+        self.flowing: Callable[[], bool] = lambda: True
+        self.current = True
 
     @property
     def lock(self) -> asyncio.Lock:
@@ -61,6 +73,8 @@ class CommitGuard:
         """A batch of events (``take_events``) as one critical section: all acked before a commit can
         see any of them, or the process leaves without committing (steps 1 and 4)."""
         async with self.lock:
+            # No await between this and the agent's continuity check, which skips a stale batch.
+            self.current = self.flowing()
             try:
                 yield
             except BaseException as exc:
@@ -68,8 +82,9 @@ class CommitGuard:
                 first = events[0].message if events else None
                 where = f"a batch from {first.topic}/{first.partition}@{first.offset}" if first else "a batch"
                 die(f"stream agent failed on {where}: {type(exc).__name__}: {exc}", exc)
-            for event in events:
-                event.ack()
+            if self.current:
+                for event in events:
+                    event.ack()
 
 
 def die(reason: str, exc: BaseException | None = None) -> None:
@@ -129,6 +144,8 @@ async def _guarded_force_commit(self: Any, *args: Any, **kwargs: Any) -> bool:
     async with guard.lock:
         if guard.poisoned:
             return False
+        if _commits_late and any(True for _ in self._filter_tps_with_pending_acks()) and armed("commit-late"):
+            await asyncio.sleep(COMMIT_LATE_SECONDS)  # fault injection: a commit held up 12 s
         before_commit = getattr(self.app, "callmeter_before_commit", None)
         try:
             if before_commit is not None:
@@ -138,6 +155,8 @@ async def _guarded_force_commit(self: Any, *args: Any, **kwargs: Any) -> bool:
             guard.poisoned = True
             die(f"could not prepare a commit: {type(exc).__name__}: {exc}", exc)
         committed = bool(await _original_force_commit(self, *args, **kwargs))
+        if committed and guard.on_commit is not None:
+            guard.on_commit()  # still under the lock: exactly the events this commit made visible
         if CRASH_AT and committed:
             crash_point("worker-6-committed")
         return committed
@@ -171,12 +190,19 @@ async def _commit_then_revoke(self: Any, revoked: Any) -> None:
 
 faust_consumer.Consumer.on_partitions_revoked = _commit_then_revoke  # type: ignore[method-assign]
 
-# A worker that died mid-transaction leaves it open, and read_committed readers (the next worker's
-# changelog recovery, the sink) cannot pass it until the broker aborts it: after aiokafka's default
-# 60 s. Transactions here last about one commit interval (1 s), so 10 s is ample and a restart after a
-# fault waits seconds, not a minute. A transaction that did exceed it is aborted by the broker and its
-# commit fails, which stops the worker and restarts it from the last commit (step 4 above).
-TRANSACTION_TIMEOUT_MS = 10_000
+# How long the broker lets a transaction stay open before it aborts it (and fences its producer). A
+# transaction lasts about one commit interval (1 s) on a quiet machine, but on a busy one Faust's commit
+# timer wakes seconds late and the commit itself waits for the event in hand and several round trips:
+# 10 s, the value before, aborted healthy transactions and restarted the worker (make chaos-busy, a
+# SIGKILL storm). A worker that died mid-transaction does not hold its successor up meanwhile: the
+# successor's producers start with InitProducerId on the same transactional ids, which aborts what was
+# left open at once (stream/fencing.py), before its recovery reads the changelogs. A transaction that
+# does exceed the timeout is aborted by the broker and its commit fails, which stops the worker and
+# restarts it from the last commit (step 4 above). (Crash point ``commit-late``: the first commit of the
+# process with events to commit waits 12 s, holding the lock.)
+TRANSACTION_TIMEOUT_MS = 60_000
+COMMIT_LATE_SECONDS = 12.0
+_commits_late = CRASH_AT.startswith("commit-late")
 _original_settings_extra = faust_aiokafka.Producer._settings_extra
 
 

@@ -1,46 +1,67 @@
-"""Changelog recovery, checked before the worker consumes any input (issue 9).
+"""Changelog recovery: it ends at the last committed changelog record, and is checked before any input.
 
 Local table state (RocksDB) is a cache of the changelog topics; a worker that starts after an unclean
 stop, or is assigned a partition, rebuilds it from them (read_committed) before it consumes input.
-Faust decides that a partition is recovered by comparing what it applied with a "highwater". Under
-``exactly_once`` it took that from the consumer's last stable offset, which counts the commit marker
-after the last record, so the last record never reaches it and Faust ends such partitions by a
-heuristic (``detect_aborted_tx``: the consumer *position* passed the highwater while the changelog
-queue stayed empty). The position moves when records are fetched, not when they are applied, so
-records still on their way (or dropped at a rebalance) could be skipped: seen in ``make chaos`` (the
-stuck-worker scenario), where a replacement worker recovered the ``tenants`` table without two
-tenants' subscriptions and parked 57 calls of subscribed tenants; ``--until-idle`` exited 0 with them
-neither rated nor dead-lettered (issue 9).
+Faust decides that a partition is recovered by comparing the offset it received last with a
+"highwater". Under ``exactly_once`` its highwater is the last stable offset minus one, which counts
+the commit marker after the last record, so the last record never reaches it, and Faust ends such
+partitions by a heuristic (``detect_aborted_tx``: after two empty waits on its changelog queue, any
+partition whose consumer *position* passed the highwater is declared done). The position moves when
+records are fetched, in the consumer's thread, not when they reach the queue in the event loop. On a
+busy machine (load 4-8x the cores) fetched records routinely take over a second to cross, and the
+heuristic declared partitions done with their records still on the way: the records arriving after
+it were ignored as already seen. Worse, Faust keeps that verdict across a rebalance that leaves the
+partition with the worker, so every later round in the process skipped the partition entirely: the
+``alerted`` and ``balances`` changelogs were "applied to None" round after round, and the worker gave
+up after 6 restarts (make chaos-busy, state loss plus resend). Six parts:
 
-Three parts:
-
-1. ``_stable_highwaters``: each changelog's end is asked of the broker (ListOffsets, read_committed).
-   Faust read the consumer's cached last stable offset, unknown (-1) for a partition not fetched since
-   it was assigned: recovery then crashed ("persisted offset is higher than the highwater") or took
-   the changelog for empty.
-2. ``_QuickRecoveryPoll``: Faust waits on its changelog queue with a hard-coded 5 s timeout and needs
-   two empty waits before the heuristic ends a partition whose last record is a transaction marker, a
-   10-15 s stall on every start; the wait is 0.5 s here. (A highwater at the last committed record
-   instead, which needs no heuristic, ended recovery so early that the worker sometimes never resumed
-   its input afterwards: reverted.)
-3. ``_verified_on_recovery_completed``: before the worker resumes its input, every assigned changelog
+1. ``_committed_highwaters``: each round's highwater is the offset of the last record of a committed
+   transaction in each changelog partition (read from the partition's tail, read_committed, by
+   ``committed_tails``; the log start minus one when there is none), so Faust's own "received up to
+   the highwater" test ends recovery with the last committed record, never earlier. Local state past
+   that record (writes no committed transaction made, e.g. state kept from another cluster) stops
+   the process at once (``EXIT_RETRY``, no clean-shutdown marker: the next start rebuilds it).
+2. ``_RecoveryPoll``: Faust's recovery module sees this instead of ``asyncio``; its wait on the
+   changelog queue polls every 0.5 s but gives up (the "timeout" that runs the heuristic) only once
+   the round has received everything up to the highwaters, or the service stops. A fetch that is slow
+   to arrive is waited for; the heuristic never decides anything.
+3. ``_LatchedEnd``: Faust clears its "recovery ended" signal at the top of every queue iteration. With
+   the end at the last record (part 1) the signal is usually set by a record rather than by a timeout,
+   and could be set and cleared again before the round started waiting for it: the worker then never
+   resumed its input (why a highwater at the last record was once tried and reverted). The signal now
+   stays set until the next round starts.
+4. ``_verified_on_recovery_completed``: before the worker resumes its input, every assigned changelog
    partition must have been applied exactly up to its last committed record (the store's persisted
-   offset against the partition's tail, read read_committed by ``committed_tails``). Short of it
-   (records skipped) or past it (local state holding writes no committed transaction made, e.g. state
-   kept from another cluster), the process stops with ``EXIT_RETRY`` and without its clean-shutdown
-   marker, so the next start rebuilds the state from the changelogs: a restart, never a lost call.
+   offset against the tails of part 1). Otherwise the process stops with ``EXIT_RETRY`` and without its
+   clean-shutdown marker, so the next start rebuilds the state from the changelogs: a restart, never a
+   lost call.
+5. The same hook seeks the input partitions to their committed offsets before Faust resumes them, so
+   Faust knows each committed offset before any input record reaches the agent. Faust resumes first
+   and seeks after: on a busy machine records fetched in between reached the agent first, and the
+   continuity check (stream/continuity.py), which starts from the committed offset Faust knows, took
+   the log start instead and stopped the worker: "calls/2: offsets 0..9121 never handled", a restart
+   without a fault on the first start of two worker processes.
+6. A batch of recovered records that cannot be written (a full disk) stops the process at once,
+   naming the reason, instead of Faust's retrying it for ever with the reason in a warning.
+
+Fault injection: ``recovery-short`` (the first recovery of the process loses the last record of every
+batch it applies), ``recovery-write`` (every write of recovered state fails: a full disk) and, as on a
+loaded machine, ``changelog-late`` (the first recovery's changelog records reach the queue 2 s after
+they were fetched) and ``seek-late`` (every seek to the committed offsets waits 3 s first).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import faust.stores.rocksdb as faust_rocksdb
 import faust.tables.recovery as faust_recovery
-import faust.transport.drivers.aiokafka as faust_aiokafka
+import faust.transport.consumer as faust_consumer
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from pipeline.crashpoints import CRASH_AT, armed
@@ -122,35 +143,122 @@ async def _tails(tps: Iterable[Any]) -> dict[TP, tuple[int, int | None]]:
     return await asyncio.get_running_loop().run_in_executor(None, committed_tails, _bootstrap, keys)
 
 
-class _QuickRecoveryPoll:
-    """Part 2: Faust's recovery module sees this instead of ``asyncio``; only ``wait_for`` differs.
-    Ending recovery still requires the consumer position to have reached the highwater, and part 3
-    checks what was applied, so a shorter wait cannot end recovery with records missing unnoticed."""
+_original_build_highwaters = faust_recovery.Recovery._build_highwaters
+
+
+async def _committed_highwaters(self: Any, consumer: Any, tps: Any, destination: Any, title: str) -> None:
+    """Part 1 (active partitions; standby ones, which this worker never has, keep Faust's)."""
+    if title != "active":
+        await _original_build_highwaters(self, consumer, tps, destination, title)
+        return
+    generation = self._generation_id
+    try:
+        tails = await _tails(sorted(tps))
+    except Exception as exc:  # inside Faust's recovery task an exception would only stop recovery
+        die(f"cannot read the ends of the changelogs: {type(exc).__name__}: {exc}", exc)
+    ahead = []
+    ends = {}
+    for tp in tps:
+        low, last = tails[(tp.topic, tp.partition)]
+        ends[tp] = last if last is not None else low - 1
+        applied = self.tp_to_table[tp].persisted_offset(tp)
+        if applied is not None and applied > ends[tp]:
+            ahead.append(f"{tp.topic}/{tp.partition} applied to {applied}, committed to {last}")
+    if ahead:
+        die(f"local state is past the committed changelog: {'; '.join(sorted(ahead)[:3])}")
+    # Replaced in one step (no await in between): the queue task reads them after every record.
+    destination.clear()
+    destination.update(ends)
+    self.callmeter_tails = (generation, tails)
+    self.log.info(
+        "Highwater for active changelog partitions:\n%s", self._highwater_logtable(ends, title=title)
+    )
+
+
+POLL_SECONDS = 0.5
+_NO_TAILS: dict[TP, tuple[int, int | None]] = {}
+
+
+class _RecoveryPoll:
+    """Part 2. Only ``wait_for`` differs from ``asyncio``; Faust calls it on its changelog queue only."""
+
+    recovery: Any = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(asyncio, name)
 
-    @staticmethod
-    async def wait_for(aw: Any, timeout: float | None = None) -> Any:
-        return await asyncio.wait_for(aw, timeout=min(timeout, 0.5) if timeout else timeout)
+    async def wait_for(self, aw: Any, timeout: float | None = None) -> Any:
+        task = asyncio.ensure_future(aw)
+        try:
+            while True:
+                done, _pending = await asyncio.wait({task}, timeout=POLL_SECONDS)
+                if done:
+                    return task.result()
+                recovery = self.recovery
+                if recovery is not None and (
+                    recovery.should_stop or (recovery.in_recovery and _received_all(recovery))
+                ):
+                    raise TimeoutError  # Faust then ends the round (or stops): nothing is left to receive
+        finally:
+            # No await since the check above: a record the queue hands over now stays in the queue.
+            if not task.done():
+                task.cancel()
 
 
-async def _stable_highwaters(self: Any, partitions: Any) -> Any:
-    """Part 1. The consumer is read_committed, so ListOffsets answers the last stable offset itself."""
-    return await self._ensure_consumer().end_offsets(list(partitions))
+_poll = _RecoveryPoll()
+
+
+def _received_all(recovery: Any) -> bool:
+    """Every active changelog partition received up to its highwater (an unknown offset has not)."""
+    offsets = recovery.active_offsets
+    return all(
+        offsets.get(tp) is not None and offsets[tp] >= highwater
+        for tp, highwater in recovery.active_highwaters.items()
+    )
+
+
+class _LatchedEnd(asyncio.Event):
+    """Part 3: ``clear`` (Faust's, once per queue iteration) does nothing; ``reset`` starts a round."""
+
+    def clear(self) -> None:
+        return
+
+    def reset(self) -> None:
+        super().clear()
+
+
+def _signal_recovery_end(self: Any) -> asyncio.Event:
+    if self._signal_recovery_end is None:
+        self._signal_recovery_end = _LatchedEnd()
+    event: asyncio.Event = self._signal_recovery_end
+    return event
+
+
+_original_set_recovery_started = faust_recovery.Recovery._set_recovery_started
+
+
+def _set_recovery_started(self: Any) -> None:
+    """A round starts (Faust calls it again just before fetching): the end of the last one is past."""
+    _poll.recovery = self
+    end = _signal_recovery_end(self)
+    if isinstance(end, _LatchedEnd):
+        end.reset()
+    _original_set_recovery_started(self)
 
 
 _original_on_recovery_completed = faust_recovery.Recovery.on_recovery_completed
 
 
 async def _verified_on_recovery_completed(self: Any, generation_id: int = 0) -> None:
-    """Part 3."""
+    """Part 4."""
     if self.app.consumer_generation_id == generation_id and self.active_tps:
         tps = sorted(self.active_tps)
-        try:
-            tails = await _tails(tps)
-        except Exception as exc:  # inside Faust's recovery task an exception would only stop recovery
-            die(f"cannot check changelog recovery: {type(exc).__name__}: {exc}", exc)
+        generation, tails = getattr(self, "callmeter_tails", (None, _NO_TAILS))
+        if generation != generation_id or any((tp.topic, tp.partition) not in tails for tp in tps):
+            try:
+                tails = await _tails(tps)
+            except Exception as exc:  # inside Faust's recovery task an exception would only stop recovery
+                die(f"cannot check changelog recovery: {type(exc).__name__}: {exc}", exc)
         wrong = []
         for tp in tps:
             applied = self.tp_to_table[tp].persisted_offset(tp)
@@ -159,32 +267,81 @@ async def _verified_on_recovery_completed(self: Any, generation_id: int = 0) -> 
                 wrong.append(f"{tp.topic}/{tp.partition} applied to {applied}, committed to {last}")
         if wrong:
             die(f"changelog recovery incomplete: {'; '.join(wrong[:3])}")
-    global _skip_last_records
-    _skip_last_records = False
+        # Part 5. Faust resumes the input partitions and only then seeks them to their committed
+        # offsets: records fetched in between reached the agent before Faust knew the committed
+        # offset, and the continuity check took the log start for it (a restart without a fault).
+        await self._wait(self.app.consumer.perform_seek(), timeout=self.app.conf.broker_request_timeout)
+    global _skip_last_records, _delay_changelogs
+    _skip_last_records = _delay_changelogs = False
     await _original_on_recovery_completed(self, generation_id)
 
 
 # Fault injection (crash point ``recovery-short``): the first recovery of the process loses the last
-# record of every batch it applies, as when Faust skipped records it had fetched.
+# record of every batch it applies, as when Faust skipped records it had fetched. (``recovery-write``:
+# every write of recovered state fails, as on a full disk.)
 _skip_last_records = False
+_failing_writes = False
 _original_apply_changelog_batch = faust_rocksdb.Store.apply_changelog_batch
 
 
 def _apply_changelog_batch(self: Any, batch: Any, *args: Any, **kwargs: Any) -> None:
+    """Part 6: a batch of recovered records that cannot be written stops the process with the reason.
+    Faust only logged it ("Error in recovery ...") and tried again every half second, for ever: a full
+    disk held the worker in recovery, with the cause in a warning, until the stall watchdog."""
     if _skip_last_records:
         events = list(batch)
         last = {event.message.tp: i for i, event in enumerate(events)}
         batch = [event for i, event in enumerate(events) if i != last[event.message.tp]]
-    _original_apply_changelog_batch(self, batch, *args, **kwargs)
+    try:
+        if _failing_writes:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+        _original_apply_changelog_batch(self, batch, *args, **kwargs)
+    except Exception as exc:  # inside Faust's recovery task an exception is only logged
+        die(f"cannot write recovered table state: {type(exc).__name__}: {exc}", exc)
+
+
+# Fault injection (crash point ``changelog-late``): until the first recovery of the process completes,
+# a fetched batch holding changelog records reaches the queue 2 s after the consumer fetched it.
+LATE_SECONDS = 2.0
+_original_getmany = faust_consumer.Consumer.getmany
+
+
+async def _getmany_late(self: Any, timeout: float) -> AsyncIterator[tuple[Any, Any]]:
+    late = _delay_changelogs
+    async for tp, message in _original_getmany(self, timeout):
+        if late and tp.topic.endswith("-changelog"):
+            late = False
+            await asyncio.sleep(LATE_SECONDS)
+        yield tp, message
+
+
+_delay_changelogs = False
+
+# Fault injection (crash point ``seek-late``): every seek of the input partitions to their committed
+# offsets waits 3 s first, as on a loaded machine, while the fetcher goes on.
+_original_perform_seek = faust_consumer.Consumer.perform_seek
+
+
+async def _perform_seek_late(self: Any) -> None:
+    await asyncio.sleep(LATE_SECONDS + 1)
+    await _original_perform_seek(self)
 
 
 def install(bootstrap: str) -> None:
     """Patch Faust's recovery for this process (the stream worker's) against ``bootstrap``."""
-    global _bootstrap, _skip_last_records  # one broker per worker process
+    global _bootstrap, _skip_last_records, _delay_changelogs, _failing_writes  # one worker per process
     _bootstrap = bootstrap
     if CRASH_AT and armed("recovery-short"):
         _skip_last_records = True
-        faust_rocksdb.Store.apply_changelog_batch = _apply_changelog_batch  # type: ignore[method-assign]
-    faust_recovery.asyncio = _QuickRecoveryPoll()  # type: ignore[assignment]
-    faust_aiokafka.AIOKafkaConsumerThread._highwaters = _stable_highwaters  # type: ignore[method-assign]
+    _failing_writes = CRASH_AT.startswith("recovery-write")
+    faust_rocksdb.Store.apply_changelog_batch = _apply_changelog_batch  # type: ignore[method-assign]
+    if CRASH_AT and armed("changelog-late"):
+        _delay_changelogs = True
+        faust_consumer.Consumer.getmany = _getmany_late  # type: ignore[method-assign]
+    if CRASH_AT and armed("seek-late"):
+        faust_consumer.Consumer.perform_seek = _perform_seek_late  # type: ignore[method-assign]
+    faust_recovery.asyncio = _poll  # type: ignore[assignment]
+    faust_recovery.Recovery._build_highwaters = _committed_highwaters  # type: ignore[method-assign]
+    faust_recovery.Recovery.signal_recovery_end = property(_signal_recovery_end)  # type: ignore[assignment,method-assign]
+    faust_recovery.Recovery._set_recovery_started = _set_recovery_started  # type: ignore[method-assign]
     faust_recovery.Recovery.on_recovery_completed = _verified_on_recovery_completed  # type: ignore[method-assign]

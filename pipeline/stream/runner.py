@@ -16,7 +16,7 @@ from pathlib import Path
 
 import faust
 
-from pipeline import logfilters
+from pipeline import logfilters, runcounts
 from pipeline.errors import RetryableError
 from pipeline.idle import IdleWatch
 from pipeline.ledger.opening import open_ledger
@@ -95,8 +95,9 @@ def run_worker(
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     ledger = open_ledger(settings, catalog, catalog_text) if with_sink else None
     prepare_state_dir(settings.worker_state_dir)
-    from pipeline.stream import recovery
+    from pipeline.stream import membership, recovery
 
+    membership.install()
     recovery.install(bootstrap)
     meter = StreamApp(settings, bootstrap, catalog, serde)
     from pipeline.stream import web
@@ -104,6 +105,11 @@ def run_worker(
     web.install(meter)
     if install_routes is not None:
         install_routes(meter)  # the tenant endpoints (pipeline/tenantapi/worker_port.py)
+    meter.guard.flowing = meter.app.flow_control.is_active
+    counts_file = runcounts.stats_file()
+    if counts_file is not None:
+        runcounts.ensure_dir(counts_file)
+        meter.guard.on_commit = lambda: runcounts.write_committed(counts_file, meter.stats.to_dict())
     from pipeline.topics import ensure_internal_topics
 
     try:

@@ -40,9 +40,9 @@ step is enforced is named in brackets.
    without any commit [stream/guard.py] and ``callmeter worker`` starts a new one. RocksDB is only a
    cache of the changelogs and may still hold writes of the aborted transaction, so the worker marks a
    clean shutdown and, after an unclean one, deletes its local state and rebuilds it from the
-   changelogs (read_committed) before consuming [stream/runner.py ``prepare_state_dir``, verified by
-   stream/recovery.py]. Without this a call whose dedupe key survived in RocksDB but whose rated
-   record was aborted would be lost.
+   changelogs (read_committed) to each one's last committed record before consuming
+   [stream/runner.py ``prepare_state_dir``, verified by stream/recovery.py]. Without this a call whose
+   dedupe key survived in RocksDB but whose rated record was aborted would be lost.
 7. The ledger sink (pipeline/ledger/sink.py) reads the outputs read_committed and writes ClickHouse under
    its own numbered protocol; together no crash point loses a call or counts one twice.
 

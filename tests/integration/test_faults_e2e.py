@@ -230,3 +230,106 @@ def test_a_recovery_ending_short_of_the_changelog_is_redone(cm_env: dict[str, st
     assert (report["rated_calls"], report["billable_seconds_by_tenant"]) == (7, {"rs": 3 * 60 + 4 * 30})
     assert "changelog recovery incomplete" in proc.stderr, proc.stderr[-2000:]
     assert "restarting" in proc.stderr
+
+
+def _state_lost_then_more(cm_env: dict[str, str], tmp_path: Path, tenant: str) -> tuple[Path, Path]:
+    """A subscription and 3 calls run through, then the worker's local state is lost (a new host) and
+    4 more calls plus a copy of the first arrive: the next start rebuilds every table from its
+    changelog before it consumes them."""
+    import shutil
+
+    from tests.integration.eventfiles import call, prov, write_events
+
+    sub = prov(
+        "s", tenant, "2026-11-01T00:00:00Z", "SUBSCRIPTION_STARTED", plan_id="starter", tax_region="NONE"
+    )
+    first = [call(f"a{i}", tenant, f"2026-11-02T10:{i:02d}:00Z", 60) for i in range(3)]
+    a = write_events(tmp_path / "a.jsonl", [sub, *first])
+    callmeter(cm_env, "produce", str(a))
+    assert worker_stats(cm_env)["rated"] == 3
+    shutil.rmtree(Path(cm_env["CALLMETER_DATA_DIR"]) / "worker")
+    later = [call(f"b{i}", tenant, f"2026-11-03T10:{i:02d}:00Z", 30) for i in range(4)]
+    b = write_events(tmp_path / "b.jsonl", [*later, first[0]])
+    callmeter(cm_env, "produce", str(b))
+    return a, b
+
+
+def _assert_rebuilt_without_a_restart(cm_env: dict[str, str], proc: Any, tenant: str) -> None:
+    assert "restarting" not in proc.stderr, proc.stderr[-3000:]
+    stats = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (stats["rated"], stats["parked"], stats["duplicates"]) == (4, 0, {"call": 1}), stats
+    report = ledger_report(cm_env)
+    assert (report["rated_calls"], report["billable_seconds_by_tenant"]) == (7, {tenant: 3 * 60 + 4 * 30})
+
+
+def test_changelog_records_slow_to_reach_recovery_are_waited_for(
+    cm_env: dict[str, str], tmp_path: Path
+) -> None:
+    """On a busy machine the records a recovery fetched reach its queue seconds later. Faust's heuristic
+    then declared the partitions recovered (the consumer's position had passed their end) and ignored
+    the records still on their way; the check after recovery caught it and restarted the worker, round
+    after round until it gave up. Crash point ``changelog-late``: the first recovery's changelog
+    records arrive 2 s after they were fetched. Recovery must wait for them: no restart."""
+    _state_lost_then_more(cm_env, tmp_path, "cl")
+    proc = callmeter(dict(cm_env, CALLMETER_CRASH_AT="changelog-late:1"), "worker", "--until-idle")
+    _assert_rebuilt_without_a_restart(cm_env, proc, "cl")
+
+
+def test_input_waits_for_the_seek_to_the_committed_offsets(cm_env: dict[str, str], tmp_path: Path) -> None:
+    """After recovery Faust resumed the input partitions and only then sought them to their committed
+    offsets; records fetched in between reached the agent before Faust knew the committed offset, and
+    the continuity check stopped the worker ("offsets 0..N never handled"): a restart with no fault, on
+    the first start of two processes in the demo. Crash point ``seek-late``: every seek waits 3 s."""
+    _state_lost_then_more(cm_env, tmp_path, "sk")
+    proc = callmeter(dict(cm_env, CALLMETER_CRASH_AT="seek-late:1"), "worker", "--until-idle")
+    _assert_rebuilt_without_a_restart(cm_env, proc, "sk")
+
+
+def test_a_slow_assignment_keeps_the_worker_in_its_group(cm_env: dict[str, str], tmp_path: Path) -> None:
+    """On a busy machine Faust's work on an assignment (a producer per partition, a database per table
+    partition) took longer than the 10 s session timeout, during which aiokafka sent no heartbeat: the
+    broker dropped the member ("local member_id was not recognized"), the group rebalanced again, the
+    next assignment was as slow: rebalance storms and a 124 s stall until the watchdog. Crash point
+    ``assign-slow``: every assignment of the first process takes 12 s longer. The worker must stay in
+    its group and finish without a restart."""
+    events = _month(tmp_path, seed=27)
+    callmeter(cm_env, "produce", str(events))
+    env = dict(cm_env, CALLMETER_CRASH_AT="assign-slow:1", CALLMETER_STALL_TIMEOUT_SECONDS="30")
+    proc = callmeter(env, "worker", "--until-idle", timeout=600)
+    assert "member_id was not recognized" not in proc.stderr, proc.stderr[-3000:]
+    assert "restarting" not in proc.stderr, proc.stderr[-3000:]
+    assert_every_event_once(cm_env, events)
+
+
+def test_a_full_disk_during_recovery_stops_the_worker_and_says_so(
+    cm_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Recovered records that cannot be written (the disk is full) were only logged by Faust, which
+    tried again every half second: the worker stayed in recovery, with "No space left on device" in a
+    warning, until the stall watchdog stopped it for "no input committed". Crash point
+    ``recovery-write``: every write of recovered state fails in the first process. It must stop at
+    once naming the cause, and its replacement finish the run."""
+    _state_lost_then_more(cm_env, tmp_path, "df")
+    env = dict(cm_env, CALLMETER_CRASH_AT="recovery-write:1", CALLMETER_STALL_TIMEOUT_SECONDS="10")
+    proc = callmeter(env, "worker", "--until-idle")
+    reasons = [line for line in proc.stderr.splitlines() if line.startswith("callmeter: error:")]
+    assert len(reasons) == 1, proc.stderr[-3000:]
+    assert "cannot write recovered table state" in reasons[0], reasons
+    assert "No space left on device" in reasons[0], reasons
+    assert proc.stderr.count("restarting in") == 1, proc.stderr[-3000:]
+    stats = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (stats["rated"], stats["parked"], stats["duplicates"]) == (4, 0, {"call": 1}), stats
+    report = ledger_report(cm_env)
+    assert (report["rated_calls"], report["billable_seconds_by_tenant"]) == (7, {"df": 3 * 60 + 4 * 30})
+
+
+def test_a_commit_held_up_past_ten_seconds_is_not_a_fault(cm_env: dict[str, str], tmp_path: Path) -> None:
+    """On a busy machine Faust's commit timer wakes seconds late and a commit waits for the event in
+    hand: transactions lived past the 10 s transaction timeout, the broker aborted them, and the worker
+    restarted (a SIGKILL storm in make chaos-busy restarted once more than it was killed). Crash point
+    ``commit-late``: the first commit with events to commit waits 12 s. No restart."""
+    events = _month(tmp_path, seed=65)
+    callmeter(cm_env, "produce", str(events))
+    proc = callmeter(dict(cm_env, CALLMETER_CRASH_AT="commit-late:1"), "worker", "--until-idle")
+    assert "restarting" not in proc.stderr, proc.stderr[-3000:]
+    assert_every_event_once(cm_env, events)

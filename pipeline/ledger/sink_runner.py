@@ -28,8 +28,8 @@ from typing import Any
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
-from pipeline import metrics, runcounts
-from pipeline.errors import PipelineError, RetryableError
+from pipeline import runcounts
+from pipeline.errors import RetryableError
 from pipeline.identity import remember_cluster_id
 from pipeline.idle import IdleWatch
 from pipeline.ledger.opening import open_ledger

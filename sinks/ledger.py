@@ -280,7 +280,7 @@ class Ledger:
         )
         return {tenant: int(seconds) for tenant, seconds in rows}
 
-    # -- catalog revisions, final invoices, adjustments (issue 4) -------------------------------------
+    # -- catalog revisions, final invoices, adjustments -------------------------------------------
     def max_catalog_revision(self) -> int:
         rows = self.query(
             "SELECT greatest((SELECT max(revision) FROM catalogs), "

@@ -76,7 +76,7 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         3,
         "rating corrections and each call's current rating",
         [
-            # The invoice job rates every call against the tenant's whole provisioning history (issue 8).
+            # The invoice job rates every call against the tenant's whole provisioning history.
             # Where that differs from the stream's rating (provisioning consumed after the call), it
             # appends a correction here; nothing in rated_calls is edited. period_start is NULL when no
             # subscription covers the call any more (billable 0).

@@ -4,7 +4,7 @@ It reads only deduplicated facts (provisioning through FINAL, each call's curren
 argMax by catalog revision) and leaves every pricing rule to ``rating/`` — the same functions the
 reference batch computation in tests uses, so the pipeline and the reference cannot drift apart.
 
-Final invoices (issue 4, docs/decisions.md "Final invoices and adjustments"):
+Final invoices (docs/decisions.md "Final invoices and adjustments"):
 - ``--finalize``, or the settlement window after the period end having passed, makes an invoice final.
   A final invoice is never recomputed or rewritten: re-running the job writes its stored text again.
 - When a replay (a higher catalog revision) or a late call changes what a final invoice F should have
@@ -137,7 +137,7 @@ def stage_corrections(
 ) -> int:
     """Append a ``rating_corrections`` row (flushed with the invoices) for every call whose rating
     against the whole timeline differs from its current rating in the ledger: the stream rated it
-    before provisioning that governs it was consumed (issue 8). Rows are added, never edited; a re-run
+    before provisioning that governs it was consumed. Rows are added, never edited; a re-run
     finds the corrections already current and adds nothing. Only for calls whose current rating was
     made with this catalog revision: a newer catalog is a replay's business."""
     staged = 0

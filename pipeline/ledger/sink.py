@@ -79,7 +79,7 @@ class LedgerSink:
             }
         )
         self.error: BaseException | None = None
-        # Periods with a final invoice: a call rated into one is late (issue 4). Refreshed every 10 s.
+        # Periods with a final invoice: a call rated into one is late. Refreshed every 10 s.
         self._finalized: set[tuple[str, datetime]] = set()
         self._finalized_at = 0.0
         self.rows_written = 0

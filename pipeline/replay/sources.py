@@ -1,4 +1,4 @@
-"""Where `callmeter replay` reads its calls (step 2 of commands/replay.py's protocol), as ``CallFacts``.
+"""Where `callmeter replay` reads its calls (step 2 of replay/job.py's protocol), as ``CallFacts``.
 
 A replay reads a month of calls, so the hot path builds no datetimes and no CallEvent: Avro is decoded
 with the logical types stripped from the writer schema (timestamps stay integer epoch millis), and the

@@ -13,8 +13,6 @@ import logging
 import threading
 from typing import Any
 
-import faust
-
 from pipeline import metrics
 from pipeline.crashpoints import CRASH_AT as _CRASH_AT
 from pipeline.crashpoints import acrash_point
@@ -22,11 +20,12 @@ from pipeline.identity import describe
 from pipeline.ledger.health import running_sink_status
 from pipeline.partitioning import partition_for
 from pipeline.settings import Settings
-from pipeline.stream import fencing  # noqa: F401 - patches Faust's transactional producer start
+from pipeline.stream import faust_patches
 from pipeline.stream.balances import BalanceBook
 from pipeline.stream.continuity import CommittedReader, Continuity
 from pipeline.stream.dedupe import DedupeIndex
 from pipeline.stream.emitter import Emitter, faust_send
+from pipeline.stream.faust_seams import CONFIGURED_CLASSES, MeterApp
 from pipeline.stream.guard import CommitGuard
 from pipeline.stream.parking import ParkingLot
 from pipeline.stream.source import SourceRecord
@@ -46,9 +45,13 @@ _ROCKSDICT = {"driver": "rocksdict"}
 TABLES = ("seen", "tenants", "parked", "balances", "alerted")
 
 
-def build_app(settings: Settings, bootstrap: str) -> faust.App:
-    return faust.App(
+def build_app(settings: Settings, bootstrap: str) -> MeterApp:
+    """The worker's Faust app, built from the classes of stream/faust_seams.py once Faust is checked
+    to be the one they extend (stream/faust_patches.py)."""
+    faust_patches.install()
+    app = MeterApp(
         settings.app_id,
+        **CONFIGURED_CLASSES,
         broker=f"kafka://{bootstrap}",
         store="rocksdb://",
         processing_guarantee="exactly_once",
@@ -70,6 +73,8 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
         stream_wait_empty=False,
         producer_linger_ms=settings.producer_linger_ms,
     )
+    app.bootstrap = bootstrap
+    return app
 
 
 class StreamApp:
@@ -116,9 +121,9 @@ class StreamApp:
         # ERROR records of the Kafka/Faust client libraries seen during this run (see run_worker).
         self.faults = 0
         count_faults(self, ("faust", "aiokafka", "mode"))
-        app.callmeter_guard = self.guard  # type: ignore[attr-defined]
-        app.callmeter_sweep_for = self._sweep_for  # type: ignore[attr-defined]
-        app.callmeter_before_commit = self.parts.book.flush  # type: ignore[attr-defined]
+        app.guard = self.guard
+        app.sweep_for = self._sweep_for
+        app.before_commit = self.parts.book.flush
         app.agent(self.source, name="meter")(self._agent)
         # Set once recovery is done and the agent consumes (runner.py).
         self.ready = threading.Event()

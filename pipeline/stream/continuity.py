@@ -39,7 +39,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import faust.transport.consumer as faust_consumer
 from confluent_kafka import Consumer, TopicPartition
 
 from pipeline import metrics
@@ -122,7 +121,7 @@ class Continuity:
         """True when the event is to be handled; False for a redelivered one (step 3) or one taken
         before a rebalance began (step 0). Stops the process on a hole that holds committed records
         (step 4)."""
-        guard = getattr(getattr(self._faust_consumer(), "app", None), "callmeter_guard", None)
+        guard = getattr(getattr(self._faust_consumer(), "app", None), "guard", None)
         if guard is not None and not guard.current:  # step 0
             self.stale += 1
             log.info("%s/%d@%d taken before a rebalance: left to its next owner", topic, partition, offset)
@@ -167,12 +166,14 @@ class Continuity:
 
 
 # -- fault injection: ``consumer-skip:n`` ----------------------------------------------------------------
-_original_getmany = faust_consumer.Consumer.getmany
+_skips_calls = CRASH_AT.startswith("consumer-skip")
 
 
-async def _getmany_skipping(self: Any, timeout: float) -> AsyncIterator[tuple[Any, Any]]:
-    async for tp, message in _original_getmany(self, timeout):
-        if tp.topic.endswith("calls") and armed("consumer-skip"):
+async def skipping_calls(messages: AsyncIterator[tuple[Any, Any]]) -> AsyncIterator[tuple[Any, Any]]:
+    """``consumer-skip:n`` around Faust's ``Consumer.getmany`` (stream/faust_seams.py): the n-th fetched
+    ``calls`` record never reaches the agent."""
+    async for tp, message in messages:
+        if _skips_calls and tp.topic.endswith("calls") and armed("consumer-skip"):
             log.warning(
                 "fault injected: %s/%d offset %d dropped before the agent",
                 tp.topic,
@@ -181,7 +182,3 @@ async def _getmany_skipping(self: Any, timeout: float) -> AsyncIterator[tuple[An
             )
             continue
         yield tp, message
-
-
-if CRASH_AT.startswith("consumer-skip"):
-    faust_consumer.Consumer.getmany = _getmany_skipping  # type: ignore[method-assign]

@@ -1,4 +1,4 @@
-"""Closes what a previous owner of a partition left open before this worker writes to it (issue 10 chaos).
+"""Closes what a previous owner of a partition left open before this worker writes to it.
 
 Each input partition P has one transactional id (``{app}-{group}-{P}``), so every worker that ever owned P
 writes as the same Kafka producer id, with a new epoch per start. Seen in ``make chaos`` (broker killed
@@ -7,8 +7,8 @@ later *committed by its replacement*. After the restart the transaction coordina
 transaction any more, so neither the timeout nor the replacement's InitProducerId aborted it: its records
 stayed open on the output and changelog partitions under the same producer id, and the replacement's first
 commit marker on each partition closed them as committed, outputs of events whose offsets were never
-committed. The events were then processed a second time: 131 rated records and 8 Duplicate records
-twice in the topics (the ledger took the rated records once, the duplicates twice).
+committed. The events were then processed a second time, so their records were in the topics twice
+(docs/decisions.md has the incident).
 
 Protocol, for every transactional producer this worker starts (on each assignment, before recovery
 reads the changelogs and before any event):
@@ -34,10 +34,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-import faust.transport.consumer as faust_consumer
 from aiokafka.structs import TopicPartition
 
 from pipeline.stream.guard import die
@@ -65,17 +64,17 @@ async def abort_strays(
     await producer.abort_transaction()
 
 
-_original_start_transactions = faust_consumer.TransactionManager._start_transactions
-
-
-async def _start_transactions_closing_strays(self: Any, tids: Iterable[str]) -> None:
-    sweep_for: SweepFor | None = getattr(self.app, "callmeter_sweep_for", None)
-    tids = list(tids)
-    known = self.producer._transaction_producers
+async def start_closing_strays(
+    manager: Any, tids: list[str], start: Callable[[Iterable[str]], Awaitable[None]]
+) -> None:
+    """Steps 1-4 for the ids Faust's ``TransactionManager._start_transactions`` (``start``) starts
+    (overridden in stream/faust_seams.py)."""
+    sweep_for: SweepFor | None = manager.app.sweep_for
+    known = manager.producer._transaction_producers
     # Only producers started now. One kept across a rebalance (Faust "starts" every assigned id again)
     # is this worker's own session, and its open transaction may hold events already handled.
     fresh = [tid for tid in tids if tid not in known]
-    await _original_start_transactions(self, tids)
+    await start(tids)
     if sweep_for is None:
         return
     for tid in fresh:
@@ -88,12 +87,9 @@ async def _start_transactions_closing_strays(self: Any, tids: Iterable[str]) -> 
             die(f"the transactional producer {tid} did not start (see the warning above)")
         try:
             await asyncio.wait_for(
-                abort_strays(producer, partition, outputs, inputs, self.app.conf.id), SWEEP_TIMEOUT_SECONDS
+                abort_strays(producer, partition, outputs, inputs, manager.app.conf.id), SWEEP_TIMEOUT_SECONDS
             )
             await producer.begin_transaction()
         except Exception as exc:  # the producer's state is unknown: restart rather than write through it
             die(f"closing what {tid} left open failed: {type(exc).__name__}: {exc}", exc)
     log.info("closed stray transactions of %d producers", len(fresh))
-
-
-faust_consumer.TransactionManager._start_transactions = _start_transactions_closing_strays  # type: ignore[method-assign]

@@ -3,28 +3,29 @@
 Faust commits each partition's transaction on a timer, at a rebalance and at shutdown, from the same
 event loop as the agent. The agent awaits between its state writes and its sends (a full producer
 buffer suspends it), so without a guard a commit could land *between* them: the dedupe key committed,
-the rated record not, and a crash before the next commit loses the call (issue 9). The guard makes
-each event one critical section with respect to commits:
+the rated record not, and a crash before the next commit loses the call. The guard makes each event
+one critical section with respect to commits (the Faust methods it runs in are overridden in
+stream/faust_seams.py):
 
 1. ``CommitGuard.batch()`` holds an asyncio lock while a batch of events is handled, and acks them
    before releasing it, so a commit sees either all of an event (writes, outputs, offset) or none.
-2. Every Faust commit (``Consumer.force_commit``) takes the same lock first, lets the worker write what
-   it writes once per commit (``app.callmeter_before_commit``: the balances), then drains Faust's buffer
-   of table writes into the transaction (``_drain_table_writes``: Faust itself does not).
-3. A rebalance commits every transaction before partitions are revoked (``_commit_then_revoke``).
+2. Every Faust commit (``Consumer.force_commit``, ``guarded_commit``) takes the same lock first, lets
+   the worker write what it writes once per commit (``MeterApp.before_commit``: the balances), then
+   drains Faust's buffer of table writes into the transaction (``_drain_table_writes``: Faust itself
+   does not).
+3. A rebalance commits every transaction before partitions are revoked (``commit_then_revoke``).
    An event the agent took before the rebalance and that waited for the lock during that commit is
    not handled and not acked (``CommitGuard.current``, checked by stream/continuity.py): handled after
    the commit, its records went into a transaction no commit would close before the partitions were
    reassigned. On a partition the worker kept, the event came again after the rebalance and was
    handled a second time (a duplicate of itself), and the transaction holding both either committed
    them together or, on a busy machine, outlived the transaction timeout and stopped the worker.
-4. An exception (or a cancellation) in the middle of an event, or a send that failed for good,
-   *poisons* the guard: no commit happens
-   after that, and the process leaves at once with ``EXIT_RETRY`` without writing its clean-shutdown
-   marker. The open transactions are aborted by the broker when the next worker's producers fence them
-   (same transactional ids), and the next start rebuilds local state from the changelogs, exactly as
-   after a SIGKILL. Faust's own behaviour, restarting the agent and committing later offsets, is what
-   lost calls before.
+4. An exception (or a cancellation) in the middle of an event, or a send that failed for good
+   (``check_published``), *poisons* the guard: no commit happens after that, and the process leaves
+   at once with ``EXIT_RETRY`` without writing its clean-shutdown marker. The open transactions are
+   aborted by the broker when the next worker's producers fence them (same transactional ids), and
+   the next start rebuilds local state from the changelogs, exactly as after a SIGKILL. Faust's own
+   behaviour, restarting the agent and committing later offsets, is what lost calls before.
 """
 
 from __future__ import annotations
@@ -34,12 +35,8 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
-
-import faust.topics as faust_topics
-import faust.transport.consumer as faust_consumer
-import faust.transport.drivers.aiokafka as faust_aiokafka
 
 from pipeline.crashpoints import CRASH_AT, armed, crash_point
 
@@ -97,9 +94,6 @@ def die(reason: str, exc: BaseException | None = None) -> None:
     os._exit(EXIT_RETRY)
 
 
-_original_force_commit = faust_consumer.Consumer.force_commit
-
-
 async def _drain_table_writes(app: Any) -> None:
     """Hand every buffered table write to its transactional producer before the commit.
 
@@ -137,24 +131,28 @@ def _buffer_task_idle(buffer: Any) -> bool:
     return bool(buffer.pending._getters) or buffer.state != "running"
 
 
-async def _guarded_force_commit(self: Any, *args: Any, **kwargs: Any) -> bool:
-    guard: CommitGuard | None = getattr(self.app, "callmeter_guard", None)
+async def guarded_commit(
+    consumer: Any, commit: Callable[..., Awaitable[bool]], *args: Any, **kwargs: Any
+) -> bool:
+    """Step 2: Faust's ``Consumer.force_commit`` (``commit``) under the guard (faust_seams.py)."""
+    guard: CommitGuard | None = consumer.app.guard
     if guard is None:
-        return bool(await _original_force_commit(self, *args, **kwargs))
+        return bool(await commit(*args, **kwargs))
     async with guard.lock:
         if guard.poisoned:
             return False
-        if _commits_late and any(True for _ in self._filter_tps_with_pending_acks()) and armed("commit-late"):
+        pending = _commits_late and any(True for _ in consumer._filter_tps_with_pending_acks())
+        if pending and armed("commit-late"):
             await asyncio.sleep(COMMIT_LATE_SECONDS)  # fault injection: a commit held up 12 s
-        before_commit = getattr(self.app, "callmeter_before_commit", None)
+        before_commit = consumer.app.before_commit
         try:
             if before_commit is not None:
                 before_commit()
-            await _drain_table_writes(self.app)
+            await _drain_table_writes(consumer.app)
         except Exception as exc:  # the transaction would commit without state it must hold
             guard.poisoned = True
             die(f"could not prepare a commit: {type(exc).__name__}: {exc}", exc)
-        committed = bool(await _original_force_commit(self, *args, **kwargs))
+        committed = bool(await commit(*args, **kwargs))
         if committed and guard.on_commit is not None:
             guard.on_commit()  # still under the lock: exactly the events this commit made visible
         if CRASH_AT and committed:
@@ -162,13 +160,9 @@ async def _guarded_force_commit(self: Any, *args: Any, **kwargs: Any) -> bool:
         return committed
 
 
-faust_consumer.Consumer.force_commit = _guarded_force_commit  # type: ignore[method-assign]
-
-_original_on_partitions_revoked = faust_consumer.Consumer.on_partitions_revoked
-
-
-async def _commit_then_revoke(self: Any, revoked: Any) -> None:
-    """Step 3 of the protocol: commit every transaction before a rebalance takes partitions away.
+async def commit_then_revoke(consumer: Any, revoked: Any, revoke: Callable[[Any], Awaitable[None]]) -> None:
+    """Step 3 of the protocol: commit every transaction before a rebalance takes partitions away
+    (``revoke`` is Faust's ``Consumer.on_partitions_revoked``).
 
     Under ``exactly_once`` Faust forgets the acked offsets of revoked partitions and stops their
     transactional producers without committing (the next owner fences them and the broker aborts the
@@ -178,17 +172,15 @@ async def _commit_then_revoke(self: Any, revoked: Any) -> None:
     leaves nothing in flight: the next owner starts exactly where this worker stopped, and the local
     state of every partition matches what was committed. (The eager protocol revokes every partition
     at each rebalance, so this is one commit per rebalance.)"""
-    guard: CommitGuard | None = getattr(self.app, "callmeter_guard", None)
-    if guard is not None and not guard.poisoned and self.app.in_transaction:
+    guard: CommitGuard | None = consumer.app.guard
+    if guard is not None and not guard.poisoned and consumer.app.in_transaction:
         try:
-            await self.force_commit()
+            await consumer.force_commit()
         except Exception as exc:  # a commit that fails here must not leave the state half-trusted
             guard.poisoned = True
             die(f"commit before a rebalance failed: {type(exc).__name__}: {exc}", exc)
-    await _original_on_partitions_revoked(self, revoked)
+    await revoke(revoked)
 
-
-faust_consumer.Consumer.on_partitions_revoked = _commit_then_revoke  # type: ignore[method-assign]
 
 # How long the broker lets a transaction stay open before it aborts it (and fences its producer). A
 # transaction lasts about one commit interval (1 s) on a quiet machine, but on a busy one Faust's commit
@@ -203,35 +195,27 @@ faust_consumer.Consumer.on_partitions_revoked = _commit_then_revoke  # type: ign
 TRANSACTION_TIMEOUT_MS = 60_000
 COMMIT_LATE_SECONDS = 12.0
 _commits_late = CRASH_AT.startswith("commit-late")
-_original_settings_extra = faust_aiokafka.Producer._settings_extra
 
 
-def _settings_extra(self: Any) -> Any:
-    extra = dict(_original_settings_extra(self))
-    if self.app.in_transaction:
-        extra["transaction_timeout_ms"] = TRANSACTION_TIMEOUT_MS
-    return extra
+def with_transaction_timeout(app: Any, extra: Mapping[str, Any]) -> dict[str, Any]:
+    """Faust's producer settings (``Producer._settings_extra``) with the transaction timeout above."""
+    settings = dict(extra)
+    if app.in_transaction:
+        settings["transaction_timeout_ms"] = TRANSACTION_TIMEOUT_MS
+    return settings
 
 
-faust_aiokafka.Producer._settings_extra = _settings_extra  # type: ignore[method-assign]
-
-_original_on_published = faust_topics.Topic._on_published
-
-
-def _on_published_or_die(self: Any, fut: Any, message: Any, producer: Any, state: Any) -> None:
-    """A send that failed for good (fenced after a broker loss, delivery timed out) stops the process.
+def check_published(app: Any, fut: Any, message: Any) -> None:
+    """Step 4 for a send that failed for good (fenced after a broker loss, delivery timed out): the
+    process stops. Called after Faust's ``Topic._on_published``.
 
     Under ``exactly_once`` every output and changelog record belongs to its partition's transaction: one
     lost leaves the transaction unfit to commit. Faust only logged it, and the agent then waited without
     end on a producer buffer that never drained (make chaos, broker killed -9: two minutes until the
-    stall watchdog). Leaving at once (step 4) restarts from the last commit instead."""
-    _original_on_published(self, fut, message, producer, state)
-    guard: CommitGuard | None = getattr(self.app, "callmeter_guard", None)
+    stall watchdog). Leaving at once restarts from the last commit instead."""
+    guard: CommitGuard | None = app.guard
     if guard is None or fut.cancelled() or fut.exception() is None:
         return
     guard.poisoned = True
     exc = fut.exception()
     die(f"a send to {message.message.channel.get_topic_name()} failed: {type(exc).__name__}: {exc}")
-
-
-faust_topics.Topic._on_published = _on_published_or_die  # type: ignore[method-assign]

@@ -13,9 +13,10 @@ heuristic declared partitions done with their records still on the way: the reco
 it were ignored as already seen. Worse, Faust keeps that verdict across a rebalance that leaves the
 partition with the worker, so every later round in the process skipped the partition entirely: the
 ``alerted`` and ``balances`` changelogs were "applied to None" round after round, and the worker gave
-up after 6 restarts (make chaos-busy, state loss plus resend). Six parts:
+up after 6 restarts (make chaos-busy, state loss plus resend). Six parts (each runs in an override of
+Faust's ``Recovery``, ``Store`` or ``Consumer`` in stream/faust_seams.py, part 2 in faust_patches.py):
 
-1. ``_committed_highwaters``: each round's highwater is the offset of the last record of a committed
+1. ``committed_highwaters``: each round's highwater is the offset of the last record of a committed
    transaction in each changelog partition (read from the partition's tail, read_committed, by
    ``committed_tails``; the log start minus one when there is none), so Faust's own "received up to
    the highwater" test ends recovery with the last committed record, never earlier. Local state past
@@ -30,7 +31,7 @@ up after 6 restarts (make chaos-busy, state loss plus resend). Six parts:
    and could be set and cleared again before the round started waiting for it: the worker then never
    resumed its input (why a highwater at the last record was once tried and reverted). The signal now
    stays set until the next round starts.
-4. ``_verified_on_recovery_completed``: before the worker resumes its input, every assigned changelog
+4. ``verify_completed``: before the worker resumes its input, every assigned changelog
    partition must have been applied exactly up to its last committed record (the store's persisted
    offset against the tails of part 1). Otherwise the process stops with ``EXIT_RETRY`` and without its
    clean-shutdown marker, so the next start rebuilds the state from the changelogs: a restart, never a
@@ -56,12 +57,9 @@ import asyncio
 import errno
 import os
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
-import faust.stores.rocksdb as faust_rocksdb
-import faust.tables.recovery as faust_recovery
-import faust.transport.consumer as faust_consumer
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from pipeline.crashpoints import CRASH_AT, armed
@@ -69,7 +67,6 @@ from pipeline.errors import RetryableError
 from pipeline.stream.guard import die
 
 TP = tuple[str, int]
-_bootstrap = ""
 
 
 def committed_tails(
@@ -138,22 +135,17 @@ def _read_to_end(consumer: Consumer, starts: dict[TP, int], deadline: float) -> 
     return last
 
 
-async def _tails(tps: Iterable[Any]) -> dict[TP, tuple[int, int | None]]:
+async def _tails(bootstrap: str, tps: Iterable[Any]) -> dict[TP, tuple[int, int | None]]:
     keys = [(tp.topic, tp.partition) for tp in tps]
-    return await asyncio.get_running_loop().run_in_executor(None, committed_tails, _bootstrap, keys)
+    return await asyncio.get_running_loop().run_in_executor(None, committed_tails, bootstrap, keys)
 
 
-_original_build_highwaters = faust_recovery.Recovery._build_highwaters
-
-
-async def _committed_highwaters(self: Any, consumer: Any, tps: Any, destination: Any, title: str) -> None:
-    """Part 1 (active partitions; standby ones, which this worker never has, keep Faust's)."""
-    if title != "active":
-        await _original_build_highwaters(self, consumer, tps, destination, title)
-        return
-    generation = self._generation_id
+async def committed_highwaters(recovery: Any, tps: Any, destination: Any, title: str) -> None:
+    """Part 1, for the active partitions (Faust's ``Recovery._build_highwaters``, overridden in
+    stream/faust_seams.py; standby partitions, which this worker never has, keep Faust's)."""
+    generation = recovery._generation_id
     try:
-        tails = await _tails(sorted(tps))
+        tails = await _tails(recovery.app.bootstrap, sorted(tps))
     except Exception as exc:  # inside Faust's recovery task an exception would only stop recovery
         die(f"cannot read the ends of the changelogs: {type(exc).__name__}: {exc}", exc)
     ahead = []
@@ -161,7 +153,7 @@ async def _committed_highwaters(self: Any, consumer: Any, tps: Any, destination:
     for tp in tps:
         low, last = tails[(tp.topic, tp.partition)]
         ends[tp] = last if last is not None else low - 1
-        applied = self.tp_to_table[tp].persisted_offset(tp)
+        applied = recovery.tp_to_table[tp].persisted_offset(tp)
         if applied is not None and applied > ends[tp]:
             ahead.append(f"{tp.topic}/{tp.partition} applied to {applied}, committed to {last}")
     if ahead:
@@ -169,9 +161,9 @@ async def _committed_highwaters(self: Any, consumer: Any, tps: Any, destination:
     # Replaced in one step (no await in between): the queue task reads them after every record.
     destination.clear()
     destination.update(ends)
-    self.callmeter_tails = (generation, tails)
-    self.log.info(
-        "Highwater for active changelog partitions:\n%s", self._highwater_logtable(ends, title=title)
+    recovery.callmeter_tails = (generation, tails)
+    recovery.log.info(
+        "Highwater for active changelog partitions:\n%s", recovery._highwater_logtable(ends, title=title)
     )
 
 
@@ -205,7 +197,8 @@ class _RecoveryPoll:
                 task.cancel()
 
 
-_poll = _RecoveryPoll()
+# Faust's recovery module sees this as its ``asyncio`` (stream/faust_patches.py: there is no seam).
+poll = _RecoveryPoll()
 
 
 def _received_all(recovery: Any) -> bool:
@@ -227,41 +220,38 @@ class _LatchedEnd(asyncio.Event):
         super().clear()
 
 
-def _signal_recovery_end(self: Any) -> asyncio.Event:
-    if self._signal_recovery_end is None:
-        self._signal_recovery_end = _LatchedEnd()
-    event: asyncio.Event = self._signal_recovery_end
+def latched_end(recovery: Any) -> asyncio.Event:
+    """Part 3: Faust's ``Recovery.signal_recovery_end``, a ``_LatchedEnd``."""
+    if recovery._signal_recovery_end is None:
+        recovery._signal_recovery_end = _LatchedEnd()
+    event: asyncio.Event = recovery._signal_recovery_end
     return event
 
 
-_original_set_recovery_started = faust_recovery.Recovery._set_recovery_started
-
-
-def _set_recovery_started(self: Any) -> None:
-    """A round starts (Faust calls it again just before fetching): the end of the last one is past."""
-    _poll.recovery = self
-    end = _signal_recovery_end(self)
+def round_started(recovery: Any) -> None:
+    """A round starts (Faust calls ``_set_recovery_started`` again just before fetching): the end of
+    the last one is past, and part 2's poll watches this recovery."""
+    poll.recovery = recovery
+    end = latched_end(recovery)
     if isinstance(end, _LatchedEnd):
         end.reset()
-    _original_set_recovery_started(self)
 
 
-_original_on_recovery_completed = faust_recovery.Recovery.on_recovery_completed
-
-
-async def _verified_on_recovery_completed(self: Any, generation_id: int = 0) -> None:
-    """Part 4."""
-    if self.app.consumer_generation_id == generation_id and self.active_tps:
-        tps = sorted(self.active_tps)
-        generation, tails = getattr(self, "callmeter_tails", (None, _NO_TAILS))
+async def verify_completed(recovery: Any, generation_id: int) -> None:
+    """Parts 4 and 5, before Faust's ``Recovery.on_recovery_completed`` resumes the input."""
+    global _skip_last_records, _delay_changelogs
+    app = recovery.app
+    if app.consumer_generation_id == generation_id and recovery.active_tps:
+        tps = sorted(recovery.active_tps)
+        generation, tails = getattr(recovery, "callmeter_tails", (None, _NO_TAILS))
         if generation != generation_id or any((tp.topic, tp.partition) not in tails for tp in tps):
             try:
-                tails = await _tails(tps)
+                tails = await _tails(app.bootstrap, tps)
             except Exception as exc:  # inside Faust's recovery task an exception would only stop recovery
                 die(f"cannot check changelog recovery: {type(exc).__name__}: {exc}", exc)
         wrong = []
         for tp in tps:
-            applied = self.tp_to_table[tp].persisted_offset(tp)
+            applied = recovery.tp_to_table[tp].persisted_offset(tp)
             last = tails[(tp.topic, tp.partition)][1]
             if applied != last:
                 wrong.append(f"{tp.topic}/{tp.partition} applied to {applied}, committed to {last}")
@@ -270,78 +260,47 @@ async def _verified_on_recovery_completed(self: Any, generation_id: int = 0) -> 
         # Part 5. Faust resumes the input partitions and only then seeks them to their committed
         # offsets: records fetched in between reached the agent before Faust knew the committed
         # offset, and the continuity check took the log start for it (a restart without a fault).
-        await self._wait(self.app.consumer.perform_seek(), timeout=self.app.conf.broker_request_timeout)
-    global _skip_last_records, _delay_changelogs
+        await recovery._wait(app.consumer.perform_seek(), timeout=app.conf.broker_request_timeout)
     _skip_last_records = _delay_changelogs = False
-    await _original_on_recovery_completed(self, generation_id)
 
 
 # Fault injection (crash point ``recovery-short``): the first recovery of the process loses the last
 # record of every batch it applies, as when Faust skipped records it had fetched. (``recovery-write``:
 # every write of recovered state fails, as on a full disk.)
-_skip_last_records = False
-_failing_writes = False
-_original_apply_changelog_batch = faust_rocksdb.Store.apply_changelog_batch
+_skip_last_records = bool(CRASH_AT) and armed("recovery-short")
+_failing_writes = CRASH_AT.startswith("recovery-write")
 
 
-def _apply_changelog_batch(self: Any, batch: Any, *args: Any, **kwargs: Any) -> None:
-    """Part 6: a batch of recovered records that cannot be written stops the process with the reason.
-    Faust only logged it ("Error in recovery ...") and tried again every half second, for ever: a full
-    disk held the worker in recovery, with the cause in a warning, until the stall watchdog."""
+def apply_or_die(store: Any, batch: Any, apply: Callable[[Any], None]) -> None:
+    """Part 6, around Faust's ``Store.apply_changelog_batch`` (``apply``): a batch of recovered records
+    that cannot be written stops the process with the reason. Faust only logged it ("Error in recovery
+    ...") and tried again every half second, for ever: a full disk held the worker in recovery, with
+    the cause in a warning, until the stall watchdog."""
     if _skip_last_records:
         events = list(batch)
         last = {event.message.tp: i for i, event in enumerate(events)}
         batch = [event for i, event in enumerate(events) if i != last[event.message.tp]]
     try:
         if _failing_writes:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
-        _original_apply_changelog_batch(self, batch, *args, **kwargs)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(store.path))
+        apply(batch)
     except Exception as exc:  # inside Faust's recovery task an exception is only logged
         die(f"cannot write recovered table state: {type(exc).__name__}: {exc}", exc)
 
 
 # Fault injection (crash point ``changelog-late``): until the first recovery of the process completes,
 # a fetched batch holding changelog records reaches the queue 2 s after the consumer fetched it.
+# (``seek-late``: every seek of the input partitions to their committed offsets waits 3 s first, as on
+# a loaded machine, while the fetcher goes on: stream/faust_seams.py.)
 LATE_SECONDS = 2.0
-_original_getmany = faust_consumer.Consumer.getmany
+_delay_changelogs = bool(CRASH_AT) and armed("changelog-late")
 
 
-async def _getmany_late(self: Any, timeout: float) -> AsyncIterator[tuple[Any, Any]]:
+async def changelogs_late(messages: AsyncIterator[tuple[Any, Any]]) -> AsyncIterator[tuple[Any, Any]]:
+    """``changelog-late`` around Faust's ``Consumer.getmany``."""
     late = _delay_changelogs
-    async for tp, message in _original_getmany(self, timeout):
+    async for tp, message in messages:
         if late and tp.topic.endswith("-changelog"):
             late = False
             await asyncio.sleep(LATE_SECONDS)
         yield tp, message
-
-
-_delay_changelogs = False
-
-# Fault injection (crash point ``seek-late``): every seek of the input partitions to their committed
-# offsets waits 3 s first, as on a loaded machine, while the fetcher goes on.
-_original_perform_seek = faust_consumer.Consumer.perform_seek
-
-
-async def _perform_seek_late(self: Any) -> None:
-    await asyncio.sleep(LATE_SECONDS + 1)
-    await _original_perform_seek(self)
-
-
-def install(bootstrap: str) -> None:
-    """Patch Faust's recovery for this process (the stream worker's) against ``bootstrap``."""
-    global _bootstrap, _skip_last_records, _delay_changelogs, _failing_writes  # one worker per process
-    _bootstrap = bootstrap
-    if CRASH_AT and armed("recovery-short"):
-        _skip_last_records = True
-    _failing_writes = CRASH_AT.startswith("recovery-write")
-    faust_rocksdb.Store.apply_changelog_batch = _apply_changelog_batch  # type: ignore[method-assign]
-    if CRASH_AT and armed("changelog-late"):
-        _delay_changelogs = True
-        faust_consumer.Consumer.getmany = _getmany_late  # type: ignore[method-assign]
-    if CRASH_AT and armed("seek-late"):
-        faust_consumer.Consumer.perform_seek = _perform_seek_late  # type: ignore[method-assign]
-    faust_recovery.asyncio = _poll  # type: ignore[assignment]
-    faust_recovery.Recovery._build_highwaters = _committed_highwaters  # type: ignore[method-assign]
-    faust_recovery.Recovery.signal_recovery_end = property(_signal_recovery_end)  # type: ignore[assignment,method-assign]
-    faust_recovery.Recovery._set_recovery_started = _set_recovery_started  # type: ignore[method-assign]
-    faust_recovery.Recovery.on_recovery_completed = _verified_on_recovery_completed  # type: ignore[method-assign]

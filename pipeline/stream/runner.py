@@ -95,10 +95,6 @@ def run_worker(
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     ledger = open_ledger(settings, catalog, catalog_text) if with_sink else None
     prepare_state_dir(settings.worker_state_dir)
-    from pipeline.stream import membership, recovery
-
-    membership.install()
-    recovery.install(bootstrap)
     meter = StreamApp(settings, bootstrap, catalog, serde)
     from pipeline.stream import web
 

@@ -3,10 +3,15 @@
 Commit protocol. Faust (``processing_guarantee="exactly_once"``) keeps one Kafka transaction open per
 assigned input partition P of ``calls``/``provisioning`` (the two are co-partitioned by tenant, so a
 tenant's calls and provisioning share P and its state lives in partition P of every table). Where each
-step is enforced is named in brackets.
+step is enforced is named in brackets; a step enforced inside Faust runs in an override of a Faust class
+(stream/faust_seams.py, named after the arrow), and stream/faust_patches.py checks at start-up that each
+overridden Faust method is still the one it expects.
 
 0. When partition P is assigned, its transactional producer starts and closes, as aborted, anything an
-   earlier owner left open under the same producer id before this worker writes [stream/fencing.py].
+   earlier owner left open under the same producer id before this worker writes [stream/fencing.py ->
+   ``MeterTransactionManager._start_transactions``]. Its local state is recovered from the changelogs
+   and the input sought to its committed offsets before any input is handled [stream/recovery.py ->
+   ``MeterRecovery``].
 1. The consumer (read_committed) hands the agent an event from P; an offset out of order is skipped (a
    redelivery) or stops the process (a record never handled) [stream/continuity.py]. From here to its
    acknowledgement the event is one critical section: no Faust commit can run in the middle of it
@@ -31,17 +36,19 @@ step is enforced is named in brackets.
 6. Every commit interval (and at a rebalance or shutdown) the guard waits for the current event, writes
    the balances changed since the last commit (``BalanceBook.flush``: one record per tenant period),
    drains the buffered changelog writes into their transactions, and Faust adds P's consumed offsets
-   and commits [stream/guard.py]. Only now do 2-5 become visible to read_committed readers: all of them or
-   none. (Crash point ``worker-6-committed``, just after.)
+   and commits [stream/guard.py ``guarded_commit`` -> ``MeterConsumer.force_commit``; before a rebalance
+   ``commit_then_revoke`` -> ``MeterConsumer.on_partitions_revoked``]. Only now do 2-5 become visible to
+   read_committed readers: all of them or none. (Crash point ``worker-6-committed``, just after.)
 
-   A crash before 6 aborts the transaction (the restarted worker's producers fence it; transactions
-   time out after 10 s): changelog writes, outputs and offsets roll back together and the events are
-   processed again from the last commit. An exception inside an event stops the process at once
-   without any commit [stream/guard.py] and ``callmeter worker`` starts a new one. RocksDB is only a
-   cache of the changelogs and may still hold writes of the aborted transaction, so the worker marks a
-   clean shutdown and, after an unclean one, deletes its local state and rebuilds it from the
-   changelogs (read_committed) to each one's last committed record before consuming
-   [stream/runner.py ``prepare_state_dir``, verified by stream/recovery.py]. Without this a call whose
+   A crash before 6 aborts the transaction (the restarted worker's producers fence it at once; left alone,
+   the broker aborts it after ``guard.TRANSACTION_TIMEOUT_MS``): changelog writes, outputs and offsets
+   roll back together and the events are processed again from the last commit. An exception inside an
+   event, or a send that failed for good, stops the process at once without any commit [stream/guard.py;
+   ``check_published`` -> ``MeterTopic._on_published``] and ``callmeter worker`` starts a new one. RocksDB
+   is only a cache of the changelogs and may still hold writes of the aborted transaction, so the worker
+   marks a clean shutdown and, after an unclean one, deletes its local state and rebuilds it from the
+   changelogs (read_committed) to each one's last committed record before consuming [stream/runner.py
+   ``prepare_state_dir``, verified by stream/recovery.py -> ``MeterRecovery``]. Without this a call whose
    dedupe key survived in RocksDB but whose rated record was aborted would be lost.
 7. The ledger sink (pipeline/ledger/sink.py) reads the outputs read_committed and writes ClickHouse under
    its own numbered protocol; together no crash point loses a call or counts one twice.

@@ -102,7 +102,7 @@ def test_threshold_alerts_exactly_once_across_duplicates_and_restart(
     worker_stats(cm_env)
     alerts = read_alerts(cm_env)
     # c1's rate (13500 s in 36.75 h) would use up the rest 12.25 h later: a projected-overage alert
-    # (issue 12), sent once, with the crossing alert of the same call.
+    # , sent once, with the crossing alert of the same call.
     assert [
         (a["kind"], a["threshold_percent"], a["used_seconds"], a["included_seconds"]) for a in alerts
     ] == [
@@ -234,7 +234,7 @@ def test_two_workers_answer_every_tenant_from_either_port(cm_env: dict[str, str]
                     100 * (i + 1),
                     18000 - 100 * (i + 1),
                 )
-                # Authorization and quota are forwarded to the owner the same way (issue 12).
+                # Authorization and quota are forwarded to the owner the same way.
                 assert w.get(f"/authorize/{t}?at=2026-11-20T00:00:00Z")[1]["plan_id"] == "starter"
                 assert w.get(f"/quota/{t}?at=2026-11-20T00:00:00Z")[1]["employees"]["limit"] == 5
         owned = [set(w.status()["assigned_calls_partitions"]) for w in (a, b)]

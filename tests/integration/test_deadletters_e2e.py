@@ -112,7 +112,7 @@ def test_bad_records_reach_the_dead_letter_topic_with_reason(cm_env: dict[str, s
     }
     assert report["rated_calls"] == 1
     assert report["billable_seconds_by_tenant"] == {"zeta": 60}
-    # Who sent each dead letter, as far as its bytes tell (issue 11: dead letters by gateway).
+    # Who sent each dead letter, as far as its bytes tell (dead letters by gateway).
     rows = callmeter(
         cm_env, "sql", "SELECT reason, tenant_id, event_id, gateway_id FROM dead_letters ORDER BY reason",
         "--format", "json",

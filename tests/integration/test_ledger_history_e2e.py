@@ -21,7 +21,7 @@ from tests.integration.cli import (
 )
 from tests.integration.eventfiles import call, prov, write_events
 
-# A fresh-cluster fault scenario (issue 9, finding 4): in `make chaos`, which keeps `make test` well under
+# A fresh-cluster fault scenario: in `make chaos`, which keeps `make test` well under
 # 30 minutes.
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 

@@ -31,9 +31,7 @@ def _agent(flow: list[bool]) -> tuple[list[int], list[Event]]:
     guard = CommitGuard()
     states = iter(flow)
     guard.flowing = lambda: next(states)
-    consumer = SimpleNamespace(
-        _committed_offset={TP("calls", 0): 5}, app=SimpleNamespace(callmeter_guard=guard)
-    )
+    consumer = SimpleNamespace(_committed_offset={TP("calls", 0): 5}, app=SimpleNamespace(guard=guard))
     checker = Continuity(lambda: consumer, lambda *_a: None, lambda _t, _p: 0)
     events = [Event(offset) for offset in (5, 6, 7)]
     handled: list[int] = []
@@ -71,7 +69,7 @@ def test_a_stale_event_costs_no_broker_lookup() -> None:
     asked: list[Any] = []
     guard = CommitGuard()
     guard.current = False
-    consumer = SimpleNamespace(_committed_offset={}, app=SimpleNamespace(callmeter_guard=guard))
+    consumer = SimpleNamespace(_committed_offset={}, app=SimpleNamespace(guard=guard))
     checker = Continuity(lambda: consumer, lambda *a: asked.append(a), lambda *a: asked.append(a) or 0)
     assert asyncio.run(checker.check("calls", 0, 9)) is False
     assert (asked, checker.stale) == ([], 1)

@@ -1,4 +1,4 @@
-"""Configurable thresholds and the projected overage (rating/alerts.py, issue 12), with exact values."""
+"""Configurable thresholds and the projected overage (rating/alerts.py), with exact values."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Pre-call authorization (issue 12): ``allowed``, ``max_call_seconds`` and ``reason`` on every plan type,
+"""Pre-call authorization: ``allowed``, ``max_call_seconds`` and ``reason`` on every plan type,
 at period edges and around cancellations; exact values, table-driven."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Quota checks before creating (issue 12): active employees and numbers against the plan in force,
+"""Quota checks before creating: active employees and numbers against the plan in force,
 and whether one more of each is allowed; exact counts, table-driven."""
 
 from __future__ import annotations

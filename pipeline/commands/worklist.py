@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
-from pipeline.commands.completeness import ledger_lag
+from pipeline.invoicing.completeness import ledger_lag
 from pipeline.local.cluster import bootstrap_servers
 from pipeline.offsets import committed_offsets
 from pipeline.settings import Settings

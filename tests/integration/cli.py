@@ -18,14 +18,20 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "fixtures" / "examples"
 def callmeter(
     env: dict[str, str], *args: str, timeout: float = 300, check: bool = True
 ) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pipeline", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        # What the command said before it was killed is the diagnosis; pytest would show only its repr.
+        said = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
+        msg = f"callmeter {' '.join(args)} still running after {timeout:.0f} s:\n{said[-6000:]}"
+        raise AssertionError(msg) from None
     if check and proc.returncode != 0:
         raise AssertionError(f"callmeter {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
     return proc

@@ -98,7 +98,7 @@ class StreamApp:
             name: app.Table(name, partitions=n, key_type=str, options=_ROCKSDICT) for name in TABLES
         }
         window = LiveWindow(FaustTable(self.tables["balances"]), settings.dedupe_retention_days)
-        dedupe = DedupeIndex(FaustTable(self.tables["seen"]))
+        dedupe = DedupeIndex(FaustTable(self.tables["seen"]), window.key_floor_ms)
         self.parts = Parts(
             dedupe=dedupe,
             tenants=TenantBook(FaustTable(self.tables["tenants"])),
@@ -123,7 +123,7 @@ class StreamApp:
         count_faults(self, ("faust", "aiokafka", "mode"))
         app.guard = self.guard
         app.sweep_for = self._sweep_for
-        app.before_commit = self.parts.book.flush
+        app.before_commit = self.parts.flush
         app.agent(self.source, name="meter")(self._agent)
         # Set once recovery is done and the agent consumes (runner.py).
         self.ready = threading.Event()

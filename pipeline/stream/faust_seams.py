@@ -22,7 +22,8 @@ TableManager           ``App(TableManager=...)``                    ``recovery``
                                                                     ``on_rebalance`` (fault injection)
 Recovery               ``MeterTableManager.recovery``               recovery.py parts 1, 3, 4, 5
 Table                  ``App(Table=...)``                           ``_new_store_by_url``: MeterStore
-Store (rocksdb)        ``MeterTable._new_store_by_url``             ``apply_changelog_batch`` (part 6)
+Store (rocksdb)        ``MeterTable._new_store_by_url``             ``apply_changelog_batch`` (part 6;
+                                                                    dedupe key batches expanded)
 =====================  ===========================================  ====================================
 """
 
@@ -42,6 +43,7 @@ import faust.transport.drivers.aiokafka as faust_aiokafka
 from pipeline.crashpoints import CRASH_AT, armed
 from pipeline.stream import fencing, guard, recovery
 from pipeline.stream.continuity import skipping_calls
+from pipeline.stream.dedupe import expand_key_batches
 
 SLOW_ASSIGNMENT_SECONDS = 12.0
 
@@ -147,7 +149,13 @@ class MeterTableManager(faust_manager.TableManager):
 class MeterStore(faust_rocksdb.Store):
     def apply_changelog_batch(self, batch: Any, to_key: Any, to_value: Any) -> None:
         apply = super().apply_changelog_batch
-        recovery.apply_or_die(self, batch, lambda records: apply(records, to_key, to_value))
+
+        def apply_and_expand(records: Any) -> None:
+            records = list(records)
+            apply(records, to_key, to_value)
+            expand_key_batches(self, records)  # the dedupe keys of each batch record (stream/dedupe.py)
+
+        recovery.apply_or_die(self, batch, apply_and_expand)
 
 
 class MeterTable(faust.Table):

@@ -30,16 +30,25 @@ class StateTable(Protocol):
 
     def delete(self, partition: int, key: str) -> None: ...
 
+    def put_local(self, partition: int, key: str, value: Any) -> None:
+        """The partition's local store only, no changelog record: for state whose changelog record the
+        part writes itself, in batches (stream/dedupe.py)."""
+
+    def delete_local(self, partition: int, key: str) -> None:
+        """Remove from the partition's local store only, no changelog record."""
+
     def scan(self, partition: int, prefix: str = "") -> Iterator[tuple[str, Any]]: ...
 
 
 class MemoryTable:
     """A ``StateTable`` in dicts, for unit tests; ``writes`` counts puts and deletes (what a Faust table
-    would send to its changelog)."""
+    would send to its changelog), not local writes."""
 
     def __init__(self) -> None:
         self.partitions: dict[int, dict[str, Any]] = defaultdict(dict)
         self.writes = 0
+        # What a Faust table's changelog would hold: (partition, key, value or None for a delete).
+        self.changelog: list[tuple[int, str, Any]] = []
 
     def get(self, partition: int, key: str) -> Any:
         return self.partitions[partition].get(key)
@@ -47,6 +56,7 @@ class MemoryTable:
     def put(self, partition: int, key: str, value: Any) -> None:
         self.writes += 1
         self.partitions[partition][key] = value
+        self.changelog.append((partition, key, value))
 
     def write_now(self, partition: int, key: str, value: Any) -> None:
         self.put(partition, key, value)
@@ -54,6 +64,13 @@ class MemoryTable:
     def delete(self, partition: int, key: str) -> None:
         if self.partitions[partition].pop(key, None) is not None:
             self.writes += 1
+            self.changelog.append((partition, key, None))
+
+    def put_local(self, partition: int, key: str, value: Any) -> None:
+        self.partitions[partition][key] = value
+
+    def delete_local(self, partition: int, key: str) -> None:
+        self.partitions[partition].pop(key, None)
 
     def scan(self, partition: int, prefix: str = "") -> Iterator[tuple[str, Any]]:
         for key in sorted(self.partitions[partition]):
@@ -87,6 +104,13 @@ class FaustTable:
         store = self.table.data
         self._db(partition).put(store._encode_key(key), store._encode_value(value))
         self.table.send_changelog(partition, key, value)
+
+    def put_local(self, partition: int, key: str, value: Any) -> None:
+        store = self.table.data
+        self._db(partition).put(store._encode_key(key), store._encode_value(value))
+
+    def delete_local(self, partition: int, key: str) -> None:
+        self._db(partition).delete(self.table.data._encode_key(key))
 
     def delete(self, partition: int, key: str) -> None:
         if self.get(partition, key) is not None:

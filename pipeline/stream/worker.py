@@ -25,16 +25,18 @@ overridden Faust method is still the one it expects.
 3. Dedupe: a copy of a key already held (stream/dedupe.py), or a provisioning event already in the
    tenant's timeline, is a duplicate: no state write, only a Duplicate record (step 5).
 4. State writes, in RocksDB and, through Faust's producer buffer, partition P of their changelogs inside
-   P's transaction: the event's dedupe fact, the tenant's timeline, parked calls, the live window and
-   alert markers. A live balance changes in memory (answers read it at once) and is written at the
-   next commit (step 6). A call of a period the live window has closed changes no balance
-   (stream/window.py).
+   P's transaction: the tenant's timeline, parked calls, the live window and alert markers. The event's
+   dedupe fact goes to RocksDB at once and to the changelog at the next commit, in one batch record
+   with the partition's other new keys (step 6, stream/dedupe.py). A live balance changes in memory
+   (answers read it at once) and is written at the next commit too (step 6). A call of a period the
+   live window has closed changes no balance (stream/window.py).
    (Crash point ``worker-4-state-written``.)
 5. Outputs (rated call, accepted provisioning event, dead letter, duplicate, alert) go to partition P of
    their topics inside P's transaction [stream/emitter.py]. The event is acknowledged and the critical
    section ends. (Crash points ``worker-5-output-sent``, ``after-event``.)
 6. Every commit interval (and at a rebalance or shutdown) the guard waits for the current event, writes
-   the balances changed since the last commit (``BalanceBook.flush``: one record per tenant period),
+   what the parts write once per commit (``Parts.flush``: the balances changed since the last commit,
+   one record per tenant period, and the new dedupe keys, one record per partition and 1,000 keys),
    drains the buffered changelog writes into their transactions, and Faust adds P's consumed offsets
    and commits [stream/guard.py ``guarded_commit`` -> ``MeterConsumer.force_commit``; before a rebalance
    ``commit_then_revoke`` -> ``MeterConsumer.on_partitions_revoked``]. Only now do 2-5 become visible to
@@ -103,6 +105,11 @@ class Parts:
     window: LiveWindow
     book: BalanceBook
     emit: Emitter
+
+    def flush(self) -> int:
+        """Protocol step 6, before each commit: what the parts write once per commit (the balances
+        changed, the dedupe keys added) into the partitions' transactions; the records written."""
+        return self.book.flush() + self.dedupe.flush()
 
     def forget(self) -> None:
         """At every rebalance: cached state of partitions that may have moved is read again."""

@@ -103,7 +103,7 @@ class MemoryWorker:
         self.catalog = rating_catalog or catalog()
         self.sent: list[tuple[str, bytes | None, bytes]] = []
         window = LiveWindow(self.tables["balances"], retention_days, clock=lambda: self.now.timestamp())
-        dedupe = DedupeIndex(self.tables["seen"])
+        dedupe = DedupeIndex(self.tables["seen"], window.key_floor_ms)
 
         async def send(topic: str, key: bytes | None, value: bytes, headers: Any) -> None:
             self.sent.append((topic, key, value))
@@ -145,7 +145,7 @@ class MemoryWorker:
                 await self.meter.handle(src)
 
         asyncio.run(run())
-        self.parts.book.flush()  # the commit after the events (protocol step 6)
+        self.parts.flush()  # the commit after the events (protocol step 6)
 
     def outputs(self, topic: str) -> list[dict[str, Any]]:
         return [SERDE.decode(value)[1] for t, _key, value in self.sent if t == topic]

@@ -144,7 +144,11 @@ class StreamApp:
         # Batches (take_events) ran ~1.5x faster but hung after a broker loss in make chaos (twice in a
         # row, until the stall watchdog): reverted until that is understood (docs/decisions.md).
         calls = self.topics.calls
-        async for event in stream.events():
+        # Manual acks (Faust's ``noack``): an event is acked by the guard once handled (step 1), never
+        # by Faust's iteration. Faust acks every event the agent moves past, so an event skipped as
+        # taken before a rebalance (guard.py step 3) was acked too, and a later commit could pass its
+        # offset before its redelivery was handled: two calls lost in a SIGKILL storm on a busy host.
+        async for event in stream.noack().events():
             async with self.guard.batch([event]):
                 msg = event.message
                 if not await self.continuity.check(msg.topic, msg.partition, msg.offset):

@@ -15,7 +15,8 @@ stream/faust_seams.py):
    does not).
 3. A rebalance commits every transaction before partitions are revoked (``commit_then_revoke``).
    An event the agent took before the rebalance and that waited for the lock during that commit is
-   not handled and not acked (``CommitGuard.current``, checked by stream/continuity.py): handled after
+   not handled and not acked (``CommitGuard.current``, checked by stream/continuity.py; the agent's
+   stream is Faust's ``noack()``, so Faust does not ack it behind the guard either): handled after
    the commit, its records went into a transaction no commit would close before the partitions were
    reassigned. On a partition the worker kept, the event came again after the rebalance and was
    handled a second time (a duplicate of itself), and the transaction holding both either committed

@@ -19,11 +19,14 @@ Commit protocol (what a crash at each step means):
    (``clickhouse_cluster``) the insert into each Distributed table is synchronous and
    quorum-acknowledged (sinks/cluster.py ``SESSION_SETTINGS``): ``flush`` returns only once every
    shard stores its rows, so step 4 never commits offsets of rows still queued for a shard.
-4. Commit the batch's offsets synchronously. Crash between 3 and 4: as in 3, the batch comes again and
-   is absorbed by the keys. A failed flush never reaches this step: the sink retries for up to
-   ``ledger_outage_seconds``, then stops and the worker exits non-zero, so a broken ledger never
-   silently drops records. After the commit the sink's counters are written to the file its supervisor
-   names (pipeline/runcounts.py): a sink process that then dies is counted up to here, no further.
+4. Commit the batch's offsets synchronously; a coordinator that is away (a broker restarting) is
+   waited for, up to ``ledger_outage_seconds``. Crash between 3 and 4: as in 3, the batch comes again
+   and is absorbed by the keys. A sink that stops on an error stops its process (the stream worker's,
+   when the sink is a thread of it), whose supervisor restarts it. A failed flush never reaches this
+   step: the sink retries for up to ``ledger_outage_seconds``, then stops and the worker exits
+   non-zero, so a broken ledger never silently drops records. After the commit the sink's counters
+   are written to the file its supervisor names (pipeline/runcounts.py): a sink process that then
+   dies is counted up to here, no further.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TypeVar
 
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from pipeline import metrics
 from pipeline.crashpoints import CRASH_AT as _CRASH_AT
@@ -52,7 +55,17 @@ from sinks.query_server import QueryServer, serve_queries
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
-# raw_events' topic column -> the kind the worker's counters use.
+# Offset commit errors of a coordinator that is away or moving (a broker restarting): a retry of the
+# same commit may succeed. A rebalance (the partitions are someone else's now) is not among them.
+_COMMIT_RETRIABLE = {
+    KafkaError._WAIT_COORD,
+    KafkaError._TRANSPORT,
+    KafkaError._TIMED_OUT,
+    KafkaError.REQUEST_TIMED_OUT,
+    KafkaError.COORDINATOR_NOT_AVAILABLE,
+    KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+    KafkaError.NOT_COORDINATOR,
+}
 
 
 class LedgerSink:
@@ -90,6 +103,9 @@ class LedgerSink:
         self.last_progress = time.monotonic()
         # Called after each offset commit (step 4), in the sink's thread (pipeline/runcounts.py).
         self.on_committed: Callable[[], None] | None = None
+        # Called from the sink's thread when it stops on an error: the process must not go on without
+        # its sink (pipeline/stream/runner.py stops the stream worker, whose supervisor restarts it).
+        self.on_failed: Callable[[], None] | None = None
         self._stop = threading.Event()
         self._busy = False
         # librdkafka handles are thread-safe, but position() racing consume() can read a position of
@@ -143,6 +159,8 @@ class LedgerSink:
             log.exception("ledger sink stopped")
             self.error = exc
             self.health.stopped(exc)
+            if self.on_failed is not None:
+                self.on_failed()
         finally:
             self.consumer.close()
 
@@ -183,14 +201,32 @@ class LedgerSink:
         if _CRASH_AT:
             crash_point("sink-3-inserted")
         # Step 4.
-        self.consumer.commit(
-            offsets=[TopicPartition(t, p, last + 1) for (t, p), (_first, last) in spans.items()],
-            asynchronous=False,
-        )
+        self._commit([TopicPartition(t, p, last + 1) for (t, p), (_first, last) in spans.items()])
         self.batches += 1
         self.last_progress = time.monotonic()
         if self.on_committed is not None:
             self.on_committed()
+
+    def _commit(self, offsets: list[TopicPartition]) -> None:
+        """Step 4, riding out a broker that is away for a while: "waiting for coordinator" and its kin
+        are retried for up to ``ledger_outage_seconds`` (the rows are written; only the offsets wait).
+        Any other error, or the limit, stops the sink: the batch is then redelivered and absorbed by
+        its token and keys (step 3)."""
+        deadline = time.monotonic() + self.settings.ledger_outage_seconds
+        pause = 0.5
+        while True:
+            try:
+                self.consumer.commit(offsets=offsets, asynchronous=False)
+                return
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args else None
+                code = err.code() if isinstance(err, KafkaError) else None
+                late = time.monotonic() + pause > deadline
+                if code not in _COMMIT_RETRIABLE or late or self._stop.is_set():
+                    raise
+                log.warning("ledger sink offset commit failed, again in %.1f s: %s", pause, err)
+                time.sleep(pause)
+                pause = min(pause * 2, 5.0)
 
     def _retrying(self, what: str, action: Callable[[], _T]) -> _T:
         """Retry while the ledger is unavailable (a server restarting, a full disk being freed), with

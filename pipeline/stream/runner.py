@@ -138,6 +138,10 @@ def run_worker(
         if until_idle
         else None
     )
+    if sink is not None:
+        # A sink stopped on an error stops this process (exit EXIT_RETRY below), which its supervisor
+        # restarts: a long-running worker must not go on rating with nothing writing the ledger.
+        sink.on_failed = stop_soon
     lag = LagMonitor(meter, bootstrap)
     lag.start()
     if sink is not None:

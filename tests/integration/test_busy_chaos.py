@@ -24,6 +24,7 @@ import pytest
 
 from pipeline.commands.simulate import SimulationConfig, write_file
 from pipeline.local.broker import LocalKafka
+from pipeline.offsets import GroupOffsets
 from pipeline.settings import Settings
 from tests.busy import restarts
 from tests.conftest import pipeline_env
@@ -60,6 +61,21 @@ def _finish(proc: subprocess.Popen[bytes], log: Path) -> str:
     assert "giving up" not in text, text[-4000:]
     assert json.loads(out.decode().strip().splitlines()[-1])["consumed"], out
     return text
+
+
+def _wait_for_first_commit(env: dict[str, str], proc: subprocess.Popen[bytes], log: Path) -> None:
+    """Until the stream workers have committed input on the calls topic (read from outside the group)."""
+    settings = Settings(kafka=env["CALLMETER_KAFKA"], topic_prefix=env["CALLMETER_TOPIC_PREFIX"])
+    tps = [(settings.topics.calls, p) for p in range(int(env["CALLMETER_PARTITIONS"]))]
+    reader = GroupOffsets(env["CALLMETER_KAFKA"], settings.app_id)
+    try:
+        deadline = time.monotonic() + RUN_SECONDS
+        while not any(offset > 0 for offset in reader.committed(tps).values()):
+            assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, "no input committed"
+            time.sleep(0.5)
+    finally:
+        reader.close()
 
 
 def _nothing_left(env: dict[str, str]) -> None:
@@ -115,11 +131,13 @@ def test_zombie_worker_frozen_and_resumed(cm_env: dict[str, str], tmp_path: Path
     its partitions. Resumed, the zombie must not commit anything its successor redid; at most it
     restarts once."""
     env = _two_processes(cm_env)
-    events = _events(tmp_path, seed=273, calls=9000)
+    events = _events(tmp_path, seed=273, calls=15000)
     callmeter(env, "produce", str(events))
     log = tmp_path / "worker.log"
     proc = worker_in_background(env, log)
-    time.sleep(20)
+    # Frozen once work is under way, however fast this machine is: a fixed delay froze a worker
+    # that had already finished on a quiet machine, and one that had not started on a busy one.
+    _wait_for_first_commit(env, proc, log)
     children = _stream_children(proc.pid)
     assert children and proc.poll() is None, log.read_text(errors="replace")[-3000:]
     zombie = random.Random(273).choice(children)

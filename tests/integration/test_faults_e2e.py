@@ -12,12 +12,19 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pipeline.commands.simulate import SimulationConfig, write_file
+from pipeline.invoicing.completeness import ledger_lag
+from pipeline.settings import Settings
 from tests.integration.cli import callmeter, ledger_report, worker_stats
 from tests.integration.test_exactly_once_e2e import pipeline_invoices, reference_invoices
 
@@ -332,4 +339,35 @@ def test_a_commit_held_up_past_ten_seconds_is_not_a_fault(cm_env: dict[str, str]
     callmeter(cm_env, "produce", str(events))
     proc = callmeter(dict(cm_env, CALLMETER_CRASH_AT="commit-late:1"), "worker", "--until-idle")
     assert "restarting" not in proc.stderr, proc.stderr[-3000:]
+    assert_every_event_once(cm_env, events)
+
+
+def test_a_long_running_worker_replaces_a_sink_that_stopped(cm_env: dict[str, str], tmp_path: Path) -> None:
+    """`callmeter worker` (no --until-idle, one process: the sink is a thread of it). The sink stopped
+    on an error (seen after a broker bounce: its offset commit failed waiting for the coordinator) and
+    the stream went on alone: nothing reached the ledger again until someone stopped the worker, and
+    the bounce test waited in vain. A stopped sink must stop its process, which the supervisor
+    restarts. Crash point ``sink-3-inserted:1:raise``: the first batch's insert raises in the sink."""
+    events = _month(tmp_path, seed=66)
+    callmeter(cm_env, "produce", str(events))
+    log = tmp_path / "worker.log"
+    env = dict(cm_env, CALLMETER_CRASH_AT="sink-3-inserted:1:raise")
+    with log.open("wb") as err:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "worker"], env=env, stdout=subprocess.DEVNULL, stderr=err
+        )
+    try:
+        settings = Settings(topic_prefix=cm_env["CALLMETER_TOPIC_PREFIX"], partitions=3)
+        far = datetime(2100, 1, 1, tzinfo=UTC)
+        deadline = time.monotonic() + 240
+        time.sleep(5)
+        while ledger_lag(settings, cm_env["CALLMETER_KAFKA"], far):
+            assert worker.poll() is None, log.read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, f"the ledger never caught up: {log.read_text()[-3000:]}"
+            time.sleep(1)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=120)
+    text = log.read_text(errors="replace")
+    assert text.count("restarting in") == 1, text[-3000:]
     assert_every_event_once(cm_env, events)

@@ -1,4 +1,4 @@
-"""Issue 12: usage alert thresholds per tenant (provisioning event), per plan and per catalog, and the
+"""Usage alert thresholds per tenant (provisioning event), per plan and per catalog, and the
 projected-overage alert, through the real broker and worker, exactly once across resends and a restart."""
 
 from __future__ import annotations

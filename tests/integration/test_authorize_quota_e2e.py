@@ -1,4 +1,4 @@
-"""Issue 12: pre-call authorization and quota checks from a running worker, through the real broker."""
+"""Pre-call authorization and quota checks from a running worker, through the real broker."""
 
 from __future__ import annotations
 

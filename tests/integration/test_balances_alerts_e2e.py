@@ -1,4 +1,4 @@
-"""Issue 3: live balances from the worker's HTTP API and usage alerts exactly once."""
+"""Live balances from the worker's HTTP API and usage alerts exactly once."""
 
 from __future__ import annotations
 

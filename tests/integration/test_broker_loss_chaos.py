@@ -1,4 +1,4 @@
-"""Issue 9, `make chaos`: the broker is killed (-9) under a running worker and comes back 15 s later.
+"""`make chaos`: the broker is killed (-9) under a running worker and comes back 15 s later.
 
 The worker must ride it out: resume, commit, and finish with every call rated or dead-lettered once and
 every invoice equal to the batch computation. Uses a broker of its own (it kills it), not the session's.

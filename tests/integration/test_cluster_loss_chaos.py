@@ -1,4 +1,4 @@
-"""Issue 9, `make chaos`: a 3-broker KRaft cluster on loopback (replication 3, min ISR 2) loses a broker
+"""`make chaos`: a 3-broker KRaft cluster on loopback (replication 3, min ISR 2) loses a broker
 (kill -9) in the middle of a run and gets it back later. Partition leaders, the group coordinator and
 the transaction coordinators move; the worker must go on and end with every event once. Uses a cluster
 of its own (`callmeter up --brokers 3`), not the session's broker."""

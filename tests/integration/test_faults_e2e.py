@@ -1,4 +1,4 @@
-"""Issue 9: a fault at any numbered step of the worker's or the sink's commit protocol loses no call and
+"""A fault at any numbered step of the worker's or the sink's commit protocol loses no call and
 counts none twice; `worker --until-idle` recovers by itself (a fresh process) and exits 0 only when
 everything is committed and written.
 

@@ -1,4 +1,4 @@
-"""Issue 9, `make chaos`: the first day. A brand-new broker, both cores busy with other work, and the
+"""`make chaos`: the first day. A brand-new broker, both cores busy with other work, and the
 worker's first start on it (topics, changelogs and the leader topic created from nothing) while a
 generated month waits. Before the internal topics were created up front, this crash-looped the agent
 for minutes and lost calls. Uses a broker of its own, not the session's."""

@@ -1,4 +1,4 @@
-"""Issue 9, finding 4: the ledger is append-only and the first-seen copy of an event wins.
+"""The ledger is append-only and the first-seen copy of an event wins.
 
 The stream's dedupe state does not outlive a fresh cluster (or a key's retention), so the ledger is the
 last word on "seen before": a row an invoice used is never replaced, a later copy of a key (same or

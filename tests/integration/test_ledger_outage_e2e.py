@@ -1,4 +1,4 @@
-"""Issue 9: ClickHouse refusing inserts for a while. The sink retries without committing anything early,
+"""ClickHouse refusing inserts for a while. The sink retries without committing anything early,
 the stream worker goes on, and once the ledger takes writes again every event is there exactly once.
 
 The outage is real: the embedded ClickHouse's table directories are made immutable (``chattr +i``, which

@@ -1,4 +1,4 @@
-"""Issue 11: `callmeter sql` and the analyst views, against a ledger filled by the real pipeline.
+"""`callmeter sql` and the analyst views, against a ledger filled by the real pipeline.
 
 Every ready query of docs/ledger.md runs through `callmeter sql --format json` and its result is
 compared with rating/'s batch computation on the same events (two months, three tenants on three

@@ -1,4 +1,4 @@
-"""Issue 12: `callmeter notify` delivers the alerts a real worker sent to a webhook that fails, exactly
+"""`callmeter notify` delivers the alerts a real worker sent to a webhook that fails, exactly
 once at the receiver's dedup by idempotency key, also across a SIGKILL of the notifier."""
 
 from __future__ import annotations

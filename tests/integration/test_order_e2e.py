@@ -1,4 +1,4 @@
-"""Issue 8: invoices do not depend on the order in which calls and provisioning reach the worker.
+"""Invoices do not depend on the order in which calls and provisioning reach the worker.
 
 Each test produces the provisioning that governs some calls only *after* a `worker --until-idle` run
 has already rated those calls, then checks the invoice against exact figures and against `rating/`'s

@@ -1,4 +1,5 @@
-"""Issue 8, as a property through the real broker and the embedded ClickHouse: random event sets (plan
+"""Order-independent invoices as a property, through the real broker and the embedded ClickHouse:
+random event sets (plan
 changes between plans with different rounding, block and charging plans, cancellations, numbers,
 employees, duplicates) split into 2-4 random chunks, produced in a random order with a `worker
 --until-idle` run after each chunk. Every invoice equals rating/'s batch computation over all the

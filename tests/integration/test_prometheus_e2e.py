@@ -1,4 +1,4 @@
-"""Issue 11: the project's recording and alert rules, evaluated by a real Prometheus server (Debian's
+"""The project's recording and alert rules, evaluated by a real Prometheus server (Debian's
 ``prometheus``, installed with promtool by `make test`) scraping a running worker.
 
 Only the rules' ``for:`` durations are shortened (to 5 s) in the copy given to the server; every

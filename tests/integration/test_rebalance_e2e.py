@@ -1,4 +1,4 @@
-"""Issue 9: several worker processes in one consumer group, joining and leaving while they process.
+"""Several worker processes in one consumer group, joining and leaving while they process.
 
 `callmeter worker` with ``CALLMETER_WORKER_PROCESSES`` = N runs N stream workers and one ledger sink
 process. Every join or departure is a rebalance, which under Faust's exactly_once lost state before

@@ -1,4 +1,4 @@
-"""Issue 10: replay's bulk path writes exactly the rows the stream wrote, but for the catalog revision."""
+"""Replay's bulk path writes exactly the rows the stream wrote, but for the catalog revision."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 4: pricing fixes through replay, final invoices, adjustments, late calls."""
+"""Pricing fixes through replay, final invoices, adjustments, late calls."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 12: the tenant API (``CALLMETER_API_PORT``) answers /authorize, /quota and /balances from the
+"""The tenant API (``CALLMETER_API_PORT``) answers /authorize, /quota and /balances from the
 committed changelogs, in `callmeter worker`'s own process, through the real broker.
 
 Its answers must be the stream worker's own once the workers have committed, whatever happened to the

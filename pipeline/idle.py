@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 class SinkProgress(Protocol):
-    """What the check reads of a ledger sink (pipeline/ledger/sink.py LedgerSink)."""
+    """What the check reads of a ledger sink (sinks/sink.py LedgerSink)."""
 
     error: BaseException | None
 

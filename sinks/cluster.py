@@ -49,7 +49,7 @@ SHARDING_KEYS = {
 SESSION_SETTINGS: dict[str, str | int] = {
     # An insert into a Distributed table returns only once every shard has stored its rows; without
     # this it returns once the rows are queued on the initiating node, and the sink would commit
-    # Kafka offsets for rows not yet in the ledger (pipeline/ledger/sink.py, step 3 of its protocol).
+    # Kafka offsets for rows not yet in the ledger (sinks/sink.py, step 3 of its protocol).
     "insert_distributed_sync": 1,
     # ... and only once a majority of each shard's replicas has them: a replica lost right after
     # the insert does not take committed rows with it.

@@ -131,7 +131,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     catalog, text = read_catalog(settings.catalog)
     try:
         if role == "sink":
-            from pipeline.ledger.sink_runner import run_sink
+            from sinks.process import run_sink
 
             result = run_sink(settings, kafka(settings), catalog, make_serde(settings), args.until_idle, text)
         else:

@@ -59,6 +59,7 @@ def run_demo(settings: Settings, catalog: Catalog, args: argparse.Namespace) -> 
     from pipeline.commands.simulate import SimulationConfig, write_file
     from pipeline.invoicing.files import write_outputs
     from pipeline.invoicing.job import run_invoices
+    from pipeline.ledgerquery.reads import LedgerReads
     from pipeline.local.broker import LocalKafka
     from pipeline.local.clients import make_serde
     from pipeline.topics import ensure_topics
@@ -103,8 +104,8 @@ def run_demo(settings: Settings, catalog: Catalog, args: argparse.Namespace) -> 
         invoices = [o.invoice for o in outputs]
         out = settings.data_dir / "invoices" / f"{year}-{month:02d}"
         write_outputs(ledger, outputs, out)
-        dead = ledger.dead_letter_counts()
-        rated_rows = ledger.count("rated_calls")
+        dead = LedgerReads(ledger).dead_letter_counts()
+        rated_rows = LedgerReads(ledger).count("rated_calls")
     finally:
         ledger.close()
     print(f"[4/5] {len(invoices)} invoices written to {out}")

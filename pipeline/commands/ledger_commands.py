@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import InputError, PipelineError
+from pipeline.ledgerquery.reads import LedgerReads
 from pipeline.local.clients import kafka, make_serde
 from pipeline.settings import Settings
 from rating.periods import parse_month
@@ -21,10 +22,11 @@ if TYPE_CHECKING:
 def cmd_invoice(settings: Settings, args: argparse.Namespace) -> int:
     from datetime import timedelta
 
-    from pipeline.catalogs import read_catalog, register_catalog
+    from pipeline.catalogs import read_catalog
     from pipeline.invoicing.files import write_outputs
     from pipeline.invoicing.job import run_invoices
     from pipeline.progress import Progress
+    from sinks.catalogs import register_catalog
     from sinks.ledger import Ledger
 
     out = Path(args.out)
@@ -70,7 +72,7 @@ def cmd_invoice(settings: Settings, args: argparse.Namespace) -> int:
 
 def _nothing_to_invoice(ledger: Ledger, period: str, tenant: str | None) -> tuple[str, bool]:
     """Why ``run_invoices`` found no invoice to make, in one line, and whether that is a failure."""
-    known = {row["tenant_id"] for row in ledger.provisioning_rows(tenant)}
+    known = {row["tenant_id"] for row in LedgerReads(ledger).provisioning_rows(tenant)}
     if not known:
         if tenant:
             return f"nothing to invoice: the ledger has no provisioning events of tenant {tenant!r}", True
@@ -147,13 +149,14 @@ def cmd_ledger(settings: Settings, _args: argparse.Namespace) -> int:
 
     ledger = Ledger.open(settings.clickhouse_dsn, settings.clickhouse_secret, settings.clickhouse_cluster)
     try:
-        report: dict[str, Any] = {table: ledger.count(table) for table in COLUMNS}
-        report["dead_letters_by_reason"] = ledger.dead_letter_counts()
-        report["billable_seconds_by_tenant"] = ledger.billable_seconds_by_tenant()
+        reads = LedgerReads(ledger)
+        report: dict[str, Any] = {table: reads.count(table) for table in COLUMNS}
+        report["dead_letters_by_reason"] = reads.dead_letter_counts()
+        report["billable_seconds_by_tenant"] = reads.billable_seconds_by_tenant()
         report["late_rated_calls"] = ledger.query("SELECT count() FROM rated_calls FINAL WHERE late = 1")[0][
             0
         ]
-        report["final_invoices"] = len(ledger.invoice_rows(status="final"))
+        report["final_invoices"] = len(reads.invoice_rows(status="final"))
     finally:
         ledger.close()
     print(json.dumps(report, sort_keys=True))
@@ -161,10 +164,11 @@ def cmd_ledger(settings: Settings, _args: argparse.Namespace) -> int:
 
 
 def cmd_sql(settings: Settings, args: argparse.Namespace) -> int:
-    """Read-only SQL against the ledger (sinks/query.py), through the process holding it if any,
+    """Read-only SQL against the ledger (pipeline/ledgerquery/sql.py), through the process holding it if any,
     within the limits of the flags; rows are written as they come (pipeline/commands/sql_output.py)."""
     from pipeline.commands.sql_output import write_result
-    from sinks.query import QueryLimitError, QueryLimits, open_query
+    from pipeline.ledgerquery.sql import open_query
+    from sinks.readonly import QueryLimitError, QueryLimits
 
     query = sys.stdin.read() if args.query == "-" else args.query
     if not query.strip():

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any, TextIO
 
-from sinks.query import QueryStream
+from sinks.readonly import QueryStream
 
 
 def write_result(stream: QueryStream, fmt: str, out: TextIO) -> int:

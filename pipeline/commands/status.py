@@ -169,8 +169,8 @@ SELECT kind, sum(duplicates) AS n FROM duplicates_by_gateway GROUP BY kind ORDER
 def ledger_figures(settings: Settings) -> dict[str, Any] | LedgerNote:
     """What the ledger holds, read-only (through the process holding it, if any); a one-line note
     instead when it cannot be read, or holds nothing yet. Works whether or not a worker runs."""
+    from pipeline.ledgerquery.sql import run_sql
     from sinks.errors import LedgerError
-    from sinks.query import run_sql
 
     dsn, secret = settings.clickhouse_dsn, settings.clickhouse_secret
     where = ledger_location(settings)

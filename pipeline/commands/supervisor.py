@@ -13,7 +13,7 @@ on different hosts.
 
 With ``worker_processes`` = N > 1 it runs N stream worker processes (one Faust consumer group; Kafka
 spreads the input partitions over them, and a process that dies is replaced while the others take its
-partitions meanwhile) and one ledger sink process (pipeline/ledger/sink_runner.py), each restarted on its
+partitions meanwhile) and one ledger sink process (sinks/process.py), each restarted on its
 own. Every process prints one JSON line of counters when it ends; the command prints their sum,
 adding for each process that stopped on a fault the counters of its last commit (pipeline/runcounts.py).
 

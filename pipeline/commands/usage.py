@@ -2,8 +2,8 @@
 
 The period so far against the previous one, a forecast to the period's end, the daily trend, the
 alerts sent and what drove the usage (top days, top employees). Read from the ledger through the
-read-only SQL path (sinks/query.py), so it works while a worker runs; charges are rating/'s invoice
-computation with the current catalog, for the usage so far and for the forecast.
+read-only SQL path (pipeline/ledgerquery/sql.py), so it works while a worker runs; charges are
+rating/'s invoice computation with the current catalog, for the usage so far and for the forecast.
 
 The forecast is linear: billable seconds so far divided by the elapsed share of the period. A period
 that has ended is its own forecast.
@@ -21,6 +21,7 @@ from typing import Any
 from confluent_kafka import Consumer, TopicPartition
 
 from pipeline.errors import InputError
+from pipeline.ledgerquery.sql import run_sql
 from pipeline.settings import Settings
 from rating.catalog import Catalog
 from rating.invoice import build_invoice
@@ -29,7 +30,6 @@ from rating.periods import Period
 from rating.subscription import TenantTimeline
 from schemas.errors import SerdeError
 from schemas.serde import Serde
-from sinks.query import run_sql
 
 _PROVISIONING = """
 SELECT event_id, occurred_at, action, plan_id, tax_region, number, number_type, employee_id

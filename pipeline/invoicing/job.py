@@ -24,18 +24,19 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from pipeline.catalogs import catalog_at_revision
 from pipeline.errors import PipelineError
 from pipeline.invoicing.files import InvoiceOutput, invoice_json
+from pipeline.ledgerquery.reads import LedgerReads, call_from_facts
 from pipeline.progress import Progress, disabled
 from rating.batch import invoices_from_usage
 from rating.calls import RatedCall, rate_call
 from rating.catalog import Catalog
 from rating.credit import Credit
 from rating.invoice import DRAFT, FINAL, Invoice, InvoiceLine, build_invoice, money_text
-from rating.models import CallEvent, ProvisioningEvent
+from rating.models import ProvisioningEvent
 from rating.periods import Period, parse_month
 from rating.subscription import TenantTimeline
+from sinks.catalogs import catalog_at_revision
 from sinks.ledger import Ledger
 
 
@@ -47,7 +48,7 @@ def month_window(year: int, month: int) -> tuple[datetime, datetime]:
 
 def timelines_from_ledger(ledger: Ledger, tenant: str | None = None) -> dict[str, TenantTimeline]:
     events: dict[str, list[ProvisioningEvent]] = defaultdict(list)
-    for row in ledger.provisioning_rows(tenant):
+    for row in LedgerReads(ledger).provisioning_rows(tenant):
         events[row["tenant_id"]].append(ProvisioningEvent(**row))
     return {t: TenantTimeline.from_events(t, evs) for t, evs in events.items()}
 
@@ -82,35 +83,23 @@ def rate_facts(
 ) -> RatedFacts:
     """Rate every call of the window against the full timeline with ``catalog`` (rating/ does it all).
 
-    This is the issue-8 ordering rule: the invoice is a pure function of the deduplicated events and
-    the catalog, whatever order the worker consumed them in and however it rated them at the time."""
+    The ordering rule (docs/decisions.md, "Order of events"): the invoice is a pure function of the
+    deduplicated events and the catalog, whatever order the worker consumed them in and however it
+    rated them at the time."""
     usage: dict[tuple[str, date], int] = defaultdict(int)
     revision: dict[tuple[str, date], int] = defaultdict(int)
     late: dict[tuple[str, date], int] = defaultdict(int)
     ratings: dict[tuple[str, str], tuple[datetime, str, int]] = {}
     progress = progress or disabled()
     progress.phase("reading calls from the ledger", unit="")
-    rows = ledger.call_facts(started_from, started_to, tenant)
+    rows = LedgerReads(ledger).call_facts(started_from, started_to, tenant)
     progress.phase("rating calls", len(rows), "calls")
     for done, (tenant_id, event_id, started, answered, ended, disposition, rev, was_late) in enumerate(rows):
         progress.update(done)
         timeline = timelines.get(tenant_id)
         if timeline is None:
             continue
-        call = CallEvent(
-            event_id=event_id,
-            tenant_id=tenant_id,
-            call_id="",
-            employee_id=None,
-            direction="",
-            from_number="",
-            to_number="",
-            started_at=started,
-            answered_at=answered,
-            ended_at=ended,
-            disposition=disposition,
-            gateway_id="",
-        )
+        call = call_from_facts(tenant_id, event_id, started, answered, ended, disposition)
         rated = rate_call(call, timeline, catalog)
         if not isinstance(rated, RatedCall):
             continue  # e.g. a cancellation consumed after the call: no subscription covers it
@@ -141,9 +130,9 @@ def stage_corrections(
     finds the corrections already current and adds nothing. Only for calls whose current rating was
     made with this catalog revision: a newer catalog is a replay's business."""
     staged = 0
-    for (tenant_id, event_id), (start, plan, billable, revision) in ledger.current_rating_of(
-        *_calls_window(*parse_month(period)), tenant
-    ).items():
+    for (tenant_id, event_id), (start, plan, billable, revision) in (
+        LedgerReads(ledger).current_rating_of(*_calls_window(*parse_month(period)), tenant).items()
+    ):
         if revision != catalog.revision:
             continue
         new = facts.ratings.get((tenant_id, event_id))
@@ -212,7 +201,9 @@ def _adjustments(
             catalog=rated_with,
             billable_seconds_total=seen.usage_seconds.get(key, 0),
         )
-        carried = ledger.carried_adjustments(final["invoice_id"], excluding_carrier=draft.invoice_id)
+        carried = LedgerReads(ledger).carried_adjustments(
+            final["invoice_id"], excluding_carrier=draft.invoice_id
+        )
         delta = now.subtotal - Decimal(final["subtotal"]) - carried
         if delta == 0:
             continue
@@ -242,7 +233,7 @@ def run_invoices(
     nothing written, for a period that has not ended); ``incomplete`` marks drafts made from a ledger
     the pipeline has not finished, which never become final."""
     now = now or datetime.now(UTC)
-    stored = {row["invoice_id"]: row for row in ledger.invoice_rows(tenant)}
+    stored = {row["invoice_id"]: row for row in LedgerReads(ledger).invoice_rows(tenant)}
     finals_by_tenant: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in stored.values():
         if row["status"] == "final":
@@ -253,7 +244,7 @@ def run_invoices(
     drafts, facts = _compute(ledger, catalog, period, tenant, progress)
     progress.phase("checking the stream's ratings", unit="")
     stage_corrections(ledger, catalog, facts, period, tenant, now)
-    balances = ledger.credit_balances([draft.invoice_id for draft in drafts], tenant)
+    balances = LedgerReads(ledger).credit_balances([draft.invoice_id for draft in drafts], tenant)
     progress.phase("building invoices", len(drafts), "invoices")
     for done, draft in enumerate(drafts):
         progress.update(done)

@@ -33,9 +33,10 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from pipeline.catalogs import catalog_at_revision, read_catalog, register_catalog
+from pipeline.catalogs import read_catalog
 from pipeline.errors import InputError
 from pipeline.invoicing.job import timelines_from_ledger
+from pipeline.ledgerquery.reads import LedgerReads
 from pipeline.replay.sources import CallFacts, calls_from_kafka, calls_from_ledger, kafka_covers
 from pipeline.settings import Settings
 from rating.bulk import BulkRating, TenantRater, millis_of
@@ -43,6 +44,7 @@ from rating.catalog import Catalog
 from rating.invoice import build_invoice, money_text
 from rating.models import Rejection
 from rating.periods import Period
+from sinks.catalogs import catalog_at_revision, register_catalog
 from sinks.ledger import Ledger
 
 
@@ -116,7 +118,7 @@ def _replay(
     timelines = timelines_from_ledger(ledger, args.tenant)
     # Each call's current rating (corrections included), the one the ledger's usage totals count:
     # event -> (period start or None, plan, billable seconds, catalog revision).
-    current = ledger.current_rating_of(ts_from, ts_to, args.tenant)
+    current = LedgerReads(ledger).current_rating_of(ts_from, ts_to, args.tenant)
     seen: set[tuple[str, str]] = set()
     raters: dict[str, TenantRater] = {}
     rated: list[tuple[CallFacts, BulkRating]] = []
@@ -141,7 +143,9 @@ def _replay(
             continue
         rated.append((item, result))
 
-    usage = ledger.usage_seconds(datetime(1970, 1, 1, tzinfo=UTC), datetime(2200, 1, 1, tzinfo=UTC))
+    usage = LedgerReads(ledger).usage_seconds(
+        datetime(1970, 1, 1, tzinfo=UTC), datetime(2200, 1, 1, tzinfo=UTC)
+    )
     before: dict[tuple[str, datetime], int] = defaultdict(int)
     after: dict[tuple[str, datetime], int] = defaultdict(int)
     revisions: dict[tuple[str, datetime], int] = defaultdict(int)

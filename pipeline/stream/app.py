@@ -17,7 +17,6 @@ from pipeline import metrics
 from pipeline.crashpoints import CRASH_AT as _CRASH_AT
 from pipeline.crashpoints import acrash_point
 from pipeline.identity import describe
-from pipeline.ledger.health import running_sink_status
 from pipeline.partitioning import partition_for
 from pipeline.settings import Settings
 from pipeline.stream import faust_patches
@@ -36,6 +35,7 @@ from pipeline.stream.window import LiveWindow
 from pipeline.stream.worker import Meter, Parts
 from rating.catalog import Catalog
 from schemas.serde import Serde
+from sinks.health import running_sink_status
 
 log = logging.getLogger(__name__)
 

@@ -19,13 +19,13 @@ import faust
 from pipeline import logfilters, runcounts
 from pipeline.errors import RetryableError
 from pipeline.idle import IdleWatch
-from pipeline.ledger.opening import open_ledger
 from pipeline.settings import Settings
 from pipeline.stream.app import StreamApp
 from pipeline.stream.stats import Stats
 from pipeline.stream.watch import LagMonitor
 from rating.catalog import Catalog
 from schemas.serde import Serde
+from sinks.opening import open_ledger
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def run_worker(
 
     ``install_routes`` adds HTTP routes to the worker's port (the caller's: the tenant endpoints live
     above this package). ``with_sink``: this process also runs the ledger sink (one worker process).
-    With several worker processes the sink is a process of its own (pipeline/ledger/sink_runner.py):
+    With several worker processes the sink is a process of its own (sinks/process.py):
     chdb opens a path in one process only, and the sink's inserts then never compete with an event
     loop for the GIL."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -114,7 +114,7 @@ def run_worker(
         if ledger is not None:
             ledger.close()
         raise
-    from pipeline.ledger.sink import LedgerSink
+    from sinks.sink import LedgerSink
 
     sink = LedgerSink(settings, bootstrap, serde, ledger) if ledger is not None else None
     # stdout is the command's result (JSON stats); Faust's console output goes to stderr.

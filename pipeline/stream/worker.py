@@ -52,7 +52,7 @@ overridden Faust method is still the one it expects.
    changelogs (read_committed) to each one's last committed record before consuming [stream/runner.py
    ``prepare_state_dir``, verified by stream/recovery.py -> ``MeterRecovery``]. Without this a call whose
    dedupe key survived in RocksDB but whose rated record was aborted would be lost.
-7. The ledger sink (pipeline/ledger/sink.py) reads the outputs read_committed and writes ClickHouse under
+7. The ledger sink (sinks/sink.py) reads the outputs read_committed and writes ClickHouse under
    its own numbered protocol; together no crash point loses a call or counts one twice.
 
 The worker's parts each own their table (stream/state.py): the dedupe index, the tenant book, the

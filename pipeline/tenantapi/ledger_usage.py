@@ -1,18 +1,18 @@
 """The usage of a period the live window has closed, as the ledger has it (docs/decisions.md, "Live
 balances equal the ledger"): the first-seen copy of each of the period's calls in ``rated_calls``, rated
 against the tenant's timeline by rating/, as the invoice job rates them. Asked through the process
-holding an embedded ledger (sinks/query.py ``run_sql``), read-only."""
+holding an embedded ledger (pipeline/ledgerquery/sql.py ``run_sql``), read-only."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from pipeline.ledgerquery.reads import call_from_facts
+from pipeline.ledgerquery.sql import run_sql
 from rating.calls import RatedCall, rate_call
 from rating.catalog import Catalog
-from rating.models import CallEvent
 from rating.periods import Period
 from rating.subscription import TenantTimeline
-from sinks.query import run_sql
 
 _FACTS = (
     "SELECT event_id, argMin(started_at, source_offset), argMin(answered_at, source_offset), "
@@ -46,19 +46,13 @@ class LedgerUsage:
         _columns, rows = run_sql(self.dsn, self.password, _FACTS, self.timeout_seconds, parameters)
         used = 0
         for event_id, started, answered, ended, disposition in rows:
-            call = CallEvent(
-                event_id=event_id,
-                tenant_id=tenant_id,
-                call_id="",
-                employee_id=None,
-                direction="",
-                from_number="",
-                to_number="",
-                started_at=datetime.fromisoformat(started),
-                answered_at=_at(answered),
-                ended_at=datetime.fromisoformat(ended),
-                disposition=disposition,
-                gateway_id="",
+            call = call_from_facts(
+                tenant_id,
+                event_id,
+                datetime.fromisoformat(started),
+                _at(answered),
+                datetime.fromisoformat(ended),
+                disposition,
             )
             rated = rate_call(call, timeline, self.catalog)
             if isinstance(rated, RatedCall) and rated.period.start == period.start:

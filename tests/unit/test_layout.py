@@ -1,5 +1,6 @@
-"""The code's layout: no import cycle inside pipeline/, each package of pipeline/ imports only
-the layers below it, and no module a reader cannot hold in their head.
+"""The code's layout: no import cycle inside pipeline/ and sinks/, each package of pipeline/ imports
+only the layers below it, sinks/ (the ledger sink) only pipeline/'s shared top-level modules, and no
+module a reader cannot hold in their head.
 
 The import graph is built from the source with ast, so it sees every import: at module level, inside
 functions (the CLI imports lazily) and under TYPE_CHECKING (a cycle a type checker needs is still a
@@ -22,7 +23,7 @@ SIZE_CHECKED = ("pipeline", "sinks", "schemas")
 PENDING_SPLIT: dict[str, str] = {}
 # pipeline/'s packages, lowest layer first: a package imports its own modules, pipeline/'s top-level
 # modules (what several roles share) and the packages listed before it, never one listed after it.
-LAYERS = ("", "local", "ledger", "stream", "tenantapi", "invoicing", "replay", "notify", "commands")
+LAYERS = ("", "local", "ledgerquery", "stream", "tenantapi", "invoicing", "replay", "notify", "commands")
 
 
 def module_name(path: Path) -> str:
@@ -31,7 +32,12 @@ def module_name(path: Path) -> str:
 
 
 def pipeline_modules() -> dict[str, Path]:
-    return {module_name(path): path for path in sorted((ROOT / "pipeline").rglob("*.py"))}
+    """pipeline/'s modules and sinks/' (the sink imports pipeline/'s settings, and pipeline/ the sink)."""
+    return {
+        module_name(path): path
+        for top in ("pipeline", "sinks")
+        for path in sorted((ROOT / top).rglob("*.py"))
+    }
 
 
 def imports_of(path: Path, modules: dict[str, Path]) -> set[str]:
@@ -82,6 +88,8 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def layer_of(module: str) -> int:
+    if module.startswith("sinks"):
+        return LAYERS.index("local")  # above the shared modules, below every role that runs a sink
     if module == "pipeline.__main__":
         return len(LAYERS)  # `python -m pipeline` runs the command line: above every layer
     parts = module.split(".")
@@ -103,6 +111,20 @@ def test_find_cycle_reports_a_cycle_and_only_a_cycle() -> None:
 
 def test_no_import_cycle_in_pipeline() -> None:
     assert find_cycle(import_graph()) is None
+
+
+def test_the_sink_imports_no_role_of_pipeline() -> None:
+    """sinks/ holds the ledger sink (port, ClickHouse adapter, sink process): it uses pipeline/'s shared
+    top-level modules (settings, metrics, crash points) and none of its roles (stream, commands, ...)."""
+    graph = import_graph()
+    roles = sorted(
+        f"{module} imports {target}"
+        for module, targets in graph.items()
+        if module.startswith("sinks")
+        for target in targets
+        if target.startswith("pipeline.") and target.count(".") > 1
+    )
+    assert roles == []
 
 
 def test_every_package_of_pipeline_is_a_known_layer() -> None:

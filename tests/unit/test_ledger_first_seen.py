@@ -1,11 +1,11 @@
-"""The ledger sink's first-seen decision (pipeline/ledger/entries.py ``first_seen``): the ledger has the last
+"""The ledger sink's first-seen decision (sinks/entries.py ``first_seen``): the ledger has the last
 word on "seen before", for accepted events and for dead letters alike."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipeline.ledger.entries import DEAD, Entry, first_seen
+from sinks.entries import DEAD, Entry, first_seen
 
 CALL_X = ("calls", "t1", "x")
 BAD = (DEAD, "calls", "12345")

@@ -1,5 +1,6 @@
-"""sinks/query.py and `callmeter sql` output without a ledger: what travels to the process holding
-the embedded ledger, the limits as ClickHouse settings, refusals as one line, rows as they come."""
+"""pipeline/ledgerquery/sql.py and `callmeter sql` output without a ledger: what travels to the
+process holding the embedded ledger, the limits as ClickHouse settings, refusals as one line,
+rows as they come."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from decimal import Decimal
 import pytest
 
 from pipeline.commands.sql_output import write_result
-from sinks.query import (
+from sinks.readonly import (
     QueryLimitError,
     QueryLimits,
     QueryStream,

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import pytest
 
 from pipeline import logfilters
-from pipeline.ledger.sink import duplicates_summary
 from pipeline.logfilters import EXPECTED, install
+from sinks.sink import duplicates_summary
 
 # -- expected library log lines ------------------------------------------------------------------------
 

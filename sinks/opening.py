@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pipeline.catalogs import register_catalog
 from pipeline.settings import Settings
 from rating.catalog import Catalog
+from sinks.catalogs import register_catalog
 from sinks.ledger import Ledger
 
 

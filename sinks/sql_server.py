@@ -1,4 +1,5 @@
-"""The read-only query endpoint of the process holding the embedded ledger (sinks/query.py asks it).
+"""The read-only query endpoint of the process holding the embedded ledger: the sink's
+(pipeline/ledgerquery/sql.py asks it).
 
 chdb opens a path in one process only; while the sink holds the ledger, `callmeter sql`, usage and
 status are answered here. Each request gets a connection handle and session of its own on the same
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sinks.errors import LedgerError
-from sinks.query import (
+from sinks.readonly import (
     QueryLimitError,
     QueryLimits,
     decode_parameters,

@@ -1,6 +1,6 @@
 """The sink process's HTTP port (``worker_web_port`` of its process): ``/metrics`` for Prometheus, as a
 worker serves it, and ``/status`` for `callmeter status`: which pipeline this is (pipeline/identity.py)
-and how its sink is doing (pipeline/ledger/health.py). A stream worker serves the same two pages from
+and how its sink is doing (sinks/health.py). A stream worker serves the same two pages from
 its Faust web server (pipeline/stream/web.py)."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pipeline import metrics
 from pipeline.errors import PipelineError
 from pipeline.identity import describe
-from pipeline.ledger.health import running_sink_status
 from pipeline.settings import Settings
+from sinks.health import running_sink_status
 
 log = logging.getLogger(__name__)
 

@@ -45,13 +45,13 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from pipeline import metrics
 from pipeline.crashpoints import CRASH_AT as _CRASH_AT
 from pipeline.crashpoints import crash_point
-from pipeline.ledger.entries import DEAD, Entry, EntryMaker, first_seen
-from pipeline.ledger.health import SinkHealth, register, unregister
 from pipeline.settings import Settings
 from schemas.serde import Serde
+from sinks.entries import DEAD, Entry, EntryMaker, first_seen
 from sinks.errors import LedgerError
+from sinks.health import SinkHealth, register, unregister
 from sinks.ledger import Ledger
-from sinks.query_server import QueryServer, serve_queries
+from sinks.sql_server import QueryServer, serve_queries
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")

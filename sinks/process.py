@@ -4,7 +4,7 @@
 `callmeter sink` runs it alone beside worker services started with ``worker_ledger_sink`` false. It
 is the only process that opens the ledger: chdb allows one process per path, and a sink thread inside
 a worker would fight that worker's event loop for the GIL. Its commit protocol is the sink's
-(pipeline/ledger/sink.py); running apart from the stream workers changes none of its steps.
+(sinks/sink.py); running apart from the stream workers changes none of its steps.
 
 With ``--until-idle`` it stops once every input is committed by the stream workers' group, every
 output is written, and nothing moved for ``idle_seconds``: the stream workers exit when the inputs are
@@ -32,12 +32,12 @@ from pipeline import runcounts
 from pipeline.errors import RetryableError
 from pipeline.identity import remember_cluster_id
 from pipeline.idle import IdleWatch
-from pipeline.ledger.opening import open_ledger
-from pipeline.ledger.sink import LedgerSink
-from pipeline.ledger.sink_web import SinkWeb
 from pipeline.settings import Settings
 from rating.catalog import Catalog
 from schemas.serde import Serde
+from sinks.opening import open_ledger
+from sinks.sink import LedgerSink
+from sinks.web import SinkWeb
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """Worker output records as ledger rows, with the identity the sink's first-seen check needs
-(pipeline/ledger/sink.py, protocol step 2)."""
+(sinks/sink.py, protocol step 2)."""
 
 from __future__ import annotations
 

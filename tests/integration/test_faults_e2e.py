@@ -118,7 +118,7 @@ def test_fault_at_a_protocol_step_loses_and_doubles_nothing(
 
 @pytest.mark.chaos
 def test_a_worker_stuck_mid_event_is_stopped_and_replaced(cm_env: dict[str, str], tmp_path: Path) -> None:
-    """Finding 3: a worker alive but stuck (heartbeats on, nothing committed) must not hang the run.
+    """A worker alive but stuck (heartbeats on, nothing committed) must not hang the run.
     The stall watchdog stops it with a line naming the partitions; its replacement finishes."""
     events = _month(tmp_path, seed=606)
     callmeter(cm_env, "produce", str(events))

@@ -293,8 +293,18 @@ def throughput(env: dict[str, str], args: argparse.Namespace, work: Path, proces
     produce_s = time.monotonic() - t0
 
     from bench.refs import run_child
+    from bench.steady import CommitProbe
 
-    worker = run_child([sys.executable, "-m", "pipeline", "worker", "--until-idle"], env, timeout_s=6 * 3600)
+    prefix = env["CALLMETER_TOPIC_PREFIX"]
+    settings = Settings(topic_prefix=prefix, partitions=int(env["CALLMETER_PARTITIONS"]))
+    probe = CommitProbe(env["CALLMETER_KAFKA"], settings.app_id, settings.topics.inputs)
+    probe.start()
+    try:
+        worker = run_child(
+            [sys.executable, "-m", "pipeline", "worker", "--until-idle"], env, timeout_s=6 * 3600
+        )
+    finally:
+        net = probe.stop()
     if worker.returncode != 0:
         tail = " ".join(worker.stderr.strip().splitlines()[-1:])[:300]
         msg = f"worker --until-idle exited {worker.returncode}: {tail}"
@@ -309,6 +319,8 @@ def throughput(env: dict[str, str], args: argparse.Namespace, work: Path, proces
         "produce_seconds": round(produce_s, 1),
         "worker_until_idle_seconds": round(worker_s, 1),
         "events_per_second": round(consumed / worker_s),
+        # Net of start-up and of the idle check at the end (bench/steady.py).
+        **net,
         # This run's alone (wait4): the largest of the worker command and the processes it started.
         "peak_rss_mib_largest_process": worker.peak_rss_mib,
         "cpu_seconds": round(worker.cpu_seconds, 1),

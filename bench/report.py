@@ -109,3 +109,38 @@ def latency_table(result: dict[str, object]) -> str:
         f"{result.get('produce_to_balance_ms_p50', '—')} | {result.get('produce_to_balance_ms_p99', '—')} |"
     )
     return "\n".join(lines)
+
+
+def targets_table(rows: Sequence[Row], latency: dict[str, object] | None, processes: int) -> str:
+    """Each performance target beside the row it is measured against: met, missed, or not measured."""
+    by_key = {row.key: row for row in rows}
+
+    def rate(key: str) -> float | None:
+        row = by_key.get(key)
+        return row.per_second if row is not None else None
+
+    lines = ["| target | measured | reference | ratio | met |", "|---|---:|---:|---:|---|"]
+
+    def add(what: str, value: float | None, reference: float | None, unit: str) -> None:
+        if value is None or not reference:
+            return
+        ok = value >= reference
+        lines.append(
+            f"| {what} | {value:,.0f} {unit} | {reference:,.0f} {unit} | {value / reference:.2f}x | "
+            f"{'yes' if ok else 'no'} |"
+        )
+
+    add(
+        f"`worker --until-idle`, {processes} processes, net of start-up ≥ bare Faust agent (one process)",
+        rate(f"worker-{processes}-steady"),
+        rate("faust"),
+        "events/s",
+    )
+    add("replay ≥ raw confluent-kafka loop with Avro", rate("replay"), rate("kafka-avro"), "calls/s")
+    if latency is not None and latency.get("api_authorize_latency_ms_p99") is not None:
+        p99 = float(str(latency["api_authorize_latency_ms_p99"]))
+        lines.append(
+            f"| tenant API `/authorize` p99 < 5 ms under the paced load | {p99:.2f} ms | 5 ms | — | "
+            f"{'yes' if p99 < 5 else 'no'} |"
+        )
+    return "\n".join(lines) if len(lines) > 2 else ""

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.refs import KINDS, BenchError, produce_calls, run_child, run_reference
-from bench.report import Row, latency_table, throughput_table
+from bench.report import Row, latency_table, targets_table, throughput_table
 from pipeline.settings import SAMPLE_CATALOG, Settings
 
 GROUPS = ("refs", "callmeter", "replay", "balance")
@@ -101,6 +101,20 @@ def worker_row(result: dict[str, Any]) -> Row:
         result["peak_rss_mib_largest_process"],
         note,
         result.get("cpu_seconds"),
+    )
+
+
+def steady_row(result: dict[str, Any]) -> Row:
+    """The same run net of start-up and of the idle check: first to last input commit (bench/steady.py)."""
+    n = result["worker_processes"]
+    return Row(
+        f"worker-{n}-steady",
+        f"same, {n} process{'es' if n > 1 else ''}, net of start-up and idle check",
+        result["steady_records"],
+        result["steady_seconds"],
+        "events/s",
+        None,
+        "records committed from the first input commit to the last, over the time between them",
     )
 
 
@@ -199,6 +213,8 @@ def _run(args: argparse.Namespace, groups: list[str], processes: list[int], rss_
             result = throughput(env, args, work, n)
             if "callmeter" in groups:
                 rows.append(worker_row(result))
+                if result.get("steady_per_second"):
+                    rows.append(steady_row(result))
             if "replay" in groups and n == counts[0]:
                 # Now, while the month's ledger is the only thing in this data dir and no worker runs.
                 replay.append(replay_row(env, result, work))
@@ -251,6 +267,9 @@ def _report(args: argparse.Namespace, rows: list[Row], latency: dict[str, object
     ]
     if rows:
         parts += ["", throughput_table(rows)]
+    goals = targets_table(rows, latency, max(int(n) for n in args.processes.split(",")))
+    if goals:
+        parts += ["", "Targets (issue: throughput at Faust's own ceiling), from the rows above:", "", goals]
     if latency is not None:
         load = (
             f"load paced at {latency.get('load_events_per_s_target')} events/s, 80 % of the fastest worker "

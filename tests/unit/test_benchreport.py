@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.report import Row, cpu_us_text, latency_table, ratio_text, throughput_table
+from bench.report import Row, cpu_us_text, latency_table, ratio_text, targets_table, throughput_table
+from bench.steady import steady
 
 
 @pytest.mark.parametrize(
@@ -89,3 +90,42 @@ def test_latency_table() -> None:
             "| call produced → visible in the balance, every call of the load (1234) | 7.4 | 18.5 |",
         ]
     )
+
+
+@pytest.mark.parametrize(
+    ("samples", "expected"),
+    [
+        # start-up (nothing committed), then 1,000 records in 2 s, then the idle check (no change)
+        (
+            [(0.0, 0), (5.0, 0), (6.0, 200), (7.0, 700), (8.0, 1200), (9.0, 1200), (20.0, 1200)],
+            {"steady_records": 1000, "steady_seconds": 2.0, "steady_per_second": 500},
+        ),
+        ([(0.0, 0), (1.0, 300)], {"steady_records": 0, "steady_seconds": 0.0, "steady_per_second": None}),
+        ([], {"steady_records": 0, "steady_seconds": 0.0, "steady_per_second": None}),
+    ],
+)
+def test_steady_rate_leaves_out_start_up_and_the_idle_tail(
+    samples: list[tuple[float, int]], expected: dict[str, object]
+) -> None:
+    assert steady(samples) == expected
+
+
+def test_targets_table_says_met_or_missed_beside_the_reference() -> None:
+    rows = [
+        Row("faust", "bare", 10_000, 4.0),  # 2,500/s
+        Row("worker-2-steady", "net", 9_000, 6.0),  # 1,500/s
+        Row("kafka-avro", "raw", 30_000, 1.0),
+        Row("replay", "replay", 31_000, 1.0),
+    ]
+    text = targets_table(rows, {"api_authorize_latency_ms_p99": 7.5}, 2)
+    lines = text.splitlines()
+    assert lines[2] == (
+        "| `worker --until-idle`, 2 processes, net of start-up ≥ bare Faust agent (one process) "
+        "| 1,500 events/s | 2,500 events/s | 0.60x | no |"
+    )
+    assert (
+        lines[3]
+        == "| replay ≥ raw confluent-kafka loop with Avro | 31,000 calls/s | 30,000 calls/s | 1.03x | yes |"
+    )
+    assert lines[4] == "| tenant API `/authorize` p99 < 5 ms under the paced load | 7.50 ms | 5 ms | — | no |"
+    assert targets_table([], None, 2) == ""

@@ -84,10 +84,7 @@ def test_a_two_process_run_logs_nothing_alarming_and_summarises_copies_in_the_le
             assert noise not in proc.stderr, (noise, proc.stderr[-3000:])
     copies = sum(json.loads(second.stdout.splitlines()[-1])["duplicates_in_ledger"].values())
     summaries = [line for line in second.stderr.splitlines() if "already in the ledger" in line]
-    counted = [
-        re.search(r"WARNING sinks\.sink: (\d+) events? already in the ledger", s)
-        for s in summaries
-    ]
+    counted = [re.search(r"WARNING sinks\.sink: (\d+) events? already in the ledger", s) for s in summaries]
     assert all(counted), summaries
     assert sum(int(m.group(1)) for m in counted if m) == copies > len(summaries) > 0
 

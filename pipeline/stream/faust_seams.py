@@ -12,8 +12,8 @@ App                    ``MeterApp`` itself (build_app)              ``_new_trans
 Transport (aiokafka)   ``MeterApp._new_transport``                  Consumer, Producer, TransactionManager
 Consumer               ``Transport.Consumer``                       ``force_commit`` (guard.py step 2),
                                                                     ``on_partitions_revoked`` (step 3),
-                                                                    ``getmany``, ``perform_seek``
-                                                                    (fault injection only)
+                                                                    ``perform_seek`` (recovery.py part
+                                                                    5), ``getmany`` (fault injection)
 Producer               ``Transport.Producer``                       ``_settings_extra`` (transaction
                                                                     timeout, guard.py)
 TransactionManager     ``Transport.TransactionManager``             ``_start_transactions`` (fencing.py)
@@ -85,6 +85,7 @@ class MeterConsumer(faust_aiokafka.Consumer):
         if CRASH_AT and armed("seek-late"):
             await asyncio.sleep(recovery.LATE_SECONDS + 1)  # fault injection: a seek on a loaded machine
         await super().perform_seek()
+        await recovery.seek_never_committed(self)  # recovery.py part 5
 
 
 class MeterProducer(faust_aiokafka.Producer):

@@ -42,6 +42,12 @@ Faust's ``Recovery``, ``Store`` or ``Consumer`` in stream/faust_seams.py, part 2
    continuity check (stream/continuity.py), which starts from the committed offset Faust knows, took
    the log start instead and stopped the worker: "calls/2: offsets 0..9121 never handled", a restart
    without a fault on the first start of two worker processes.
+   Every seek also sends the input partitions the group never committed back to their log start
+   (``seek_never_committed``): aiokafka seeks only partitions with a committed offset, and Faust drops
+   the records it fetches while it resumes and seeks (its flow is off) and then forgets how far it
+   read, so on a partition without a commit they were never fetched again: its offset never
+   committed and the run stalled until the watchdog (make chaos: a fresh cluster, and a ledger
+   outage, which slows the one-process worker's loop, on a loaded machine).
 6. A batch of recovered records that cannot be written (a full disk) stops the process at once,
    naming the reason, instead of Faust's retrying it for ever with the reason in a warning.
 
@@ -57,7 +63,7 @@ import asyncio
 import errno
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
@@ -304,3 +310,22 @@ async def changelogs_late(messages: AsyncIterator[tuple[Any, Any]]) -> AsyncIter
             late = False
             await asyncio.sleep(LATE_SECONDS)
         yield tp, message
+
+
+def never_committed(assigned: Iterable[Any], committed: Mapping[Any, int | None], internal: str) -> list[Any]:
+    """Input partitions (not Faust's own topics, which start with ``internal``) without a committed
+    offset: Faust keeps none for them, or 0, which aiokafka does not seek to either."""
+    return sorted(
+        (tp for tp in assigned if not tp.topic.startswith(internal) and not committed.get(tp)),
+        key=lambda tp: (tp.topic, tp.partition),
+    )
+
+
+async def seek_never_committed(consumer: Any) -> None:
+    """Part 5, after each seek to the committed offsets: partitions never committed go to their log
+    start (what ``auto_offset_reset = earliest`` means), through Faust's ``seek``, which also resets
+    how far Faust has read them."""
+    tps = never_committed(consumer.assignment(), consumer._committed_offset, f"{consumer.app.conf.id}-")
+    if tps:
+        for tp, offset in (await consumer.earliest_offsets(*tps)).items():
+            await consumer.seek(tp, offset)

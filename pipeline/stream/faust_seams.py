@@ -12,8 +12,9 @@ App                    ``MeterApp`` itself (build_app)              ``_new_trans
 Transport (aiokafka)   ``MeterApp._new_transport``                  Consumer, Producer, TransactionManager
 Consumer               ``Transport.Consumer``                       ``force_commit`` (guard.py step 2),
                                                                     ``on_partitions_revoked`` (step 3),
-                                                                    ``perform_seek`` (recovery.py part
-                                                                    5), ``getmany`` (fault injection)
+                                                                    ``perform_seek``, ``resume_flow``
+                                                                    (recovery.py part 5), ``getmany``
+                                                                    (fault injection)
 Producer               ``Transport.Producer``                       ``_settings_extra`` (transaction
                                                                     timeout, guard.py)
 TransactionManager     ``Transport.TransactionManager``             ``_start_transactions`` (fencing.py)
@@ -86,6 +87,12 @@ class MeterConsumer(faust_aiokafka.Consumer):
             await asyncio.sleep(recovery.LATE_SECONDS + 1)  # fault injection: a seek on a loaded machine
         await super().perform_seek()
         await recovery.seek_never_committed(self)  # recovery.py part 5
+
+    def resume_flow(self) -> None:
+        super().resume_flow()
+        # recovery.py part 5: records of a never-committed partition that Faust dropped while its flow
+        # was off are fetched again (a task: Faust resumes the flow from synchronous code).
+        recovery.after_resume(self)
 
 
 class MeterProducer(faust_aiokafka.Producer):

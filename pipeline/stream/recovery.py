@@ -42,12 +42,14 @@ Faust's ``Recovery``, ``Store`` or ``Consumer`` in stream/faust_seams.py, part 2
    continuity check (stream/continuity.py), which starts from the committed offset Faust knows, took
    the log start instead and stopped the worker: "calls/2: offsets 0..9121 never handled", a restart
    without a fault on the first start of two worker processes.
-   Every seek also sends the input partitions the group never committed back to their log start
-   (``seek_never_committed``): aiokafka seeks only partitions with a committed offset, and Faust drops
-   the records it fetches while it resumes and seeks (its flow is off) and then forgets how far it
-   read, so on a partition without a commit they were never fetched again: its offset never
-   committed and the run stalled until the watchdog (make chaos: a fresh cluster, and a ledger
-   outage, which slows the one-process worker's loop, on a loaded machine).
+   Every seek, and every time Faust lets the consumer's flow resume, also sends the input partitions
+   the group never committed back to their log start (``seek_never_committed``, ``after_resume``).
+   Faust's ``getmany`` drops the records its fetching thread returns while the consumer's flow is off
+   (around every assignment) and relies on a seek to fetch them again; aiokafka seeks only partitions
+   with a committed offset above 0, so on a partition without one they were never fetched again: its
+   offset never committed and the run stalled until the watchdog (make chaos: a fresh cluster, and a
+   ledger outage, which slows the one-process worker's loop, on a loaded machine). A record
+   delivered twice this way is skipped the second time by the continuity check (step 3).
 6. A batch of recovered records that cannot be written (a full disk) stops the process at once,
    naming the reason, instead of Faust's retrying it for ever with the reason in a warning.
 
@@ -61,6 +63,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -71,6 +74,8 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 from pipeline.crashpoints import CRASH_AT, armed
 from pipeline.errors import RetryableError
 from pipeline.stream.guard import die
+
+log = logging.getLogger(__name__)
 
 TP = tuple[str, int]
 
@@ -329,3 +334,24 @@ async def seek_never_committed(consumer: Any) -> None:
     if tps:
         for tp, offset in (await consumer.earliest_offsets(*tps)).items():
             await consumer.seek(tp, offset)
+
+
+_resume_seeks: set[asyncio.Task[None]] = set()
+
+
+def after_resume(consumer: Any) -> None:
+    """Part 5 once the consumer's flow resumes: ``seek_never_committed`` as a task (kept referenced
+    until done). A failure is logged, not fatal: the stall watchdog still stands behind it, and a
+    broker that is away at that moment must not cost a restart."""
+    task = asyncio.ensure_future(_seek_or_log(consumer))
+    _resume_seeks.add(task)
+    task.add_done_callback(_resume_seeks.discard)
+
+
+async def _seek_or_log(consumer: Any) -> None:
+    if consumer.app.should_stop:
+        return
+    try:
+        await seek_never_committed(consumer)
+    except Exception as exc:  # best effort, see after_resume
+        log.warning("cannot seek never-committed input partitions: %s: %s", type(exc).__name__, exc)

@@ -71,6 +71,8 @@ EXTENDED: tuple[tuple[object, str, tuple[str, ...] | None], ...] = (
     (faust_consumer.Consumer, "getmany", ("self", "timeout")),
     (faust_consumer.Consumer, "perform_seek", ("self",)),
     (faust_consumer.Consumer, "resume_flow", ("self",)),
+    (faust_consumer.ThreadDelegateConsumer, "seek_wait", ("self", "partitions")),
+    (faust_consumer.ThreadDelegateConsumer, "earliest_offsets", ("self", "partitions")),
     (faust_consumer.Consumer, "_filter_tps_with_pending_acks", ("self", "topics")),
     (faust_aiokafka.Producer, "_settings_extra", ("self",)),
     (faust_consumer.TransactionManager, "_start_transactions", ("self", "tids")),

@@ -328,12 +328,13 @@ def never_committed(assigned: Iterable[Any], committed: Mapping[Any, int | None]
 
 async def seek_never_committed(consumer: Any) -> None:
     """Part 5, after each seek to the committed offsets: partitions never committed go to their log
-    start (what ``auto_offset_reset = earliest`` means), through Faust's ``seek``, which also resets
-    how far Faust has read them."""
+    start (what ``auto_offset_reset = earliest`` means), through Faust's ``seek_wait``, which seeks in
+    the consumer's own thread and resets how far Faust has read them. (Faust's plain ``seek`` calls
+    aiokafka from the event loop's thread; with the fetcher running that raced its
+    ``fetched_records``: a KeyError that crashed a worker in make chaos.)"""
     tps = never_committed(consumer.assignment(), consumer._committed_offset, f"{consumer.app.conf.id}-")
     if tps:
-        for tp, offset in (await consumer.earliest_offsets(*tps)).items():
-            await consumer.seek(tp, offset)
+        await consumer.seek_wait(dict(await consumer.earliest_offsets(*tps)))
 
 
 _resume_seeks: set[asyncio.Task[None]] = set()
